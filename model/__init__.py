@@ -1,0 +1,77 @@
+"""iqray.model: torch modules, configs, weight loading and checkpoints. Never imports Ray.
+
+The one call a user needs::
+
+    import iqray.model
+    model = iqray.model.load("mst-clipiqa", device="cuda")      # preset, or a checkpoint dir
+    scores = model.score(images, prompts)                        # dict of numpy arrays
+    model.score_range                                            # what each output means
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+
+from iqray.model.checkpoint import (
+    CheckpointError,
+    checkpoint_files,
+    load_trainable,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from iqray.model.config import HeadsConfig, MSTConfig, ScoreScale, TowerConfig, load_preset, preset_names
+from iqray.model.mst_clipiqa import MSTClipIQA, PromptBatch, ScoreSpec
+from iqray.model.preprocess import ImageDecodeError, ImageTransform, open_image
+from iqray.model.weights import UnsafeCheckpointError, WeightsNotFoundError, resolve_tower_weights
+
+# Tiny test/demo towers are just more open_clip model configs.
+open_clip.add_model_config(Path(__file__).parent / "configs" / "towers")
+
+DEFAULT_MODEL = "mst-clipiqa-tiny-random"
+
+__all__ = [
+    "DEFAULT_MODEL", "CheckpointError", "HeadsConfig", "ImageDecodeError", "ImageTransform",
+    "MSTClipIQA", "MSTConfig", "PromptBatch", "ScoreScale", "ScoreSpec", "TowerConfig",
+    "UnsafeCheckpointError", "WeightsNotFoundError", "load", "load_preset", "open_image",
+    "preset_names", "resolve_tower_weights", "resolve_device", "save_checkpoint",
+]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
+         cache_dir: str | os.PathLike | None = None, allow_download: bool | None = None,
+         prompt_cache_size: int = 2048) -> MSTClipIQA:
+    """Build a scoring model from a preset name or a checkpoint (directory, weights or config).
+
+    Tower weights resolve as documented in :mod:`iqray.model.weights`; trained head weights
+    come from the checkpoint's ``model.safetensors`` (never a pickle).
+    """
+    name = str(name_or_path)
+    if name in preset_names():
+        model = MSTClipIQA.from_config(load_preset(name), cache_dir=cache_dir,
+                                       allow_download=allow_download)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists() and os.sep not in name and not path.suffix:
+            raise KeyError(f"{name!r} is neither a model preset ({', '.join(preset_names())}) "
+                           "nor an existing checkpoint path")
+        config_path, weights_path = checkpoint_files(path)
+        config, raw = read_checkpoint_config(config_path)
+        if config.trained and weights_path is None:
+            raise CheckpointError(f"{config_path} says the heads are trained but there is no "
+                                  "model.safetensors beside it")
+        model = MSTClipIQA.from_config(config, cache_dir=cache_dir, base_dir=config_path.parent,
+                                       allow_download=allow_download)
+        if weights_path is not None:
+            load_trainable(model, weights_path, raw.get("trainable_parameters"))
+    model.prompt_cache_size = prompt_cache_size
+    return model.to(resolve_device(device)).eval()

@@ -1,0 +1,87 @@
+"""Configs for the models iqray serves: plain data, loadable from JSON/YAML.
+
+Architectures are data (like open_clip's ``model_configs``): a preset is a JSON file in
+``configs/presets``, tiny test towers are JSON files in ``configs/towers``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    # A typo in a config field must fail loudly, not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class TowerConfig(_Strict):
+    """One frozen open_clip tower."""
+
+    model_name: str = Field(description="open_clip model name, e.g. 'ViT-B-32'.")
+    pretrained: str | None = Field(
+        default=None,
+        description=(
+            "Where the weights come from: a local .safetensors file, or an open_clip pretrained "
+            "tag such as 'openai'. None means random init (tests and the offline demo only)."
+        ),
+    )
+    init_seed: int = Field(default=0, description="Seed for random init when pretrained is None.")
+
+
+class HeadsConfig(_Strict):
+    """Shapes of the trainable part: gated fusion, quality head, alignment head."""
+
+    embed_dim: int = 512
+    fusion_hidden: int = 128
+    attn_heads: int = 8
+    align_mlp_hidden: int = 256
+    quality_grades: list[str] = Field(
+        default_factory=lambda: ["bad", "poor", "fair", "good", "perfect"]
+    )
+    quality_template: str = "a photo with {} quality"
+
+
+class ScoreScale(_Strict):
+    """Affine target scale of a head (the training data's MOS range)."""
+
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScoreScale:
+        if not self.high > self.low:
+            raise ValueError(f"score scale needs high > low, got [{self.low}, {self.high}]")
+        return self
+
+
+class MSTConfig(_Strict):
+    """MST-CLIPIQA: two frozen towers + trainable heads (arXiv 2606.16799)."""
+
+    architecture: Literal["mst-clipiqa"] = "mst-clipiqa"
+    description: str = ""
+    coarse: TowerConfig
+    fine: TowerConfig
+    image_size: int = 224
+    heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    trained: bool = Field(
+        default=False,
+        description="False: zero-shot outputs (CLIP similarity to graded prompts, CLIPScore).",
+    )
+    quality_scale: ScoreScale = Field(default_factory=lambda: ScoreScale(low=1.0, high=5.0))
+    alignment_scale: ScoreScale = Field(default_factory=lambda: ScoreScale(low=0.0, high=1.0))
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("iqray.model") / "configs" / "presets"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> MSTConfig:
+    path = resources.files("iqray.model") / "configs" / "presets" / f"{name}.json"
+    if not path.is_file():
+        raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(preset_names())}")
+    return MSTConfig.model_validate(json.loads(path.read_text()))

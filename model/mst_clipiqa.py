@@ -1,0 +1,428 @@
+"""MST-CLIPIQA (arXiv 2606.16799): two frozen open_clip towers, a gated fusion and two heads.
+
+Where we differ from the public reference code, on purpose:
+
+* One model, both outputs in one forward: quality and alignment share towers and fusion
+  (the reference trains two separate variants).
+* The fusion's coarse/fine projections start as identity, so the fused embedding starts in
+  CLIP's joint space (the reference starts them random, which makes untrained output noise).
+* The alignment head's cross-attention uses a key-padding mask, so a score never depends on
+  which other prompts share the batch (the reference attends over padding).
+* Tower embeddings are L2-normalised before fusion, as CLIP compares them.
+* Prompt token features go through the text projection too, so keys and values live in the
+  same joint space as the image query.
+* The alignment MLP sees ``[h * t, h]`` (``h`` the attended image embedding, ``t`` the pooled
+  prompt embedding, both normalised): with the residual gate at 0 the head can still start
+  from CLIPScore-like evidence instead of from no prompt information at all.
+* Zero-shot mode (no trained heads) uses the coarse stream alone: the fine tower's joint space
+  is a different one from the coarse text tower's, so mixing it in untrained is meaningless.
+  Quality = softmax-expected grade over the graded prompts, alignment = CLIPScore
+  (2.5 * max(cos, 0)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+from torch import nn
+
+from iqray.model.config import MSTConfig
+from iqray.model.preprocess import ImageSource, ImageTransform
+from iqray.model.weights import create_tower, tower_preprocess_stats
+
+CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021: CLIPScore = 2.5 * max(cos, 0)
+MAX_LOGIT_SCALE = 100.0  # CLIP's own clamp
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What one output column means (pyiqa-style): range, direction, provenance."""
+
+    low: float
+    high: float
+    higher_better: bool
+    zero_shot: bool
+    description: str
+
+
+@dataclass
+class PromptBatch:
+    """Per-row prompt features, padded to the longest prompt in the batch."""
+
+    tokens: torch.Tensor  # (B, L, D) token features in the joint space
+    pad_mask: torch.Tensor  # (B, L) True where a position is padding
+    pooled: torch.Tensor  # (B, D) pooled prompt embedding (CLIP text embedding)
+    has_prompt: torch.Tensor  # (B,) False where the row has no prompt
+    truncated: torch.Tensor  # (B,) True where the prompt was cut to the context length
+
+
+class GatedFusion(nn.Module):
+    """z = g * (W_c f_c) + (1 - g) * (W_f f_f),  g = sigmoid(W_g ReLU(W_h [f_c; f_f]))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = nn.Linear(2 * dim, hidden)
+        self.gate = nn.Linear(hidden, dim)
+        self.coarse_proj = nn.Linear(dim, dim)
+        self.fine_proj = nn.Linear(dim, dim)
+        for proj in (self.coarse_proj, self.fine_proj):
+            nn.init.eye_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(
+        self, coarse: torch.Tensor, fine: torch.Tensor, gate: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if gate is None:
+            gate = torch.sigmoid(self.gate(F.relu(self.hidden(torch.cat([coarse, fine], -1)))))
+        fused = gate * self.coarse_proj(coarse) + (1 - gate) * self.fine_proj(fine)
+        return fused, gate
+
+
+class QualityHead(nn.Module):
+    """Cosine of the image embedding with graded text prompts -> softmax -> expected grade."""
+
+    def __init__(self, grade_text: torch.Tensor, init_logit_scale: float):
+        super().__init__()
+        # Derived from the frozen text tower at build time, so not part of a checkpoint.
+        self.register_buffer("grade_text", F.normalize(grade_text, dim=-1), persistent=False)
+        grades = torch.arange(1, grade_text.shape[0] + 1, dtype=torch.float32)
+        self.register_buffer("grade_values", grades, persistent=False)
+        init = min(max(init_logit_scale, 1.0), MAX_LOGIT_SCALE)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)))
+
+    @property
+    def num_grades(self) -> int:
+        return int(self.grade_values.numel())
+
+    def forward(self, image_embedding: torch.Tensor) -> torch.Tensor:
+        """Expected grade in [1, num_grades]."""
+        scale = self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        logits = scale * F.normalize(image_embedding, dim=-1) @ self.grade_text.T
+        return logits.softmax(dim=-1) @ self.grade_values
+
+
+class AlignmentHead(nn.Module):
+    """Image embedding attends over the prompt's tokens (masked); MLP -> score in (0, 1)."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.query_norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.alpha = nn.Parameter(torch.zeros(()))  # residual gate, starts closed
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, mlp_hidden), nn.GELU(),
+                                 nn.Linear(mlp_hidden, 1))
+
+    def forward(self, image_embedding: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
+        query = self.query_norm(image_embedding).unsqueeze(1)
+        attended, _ = self.attn(query, prompts.tokens, prompts.tokens,
+                                key_padding_mask=prompts.pad_mask, need_weights=False)
+        h = F.normalize(image_embedding + self.alpha * attended.squeeze(1), dim=-1)
+        t = F.normalize(prompts.pooled, dim=-1)
+        return torch.sigmoid(self.mlp(torch.cat([h * t, h], dim=-1)).squeeze(-1))
+
+
+class MSTClipIQA(nn.Module):
+    """Two frozen towers (coarse ViT-B-32, fine ViT-B-16) + trainable fusion and heads.
+
+    Build with :func:`iqray.model.load`. Call :meth:`score` for numbers; training code calls
+    :meth:`encode_images`, :meth:`encode_prompts` and :meth:`forward_heads`.
+    """
+
+    def __init__(self, config: MSTConfig, coarse: nn.Module, fine: nn.Module,
+                 tokenizer: open_clip.tokenizer.SimpleTokenizer,
+                 mean: Sequence[float], std: Sequence[float], prompt_cache_size: int = 2048):
+        super().__init__()
+        self.config = config
+        for name, tower in (("coarse", coarse), ("fine", fine)):
+            size = _as_int(tower.visual.image_size)
+            if size != config.image_size:
+                raise ValueError(f"{name} tower {getattr(config, name).model_name} takes "
+                                 f"{size} px input, config says image_size={config.image_size}")
+        self.coarse = coarse  # image + text tower; the text side embeds prompts and grades
+        self.fine_visual = fine.visual  # the fine model's text tower is never used
+        self.tokenizer = tokenizer
+        self.context_length = int(coarse.positional_embedding.shape[0])
+        self.transform = ImageTransform(config.image_size, tuple(mean), tuple(std))
+
+        dim = config.heads.embed_dim
+        for name, tower in (("coarse", coarse), ("fine", fine)):
+            out = _tower_embed_dim(tower)
+            if out != dim:
+                raise ValueError(f"{name} tower embeds to {out}-d, heads expect {dim}-d "
+                                 "(heads.embed_dim)")
+        self.fusion = GatedFusion(dim, config.heads.fusion_hidden)
+        grade_prompts = [config.heads.quality_template.format(g)
+                         for g in config.heads.quality_grades]
+        with torch.no_grad():
+            grade_text = self._encode_text_tokens(self._tokenize(grade_prompts)[0])[1]
+        self.quality_head = QualityHead(grade_text, float(coarse.logit_scale.exp()))
+        self.alignment_head = AlignmentHead(dim, config.heads.attn_heads,
+                                            config.heads.align_mlp_hidden)
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, bool]] = (
+            OrderedDict()
+        )
+        self.prompt_cache_size = prompt_cache_size
+        self.prompt_cache_hits = 0
+        self.prompt_cache_misses = 0
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: MSTConfig, cache_dir: str | Path | None = None,
+                    base_dir: str | Path | None = None, allow_download: bool | None = None,
+                    ) -> MSTClipIQA:
+        coarse = create_tower(config.coarse, cache_dir, base_dir, allow_download)
+        fine = create_tower(config.fine, cache_dir, base_dir, allow_download)
+        tokenizer = open_clip.get_tokenizer(config.coarse.model_name)
+        mean, std = tower_preprocess_stats(config.coarse)
+        return cls(config, coarse, fine, tokenizer, mean, std)
+
+    def towers(self) -> list[nn.Module]:
+        return [self.coarse, self.fine_visual]
+
+    def train(self, mode: bool = True) -> MSTClipIQA:
+        super().train(mode)
+        for tower in self.towers():  # frozen towers stay in eval mode (no dropout, fixed norms)
+            tower.eval()
+        return self
+
+    # -- introspection --------------------------------------------------------------------
+    @property
+    def zero_shot(self) -> bool:
+        return not self.config.trained
+
+    @property
+    def mode(self) -> str:
+        return "zero-shot" if self.zero_shot else "trained"
+
+    @property
+    def device(self) -> torch.device:
+        return self.fusion.gate.weight.device
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": frozen}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    @property
+    def score_range(self) -> dict[str, ScoreSpec]:
+        if self.zero_shot:
+            n = self.quality_head.num_grades
+            return {
+                "quality": ScoreSpec(1.0, float(n), True, True,
+                                     f"zero-shot: expected grade 1..{n} from CLIP similarity "
+                                     "to graded quality prompts (coarse tower)"),
+                "alignment": ScoreSpec(0.0, CLIPSCORE_WEIGHT, True, True,
+                                       "zero-shot: CLIPScore = 2.5*max(cos(image, prompt), 0); "
+                                       "NaN/null without a prompt"),
+            }
+        q, a = self.config.quality_scale, self.config.alignment_scale
+        return {
+            "quality": ScoreSpec(q.low, q.high, True, False,
+                                 "trained quality head, on the training data's MOS scale"),
+            "alignment": ScoreSpec(a.low, a.high, True, False,
+                                   "trained alignment head, on the training data's MOS scale; "
+                                   "NaN/null without a prompt"),
+        }
+
+    # -- encoders (frozen) ----------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled, projected image embeddings of both towers, float32, not normalised."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        with self._autocast():
+            coarse = self.coarse.encode_image(pixels)
+            fine = self.fine_visual(pixels)
+        return coarse.float(), fine.float()
+
+    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[int], list[bool]]:
+        """Token ids (N, context), true lengths, and which prompts had to be truncated."""
+        ctx = self.context_length
+        sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+        ids = torch.zeros(len(prompts), ctx, dtype=torch.long)
+        lengths, truncated = [], []
+        for row, prompt in enumerate(prompts):
+            tokens = [sot] + self.tokenizer.encode(prompt) + [eot]
+            cut = len(tokens) > ctx
+            if cut:
+                tokens = tokens[:ctx]
+                tokens[-1] = eot
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            lengths.append(len(tokens))
+            truncated.append(cut)
+        return ids, lengths, truncated
+
+    def _encode_text_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token features (N, context, D) and pooled embeddings (N, D), joint space.
+
+        open_clip's ``encode_text`` returns only the pooled vector; this is the same path
+        (token + positional embedding, causal transformer, final LayerNorm) keeping every
+        token. With the causal mask, features up to the end token ignore the padding after it.
+        """
+        text = self.coarse
+        ids = ids.to(self.device)
+        with self._autocast():
+            cast = text.transformer.get_cast_dtype()
+            x = text.token_embedding(ids).to(cast) + text.positional_embedding.to(cast)
+            x = text.transformer(x, attn_mask=text.attn_mask)
+            x = text.ln_final(x)
+            pooled = text_global_pool(x, ids, text.text_pool_type,
+                                      eos_token_id=getattr(text, "text_eos_id", None))
+            if isinstance(text.text_projection, nn.Linear):
+                x, pooled = text.text_projection(x), text.text_projection(pooled)
+            elif text.text_projection is not None:
+                x, pooled = x @ text.text_projection, pooled @ text.text_projection
+        return x.float(), pooled.float()
+
+    def encode_prompts(self, prompts: Sequence[str | None]) -> PromptBatch:
+        """Prompt features for a batch; each distinct prompt is encoded once (LRU cached)."""
+        present = [_clean_prompt(p) for p in prompts]
+        distinct = list(dict.fromkeys(p for p in present if p is not None))
+        missing = [p for p in distinct if p not in self._prompt_cache]
+        self.prompt_cache_hits += len(distinct) - len(missing)
+        self.prompt_cache_misses += len(missing)
+        if missing:
+            ids, lengths, truncated = self._tokenize(missing)
+            with torch.inference_mode():
+                tokens, pooled = self._encode_text_tokens(ids)
+            for i, prompt in enumerate(missing):
+                self._cache_put(prompt, (tokens[i, : lengths[i]].clone(), pooled[i].clone(),
+                                         truncated[i]))
+        features = {p: self._cache_get(p) for p in distinct}
+
+        dim = self.config.heads.embed_dim
+        longest = max((features[p][0].shape[0] for p in distinct), default=1)
+        batch = len(prompts)
+        tokens = torch.zeros(batch, longest, dim, device=self.device)
+        pad_mask = torch.ones(batch, longest, dtype=torch.bool, device=self.device)
+        pooled = torch.zeros(batch, dim, device=self.device)
+        has_prompt = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        truncated = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        for row, prompt in enumerate(present):
+            if prompt is None:
+                pad_mask[row, 0] = False  # one zero key, so attention stays finite; output nulled
+                continue
+            row_tokens, row_pooled, row_truncated = features[prompt]
+            tokens[row, : row_tokens.shape[0]] = row_tokens
+            pad_mask[row, : row_tokens.shape[0]] = False
+            pooled[row] = row_pooled
+            has_prompt[row] = True
+            truncated[row] = row_truncated
+        return PromptBatch(tokens, pad_mask, pooled, has_prompt, truncated)
+
+    def _cache_get(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        self._prompt_cache.move_to_end(prompt)
+        return self._prompt_cache[prompt]
+
+    def _cache_put(self, prompt: str, value: tuple[torch.Tensor, torch.Tensor, bool]) -> None:
+        self._prompt_cache[prompt] = value
+        while len(self._prompt_cache) > self.prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+
+    def clear_prompt_cache(self) -> None:
+        self._prompt_cache.clear()
+
+    def _apply(self, fn, recurse: bool = True):  # .to()/.cuda() move cached prompt features too
+        self._prompt_cache.clear()
+        return super()._apply(fn, recurse)
+
+    # -- heads (trainable) ----------------------------------------------------------------
+    def forward_heads(self, coarse: torch.Tensor, fine: torch.Tensor,
+                      prompts: PromptBatch) -> dict[str, torch.Tensor]:
+        """Normalised predictions in [0, 1] for quality and alignment (what the loss sees).
+
+        Works from tower embeddings, so training and re-scoring can run from a cache.
+        """
+        coarse = F.normalize(coarse.to(self.device).float(), dim=-1)
+        fine = F.normalize(fine.to(self.device).float(), dim=-1)
+        if self.zero_shot:
+            grade = self.quality_head(coarse)
+            cosine = (coarse * F.normalize(prompts.pooled, dim=-1)).sum(-1)
+            alignment = cosine.clamp(min=0)  # CLIPScore / 2.5
+        else:
+            fused, _ = self.fusion(coarse, fine)
+            grade = self.quality_head(fused)
+            alignment = self.alignment_head(fused, prompts)
+        quality = (grade - 1) / (self.quality_head.num_grades - 1)
+        alignment = torch.where(prompts.has_prompt, alignment,
+                                torch.full_like(alignment, float("nan")))
+        return {"quality": quality, "alignment": alignment}
+
+    def to_score_scale(self, normalised: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        spec = self.score_range
+        return {k: spec[k].low + v * (spec[k].high - spec[k].low) for k, v in normalised.items()}
+
+    def forward(self, pixels: torch.Tensor, prompts: Sequence[str | None]
+                ) -> dict[str, torch.Tensor]:
+        coarse, fine = self.encode_images(pixels)
+        return self.forward_heads(coarse, fine, self.encode_prompts(prompts))
+
+    # -- the public scoring call ----------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, images: Sequence[ImageSource] | torch.Tensor,
+              prompts: Sequence[str | None] | None = None,
+              batch_size: int = 32) -> dict[str, np.ndarray]:
+        """Score images (PIL, bytes, paths, uint8 arrays, or preprocessed (N,3,H,W) tensors).
+
+        Returns float32 ``quality`` and ``alignment`` (NaN where there is no prompt) on the
+        scales in :attr:`score_range`, and bool ``prompt_truncated``. Scores do not depend on
+        batch size or on the other rows of a batch.
+        """
+        count = len(images)
+        if prompts is None:
+            prompts = [None] * count
+        if len(prompts) != count:
+            raise ValueError(f"got {count} images but {len(prompts)} prompts")
+        was_training = self.training
+        self.eval()
+        parts: dict[str, list[np.ndarray]] = {"quality": [], "alignment": [],
+                                              "prompt_truncated": []}
+        try:
+            for start in range(0, count, batch_size):
+                chunk = images[start : start + batch_size]
+                if isinstance(chunk, torch.Tensor):
+                    pixels = chunk
+                else:
+                    pixels = torch.stack([self.transform.load(img) for img in chunk])
+                prompt_batch = self.encode_prompts(prompts[start : start + batch_size])
+                coarse, fine = self.encode_images(pixels)
+                scores = self.to_score_scale(self.forward_heads(coarse, fine, prompt_batch))
+                for key, value in scores.items():
+                    parts[key].append(value.float().cpu().numpy())
+                parts["prompt_truncated"].append(prompt_batch.truncated.cpu().numpy())
+        finally:
+            self.train(was_training)
+        if count == 0:
+            return {"quality": np.zeros(0, np.float32), "alignment": np.zeros(0, np.float32),
+                    "prompt_truncated": np.zeros(0, bool)}
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _clean_prompt(prompt: str | None) -> str | None:
+    if prompt is None or (isinstance(prompt, float) and math.isnan(prompt)):
+        return None
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompts must be str or None, got {type(prompt).__name__}")
+    return prompt if prompt.strip() else None
+
+
+def _as_int(size) -> int:
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def _tower_embed_dim(tower: nn.Module) -> int:
+    return int(getattr(tower.visual, "output_dim", 0) or tower.text_projection.shape[-1])

@@ -1,0 +1,101 @@
+"""Image decode and the towers' input transform, shared by ``model.score`` and the pipeline.
+
+Both towers get the same tensor: EXIF transpose, RGB, bicubic resize of the short side,
+centre crop, CLIP mean/std -- the eval transform open_clip uses for its CLIP towers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+# A generated image is rarely above 4k x 4k; a decompression bomb is far above. Bounding the
+# pixel count keeps one hostile file from stalling or exhausting a decode worker.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike | np.ndarray
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be turned into an RGB image; the message says which and why."""
+
+
+def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``source`` (PIL image, encoded bytes, file path, or HxWx3 uint8 array) to RGB."""
+    if isinstance(source, Image.Image):
+        image = source
+        where = "PIL image"
+    elif isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[2] not in (3, 4) or source.dtype != np.uint8:
+            raise ImageDecodeError(
+                f"array images must be HxWx3 (or 4) uint8, got shape {source.shape} "
+                f"dtype {source.dtype}"
+            )
+        image = Image.fromarray(source)
+        where = "array"
+    elif isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise ImageDecodeError("empty image bytes")
+        where = f"{len(source)} bytes"
+        image = _open_encoded(io.BytesIO(bytes(source)), where)
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise ImageDecodeError(f"{path}: no such image file")
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(f"{path}: empty file")
+        image = _open_encoded(path, where)
+    else:
+        raise ImageDecodeError(f"unsupported image input type {type(source).__name__}")
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"{where}: {width}x{height} = {width * height} pixels is above the limit of "
+            f"{max_pixels} (possible decompression bomb)"
+        )
+    try:
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"{where}: cannot decode image: {exc}") from exc
+
+
+def _open_encoded(fp: Any, where: str) -> Image.Image:
+    try:
+        image = Image.open(fp)
+        # Image.open reads only the header; load() decodes and surfaces truncation errors here.
+        image.load()
+        return image
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{where}: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
+        raise ImageDecodeError(f"{where}: cannot decode image: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Eval transform: PIL RGB image -> float32 tensor (3, size, size)."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = TF.resize(image, self.size, interpolation=InterpolationMode.BICUBIC)
+        image = TF.center_crop(image, [self.size, self.size])
+        pixels = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
+        return TF.normalize(pixels, list(self.mean), list(self.std))
+
+    def load(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        return self(open_image(source, max_pixels=max_pixels))
