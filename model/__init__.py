@@ -23,7 +23,14 @@ from iqray.model.checkpoint import (
     read_checkpoint_config,
     save_checkpoint,
 )
-from iqray.model.config import HeadsConfig, MSTConfig, ScoreScale, TowerConfig, load_preset, preset_names
+from iqray.model.config import (
+    HeadsConfig,
+    MSTConfig,
+    ScoreScale,
+    TowerConfig,
+    load_preset,
+    preset_names,
+)
 from iqray.model.mst_clipiqa import MSTClipIQA, PromptBatch, ScoreSpec
 from iqray.model.preprocess import ImageDecodeError, ImageTransform, open_image
 from iqray.model.weights import UnsafeCheckpointError, WeightsNotFoundError, resolve_tower_weights

@@ -292,17 +292,18 @@ class MSTClipIQA(nn.Module):
         """Prompt features for a batch; each distinct prompt is encoded once (LRU cached)."""
         present = [_clean_prompt(p) for p in prompts]
         distinct = list(dict.fromkeys(p for p in present if p is not None))
-        missing = [p for p in distinct if p not in self._prompt_cache]
-        self.prompt_cache_hits += len(distinct) - len(missing)
+        features = {p: self._cache_get(p) for p in distinct if p in self._prompt_cache}
+        missing = [p for p in distinct if p not in features]
+        self.prompt_cache_hits += len(features)
         self.prompt_cache_misses += len(missing)
         if missing:
             ids, lengths, truncated = self._tokenize(missing)
             with torch.inference_mode():
                 tokens, pooled = self._encode_text_tokens(ids)
             for i, prompt in enumerate(missing):
-                self._cache_put(prompt, (tokens[i, : lengths[i]].clone(), pooled[i].clone(),
-                                         truncated[i]))
-        features = {p: self._cache_get(p) for p in distinct}
+                features[prompt] = (tokens[i, : lengths[i]].clone(), pooled[i].clone(),
+                                    truncated[i])
+                self._cache_put(prompt, features[prompt])
 
         dim = self.config.heads.embed_dim
         longest = max((features[p][0].shape[0] for p in distinct), default=1)

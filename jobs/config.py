@@ -1,0 +1,106 @@
+"""One pydantic config per job: loadable from YAML, every field overridable by a CLI flag.
+
+``add_config_flags(parser, JobConfig)`` turns each field into a flag (``batch_size`` ->
+``--batch-size``, nested ``model.device`` -> ``--model.device``); ``build_config`` merges
+defaults < YAML file (``--config job.yaml``) < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class JobConfig(BaseModel):
+    """Base for job configs: unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConfigError(ValueError):
+    """A job config could not be built; the message names the file/flag and the field."""
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _flag_name(path: tuple[str, ...]) -> str:
+    return "--" + ".".join(part.replace("_", "-") for part in path)
+
+
+def _iter_fields(model_cls: type[BaseModel], prefix: tuple[str, ...] = ()):
+    for name, field in model_cls.model_fields.items():
+        annotation = _unwrap_optional(field.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _iter_fields(annotation, prefix + (name,))
+        else:
+            yield prefix + (name,), annotation, field
+
+
+def add_config_flags(parser: argparse.ArgumentParser, model_cls: type[BaseModel]) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML file with the job config; flags override its values")
+    for path, annotation, field in _iter_fields(model_cls):
+        dest = "cfg:" + ".".join(path)
+        help_text = field.description or ""
+        default = field.get_default(call_default_factory=True)
+        if default is not None and not isinstance(default, BaseModel):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
+                                  "help": help_text.strip()}
+        origin = typing.get_origin(annotation)
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif origin in (list, tuple):
+            kwargs["nargs"] = "+"
+            (item,) = typing.get_args(annotation)[:1] or (str,)
+            kwargs["type"] = item if item in (int, float, str) else str
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+        elif annotation is Path:
+            kwargs["type"] = Path
+        else:  # dicts and other structured values: parse the flag as YAML
+            kwargs["type"] = yaml.safe_load
+        parser.add_argument(_flag_name(path), **kwargs)
+
+
+def build_config(model_cls: type[C], args: argparse.Namespace) -> C:
+    data: dict[str, Any] = {}
+    config_file = getattr(args, "config", None)
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {config_file}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of config fields at the top")
+        data = loaded or {}
+    for key, value in vars(args).items():
+        if not key.startswith("cfg:"):
+            continue
+        *parents, leaf = key[len("cfg:"):].split(".")
+        target = data
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        source = f" (from {config_file} and flags)" if config_file else ""
+        raise ConfigError(f"invalid {model_cls.__name__}{source}:\n{exc}") from exc

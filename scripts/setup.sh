@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv and install iqray with its test extras. Idempotent: a second run only
+# re-checks the install. Used by scripts/demo.sh, scripts/test.sh and .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null; then
+    echo "iqray needs Python >= 3.10 (set PYTHON=/path/to/python3)" >&2
+    exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+        # Debian/Ubuntu ship venv separately.
+        if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+            apt-get update -qq && apt-get install -y -qq python3-venv
+            rm -rf .venv && "$PYTHON" -m venv .venv
+        else
+            echo "python3 -m venv failed: install your distribution's python3-venv" >&2
+            exit 1
+        fi
+    fi
+fi
+# Marker: skip the (slow) resolver when pyproject.toml has not changed since the last install.
+stamp=.venv/.iqray-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e ".[test]"
+    touch "$stamp"
+fi

@@ -1,0 +1,81 @@
+"""Job configs (YAML + flags) and the `iqray` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+from iqray.jobs.cli import main
+from iqray.jobs.config import ConfigError, JobConfig, add_config_flags, build_config
+
+
+class Storage(BaseModel):
+    endpoint: str | None = None
+    anonymous: bool = False
+
+
+class ExampleJob(JobConfig):
+    input: str = Field(default="data/", description="where to read")
+    batch_size: int = 32
+    sample: float | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    columns: list[str] = Field(default_factory=lambda: ["key"])
+    progress: bool = True
+    storage: Storage = Field(default_factory=Storage)
+
+
+def parse(argv: list[str]) -> ExampleJob:
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, ExampleJob)
+    return build_config(ExampleJob, parser.parse_args(argv))
+
+
+def test_defaults_yaml_and_flags_merge_in_that_order(tmp_path):
+    assert parse([]) == ExampleJob()
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_text("batch_size: 8\nprecision: bf16\nstorage:\n  endpoint: http://x:9\n")
+    config = parse(["--config", str(yaml_file), "--batch-size", "64", "--no-progress",
+                    "--columns", "key", "url", "--storage.anonymous"])
+    assert config.batch_size == 64  # flag beats YAML
+    assert config.precision == "bf16"  # YAML beats default
+    assert config.storage.endpoint == "http://x:9" and config.storage.anonymous is True
+    assert config.progress is False and config.columns == ["key", "url"]
+
+
+def test_typos_and_bad_values_are_clear_errors(tmp_path):
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_text("batch_sise: 8\n")
+    with pytest.raises(ConfigError, match="batch_sise"):
+        parse(["--config", str(yaml_file)])
+    with pytest.raises(SystemExit):
+        parse(["--precision", "int3"])
+    yaml_file.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse(["--config", str(yaml_file)])
+
+
+def test_help_lists_every_job():
+    out = subprocess.run([sys.executable, "-m", "iqray.jobs.cli", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "info" in out
+
+
+def test_info_describes_the_default_model(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "2,036,867 trainable" in out and "zero-shot" in out
+    assert "coarse tower: iqray-tiny-ViT-32, weights: random init (seed 0)" in out
+
+
+def test_info_with_a_bad_config_file_exits_with_the_reason(tmp_path, capsys):
+    bad = tmp_path / "info.yaml"
+    bad.write_text("modle: x\n")
+    with pytest.raises(SystemExit) as info:
+        main(["info", "--config", str(bad)])
+    assert info.value.code == 2
+    assert "modle" in capsys.readouterr().err

@@ -1,0 +1,71 @@
+"""Image decode: clear errors for bad input, the towers' eval transform."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iqray.model.preprocess import ImageDecodeError, ImageTransform, open_image
+
+
+def jpeg_bytes(size=(64, 48), color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_truncated_jpeg_is_a_decode_error():
+    data = jpeg_bytes((256, 256))
+    with pytest.raises(ImageDecodeError, match="cannot decode image"):
+        open_image(data[: len(data) // 2])
+
+
+def test_empty_and_non_image_bytes_are_decode_errors(tmp_path):
+    with pytest.raises(ImageDecodeError, match="empty image bytes"):
+        open_image(b"")
+    with pytest.raises(ImageDecodeError, match="cannot decode image"):
+        open_image(b"this is a text file, not a picture")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match="empty file"):
+        open_image(empty)
+    with pytest.raises(ImageDecodeError, match="no such image file"):
+        open_image(tmp_path / "missing.jpg")
+
+
+def test_images_above_the_pixel_limit_are_refused():
+    with pytest.raises(ImageDecodeError, match="above the limit"):
+        open_image(jpeg_bytes((400, 300)), max_pixels=100_000)
+
+
+def test_palette_grayscale_and_alpha_images_become_rgb():
+    for mode in ("P", "L", "RGBA", "CMYK"):
+        buffer = io.BytesIO()
+        Image.new(mode, (32, 16)).save(buffer, format="TIFF" if mode == "CMYK" else "PNG")
+        assert open_image(buffer.getvalue()).mode == "RGB"
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (60, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes())
+    assert open_image(buffer.getvalue()).size == (20, 60)
+
+
+def test_transform_resizes_the_short_side_and_centre_crops():
+    # A wide image whose centre column band is white and edges black: after the short-side
+    # resize and centre crop, the crop is mostly the white band.
+    array = np.zeros((100, 300, 3), np.uint8)
+    array[:, 100:200] = 255
+    transform = ImageTransform(50, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    pixels = transform(Image.fromarray(array))
+    assert pixels.shape == (3, 50, 50) and pixels.dtype == torch.float32
+    assert pixels[:, :, 5:45].min() > 0.95
+    normalised = ImageTransform(50, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(Image.fromarray(array))
+    torch.testing.assert_close(normalised, (pixels - 0.5) / 0.25)

@@ -1,0 +1,39 @@
+"""The distribution: one import namespace from three folders, in editable and wheel form."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_three_packages_import_from_one_namespace():
+    code = "import iqray.model, iqray.pipeline, iqray.jobs; print(iqray.model.load.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd="/").stdout
+    assert out.strip() == "iqray.model"
+
+
+def test_the_model_package_never_imports_ray():
+    code = "import sys, iqray.model; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd="/").stdout
+    assert out.strip() == "False"
+
+
+def test_the_wheel_holds_the_packages_their_data_and_the_console_script(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("iqray-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in ("iqray/model/__init__.py", "iqray/model/mst_clipiqa.py",
+                     "iqray/model/configs/towers/iqray-tiny-ViT-32.json",
+                     "iqray/model/configs/presets/mst-clipiqa.json",
+                     "iqray/pipeline/__init__.py", "iqray/jobs/cli.py"):
+        assert expected in names
+    assert not any(n.startswith(("tests/", "iqray/tests")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "iqray = iqray.jobs.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
