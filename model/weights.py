@@ -16,8 +16,10 @@ refused, since unpickling runs arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import open_clip
@@ -212,14 +214,14 @@ def create_tower(
         )
     if weights is None:
         # Random init must be reproducible: the same seed gives the same tower.
-        devices = []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
             torch.manual_seed(tower.init_seed)
             model = open_clip.create_model(tower.model_name, pretrained=None,
                                            force_quick_gelu=quick_gelu)
     else:
-        model = open_clip.create_model(tower.model_name, pretrained=None,
-                                       force_quick_gelu=quick_gelu)
+        with _quiet_random_init_warning():  # weights are loaded right below
+            model = open_clip.create_model(tower.model_name, pretrained=None,
+                                           force_quick_gelu=quick_gelu)
         try:
             open_clip.load_checkpoint(model, str(weights), strict=True)
         except Exception as exc:
@@ -229,3 +231,19 @@ def create_tower(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    """open_clip warns on the root logger when it builds a tower without weights; here that
+    is either asked for (random init) or followed by our own load, so the warning misleads."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
