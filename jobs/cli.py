@@ -43,9 +43,31 @@ def run_info(config: InfoConfig) -> int:
     return 0
 
 
-# name -> (config class, runner, one-line help). Later jobs register here.
-JOBS: dict[str, tuple[type[BaseModel], Callable[[BaseModel], int], str]] = {
-    "info": (InfoConfig, run_info, "describe a model: towers, weights, parameters, outputs"),
+def run_score_job(config) -> int:
+    from iqray.pipeline.score import ErrorBudgetExceeded, run_score
+
+    try:
+        run_score(config)
+    except ErrorBudgetExceeded as exc:
+        print(f"iqray score: aborted: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _score_config():
+    from iqray.pipeline.score import ScoreConfig
+
+    return ScoreConfig
+
+
+# name -> (config class factory, runner, one-line help, positional fields).
+JOBS: dict[str, tuple[Callable[[], type[BaseModel]], Callable[[BaseModel], int], str,
+                      tuple[str, ...]]] = {
+    "score": (_score_config, run_score_job,
+              "score images from Parquet/WebDataset/folders (local, S3, GCS) into Parquet",
+              ("input", "output")),
+    "info": (lambda: InfoConfig, run_info,
+             "describe a model: towers, weights, parameters, outputs", ()),
 }
 
 
@@ -58,18 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"iqray {iqray_version()}")
     sub = parser.add_subparsers(dest="job", metavar="JOB", required=True)
-    for name, (config_cls, _, help_text) in JOBS.items():
+    for name, (config_factory, _, help_text, positionals) in JOBS.items():
+        config_cls = config_factory()
         job_parser = sub.add_parser(name, help=help_text, description=config_cls.__doc__)
-        add_config_flags(job_parser, config_cls)
+        add_config_flags(job_parser, config_cls, positionals)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config_cls, runner, _ = JOBS[args.job]
+    config_factory, runner, _, _ = JOBS[args.job]
     try:
-        config = build_config(config_cls, args)
+        config = build_config(config_factory(), args)
     except ConfigError as exc:
         parser.exit(2, f"iqray {args.job}: {exc}\n")
     return runner(config)

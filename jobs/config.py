@@ -51,9 +51,16 @@ def _iter_fields(model_cls: type[BaseModel], prefix: tuple[str, ...] = ()):
             yield prefix + (name,), annotation, field
 
 
-def add_config_flags(parser: argparse.ArgumentParser, model_cls: type[BaseModel]) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, model_cls: type[BaseModel],
+                     positionals: tuple[str, ...] = ()) -> None:
+    """Flags for every field; fields named in ``positionals`` may also be given bare
+    (``iqray score IN OUT``), either way."""
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file with the job config; flags override its values")
+    for name in positionals:
+        parser.add_argument(f"pos:{name}", metavar=name.upper(), nargs="?",
+                            default=argparse.SUPPRESS,
+                            help=f"same as --{name.replace('_', '-')}")
     for path, annotation, field in _iter_fields(model_cls):
         dest = "cfg:" + ".".join(path)
         help_text = field.description or ""
@@ -92,6 +99,11 @@ def build_config(model_cls: type[C], args: argparse.Namespace) -> C:
             raise ConfigError(f"{config_file}: expected a mapping of config fields at the top")
         data = loaded or {}
     for key, value in vars(args).items():
+        if key.startswith("pos:"):
+            flag = "cfg:" + key[len("pos:"):]
+            if flag in vars(args) and vars(args)[flag] != value:
+                raise ConfigError(f"{key[4:]} given twice: {value!r} and {vars(args)[flag]!r}")
+            key = flag
         if not key.startswith("cfg:"):
             continue
         *parents, leaf = key[len("cfg:"):].split(".")

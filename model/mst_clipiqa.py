@@ -377,7 +377,8 @@ class MSTClipIQA(nn.Module):
     def score(self, images: Sequence[ImageSource] | torch.Tensor,
               prompts: Sequence[str | None] | None = None,
               batch_size: int = 32) -> dict[str, np.ndarray]:
-        """Score images (PIL, bytes, paths, uint8 arrays, or preprocessed (N,3,H,W) tensors).
+        """Score images: PIL, bytes, paths, HxWx3 uint8 arrays, or (N,3,H,W) tensors (uint8
+        crops from :meth:`ImageTransform.crop`, or float tensors already normalised).
 
         Returns float32 ``quality`` and ``alignment`` (NaN where there is no prompt) on the
         scales in :attr:`score_range`, and bool ``prompt_truncated``. Scores do not depend on
@@ -396,7 +397,11 @@ class MSTClipIQA(nn.Module):
             for start in range(0, count, batch_size):
                 chunk = images[start : start + batch_size]
                 if isinstance(chunk, torch.Tensor):
-                    pixels = chunk
+                    # uint8 crops (the pipeline's decode output) are normalised here, on the
+                    # model's device; float tensors are taken as already normalised.
+                    pixels = chunk.to(self.device)
+                    if pixels.dtype == torch.uint8:
+                        pixels = self.transform.normalize(pixels)
                 else:
                     pixels = torch.stack([self.transform.load(img) for img in chunk])
                 prompt_batch = self.encode_prompts(prompts[start : start + batch_size])

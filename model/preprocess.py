@@ -92,9 +92,20 @@ class ImageTransform:
     std: tuple[float, ...]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.crop(image))
+
+    def crop(self, image: Image.Image) -> torch.Tensor:
+        """Resize + centre crop, kept as uint8 (3, size, size).
+
+        The pipeline ships this between its decode and model stages: 4x smaller than the
+        float tensor, so decoded images do not flood the object store.
+        """
         image = TF.resize(image, self.size, interpolation=InterpolationMode.BICUBIC)
-        image = TF.center_crop(image, [self.size, self.size])
-        pixels = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
+        return TF.pil_to_tensor(TF.center_crop(image, [self.size, self.size]))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> float32 with the towers' mean/std."""
+        pixels = TF.to_dtype(pixels, torch.float32, scale=True)
         return TF.normalize(pixels, list(self.mean), list(self.std))
 
     def load(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

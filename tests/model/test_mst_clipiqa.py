@@ -186,3 +186,12 @@ def test_token_path_pools_to_open_clip_encode_text(zero_shot_model):
 def test_mismatched_image_and_prompt_counts_are_an_error(zero_shot_model, sample_rows):
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         zero_shot_model.score([sample_rows[0]["path"]] * 2, ["a"])
+
+
+def test_uint8_crops_score_like_the_full_transform(zero_shot_model, sample_rows):
+    paths = [r["path"] for r in sample_rows[:3]]
+    transform = zero_shot_model.transform
+    crops = torch.stack([transform.crop(iqray.model.open_image(p)) for p in paths])
+    assert crops.dtype == torch.uint8 and crops.shape == (3, 3, 224, 224)
+    np.testing.assert_allclose(zero_shot_model.score(crops)["quality"],
+                               zero_shot_model.score(paths)["quality"], atol=1e-6)

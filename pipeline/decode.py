@@ -1,0 +1,94 @@
+"""Decode stage (CPU tasks): encoded bytes -> uint8 crops at the towers' input size.
+
+Work per image is bounded: a pixel-count limit stops decompression bombs before decoding,
+and a wall-clock limit (where the task runs on its process's main thread, as Ray tasks do)
+stops a pathological file from stalling the stage. Failures become error rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from iqray.model.preprocess import ImageDecodeError, ImageTransform, open_image
+
+
+def is_missing(value: Any) -> bool:
+    """None, or the float NaN Ray turns an all-null object column into between stages."""
+    return value is None or (isinstance(value, float | np.floating) and bool(np.isnan(value)))
+
+
+def restore_nulls(batch: dict[str, np.ndarray], skip: set[str]) -> None:
+    """Turn all-NaN float columns (what an all-None object column becomes between Ray Data
+    stages) back into object columns of None, so they stay null instead of 'nan'."""
+    for name, values in batch.items():
+        if name in skip or values.ndim != 1 or values.dtype.kind != "f" or len(values) == 0:
+            continue
+        if np.isnan(values).all():
+            nulls = np.empty(len(values), dtype=object)
+            batch[name] = nulls
+
+
+class DecodeTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise DecodeTimeout(f"decode took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def row_label(batch: dict[str, Any], i: int) -> str:
+    source, row = batch["source_file"][i], int(batch["source_row"][i])
+    key = batch.get("key")
+    label = f"{source} row {row}"
+    if key is not None and not is_missing(key[i]):
+        label += f" (key {key[i]})"
+    return label
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
+                 timeout_s: float | None, keep_image_bytes: bool) -> dict[str, np.ndarray]:
+    started = time.perf_counter()
+    count = len(batch["source_row"])
+    crop = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).crop
+    pixels = np.zeros((count, 3, image_size, image_size), np.uint8)
+    errors = [None if is_missing(e) else e for e in batch["_error"]]
+    kinds = [None if is_missing(k) else k for k in batch["_error_kind"]]
+    for i in range(count):
+        if errors[i] is not None:
+            continue
+        try:
+            with time_limit(timeout_s):
+                pixels[i] = crop(open_image(batch["_image"][i], max_pixels=max_pixels)).numpy()
+        except ImageDecodeError as exc:
+            errors[i], kinds[i] = f"{row_label(batch, i)}: {exc}", "decode"
+        except DecodeTimeout as exc:
+            errors[i], kinds[i] = f"{row_label(batch, i)}: {exc}", "timeout"
+    batch["pixels"] = pixels
+    batch["_error"] = np.array(errors, dtype=object)
+    batch["_error_kind"] = np.array(kinds, dtype=object)
+    if keep_image_bytes:
+        batch["image"] = batch["_image"]
+    del batch["_image"]
+    batch["_decode_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
+    return batch

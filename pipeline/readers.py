@@ -1,0 +1,477 @@
+"""Readers: input URL -> shards (the unit of work, retry and resume) -> rows of raw bytes.
+
+Three input layouts, any fsspec URL, a single file, a directory or a glob:
+
+* Parquet with an image-bytes column (img2dataset ``jpg``, HF ``image`` struct with
+  ``bytes``/``path``, ...) or an image path/URL column, a prompt column and key columns;
+* WebDataset tar shards (``<key>.jpg|png|webp`` + ``<key>.txt|json``), as img2dataset writes;
+* a folder of images, with prompts from a CSV/JSONL sidecar or none (quality only); the
+  folder is cut into chunks of ``folder_chunk_size`` images, each chunk a shard.
+
+Readers never decode: they emit the encoded bytes, and decoding happens late in the decode
+stage. A file that cannot be read becomes an error row, never a crash and never a lost row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from iqray.pipeline.storage import StorageConfig, fingerprint, to_url
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+AUTO_IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "image_bytes", "img", "bytes")
+AUTO_PATH_COLUMNS = ("image_path", "path", "file_name", "filename", "file", "url", "image_url")
+AUTO_PROMPT_COLUMNS = ("prompt", "caption", "text", "txt")
+AUTO_KEY_COLUMNS = ("key", "id", "uid", "__key__")
+AUTO_SIDECARS = ("prompts.csv", "metadata.csv", "captions.csv", "metadata.jsonl",
+                 "prompts.jsonl", "captions.jsonl")
+
+InputFormat = Literal["auto", "parquet", "webdataset", "folder"]
+
+
+class ReadConfig(BaseModel):
+    """What to read and which columns mean what (None = detect the usual names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: InputFormat = Field(default="auto", description="input layout")
+    image_column: str | None = Field(default=None, description="column with image bytes")
+    image_path_column: str | None = Field(
+        default=None, description="column with an image path/URL (relative to the shard)")
+    prompt_column: str | None = Field(default=None, description="column with the prompt")
+    key_columns: list[str] | None = Field(default=None,
+                                          description="id columns passed through to the output")
+    sidecar: str | None = Field(default=None,
+                                description="folder input: CSV/JSONL with name + prompt")
+    folder_chunk_size: int = Field(default=1000, gt=0,
+                                   description="folder input: images per shard")
+    read_batch_rows: int = Field(default=64, gt=0, description="rows per batch out of a reader")
+    sample: float | None = Field(default=None, gt=0, le=1,
+                                 description="keep this fraction of rows (deterministic)")
+    seed: int = Field(default=0, description="seed of --sample")
+
+
+@dataclass
+class Shard:
+    index: int
+    url: str
+    format: str
+    output_name: str
+    fingerprint: str
+    members: list[str] | None = None  # folder chunks: image URLs
+    prompts: dict[str, str | None] | None = None  # folder chunks: name -> prompt
+    only_rows: list[int] | None = None  # --retry-failed: rows to read again
+    estimated_rows: int | None = None
+
+
+@dataclass
+class RowBuffer:
+    """Accumulates reader rows into column lists."""
+
+    key_columns: list[str]
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = ["source_file", "source_row", "prompt", "_image", "_error", "_error_kind",
+                 *self.key_columns]
+        self.columns = {name: [] for name in names}
+
+    def __len__(self) -> int:
+        return len(self.columns["source_row"])
+
+    def add(self, source_file: str, row: int, image: bytes | None, prompt: str | None,
+            keys: dict[str, Any], error: str | None = None, kind: str | None = None) -> None:
+        values = {"source_file": source_file, "source_row": row, "prompt": prompt,
+                  "_image": image, "_error": error, "_error_kind": kind, **keys}
+        for name, column in self.columns.items():
+            column.append(values.get(name))
+
+    def take(self) -> dict[str, list[Any]]:
+        out = self.columns
+        self.__post_init__()
+        return out
+
+
+# -- discovery ---------------------------------------------------------------------------
+
+def discover_shards(input_url: str, read: ReadConfig, storage: StorageConfig) -> list[Shard]:
+    fs, root = storage.filesystem(input_url)
+    if any(ch in root for ch in "*?["):
+        paths = sorted(fs.glob(root))
+        base = root.split("*")[0].rsplit("/", 1)[0] if "/" in root else ""
+    elif fs.isdir(root):
+        paths = sorted(p for p in fs.find(root) if not _hidden(posixpath.relpath(p, root)))
+        base = root
+    elif fs.exists(root):
+        paths = [root]
+        base = posixpath.dirname(root)
+    else:
+        raise FileNotFoundError(f"input {input_url} does not exist")
+    infos = {p: fs.info(p) for p in paths}
+    paths = [p for p in paths if infos[p].get("type") != "directory"]
+
+    fmt = read.format
+    if fmt == "auto":
+        fmt = _detect_format(paths, input_url)
+    if fmt == "parquet":
+        chosen = [p for p in paths if p.endswith(".parquet")]
+        return [_file_shard(i, fs, p, base, input_url, "parquet", infos[p])
+                for i, p in enumerate(chosen)]
+    if fmt == "webdataset":
+        chosen = [p for p in paths if p.endswith(".tar")]
+        return [_file_shard(i, fs, p, base, input_url, "webdataset", infos[p])
+                for i, p in enumerate(chosen)]
+    return _folder_shards(fs, paths, base, input_url, infos, read, storage)
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def _detect_format(paths: list[str], input_url: str) -> str:
+    # img2dataset writes NNNNN.tar beside NNNNN.parquet (metadata): tars win when present.
+    if any(p.endswith(".tar") for p in paths):
+        return "webdataset"
+    if any(p.endswith(".parquet") for p in paths):
+        return "parquet"
+    if any(p.lower().endswith(IMAGE_EXTENSIONS) for p in paths):
+        return "folder"
+    raise ValueError(f"input {input_url}: found no .parquet, .tar or image files "
+                     f"({len(paths)} files looked at); set --format explicitly")
+
+
+def _file_shard(index: int, fs, path: str, base: str, input_url: str, fmt: str,
+                info: dict) -> Shard:
+    relative = posixpath.relpath(path, base) if base else posixpath.basename(path)
+    output_name = posixpath.splitext(relative)[0] + ".parquet"
+    estimated = None
+    if fmt == "parquet":
+        try:
+            with fs.open(path, "rb") as handle:
+                estimated = pq.ParquetFile(handle).metadata.num_rows
+        except Exception:  # unreadable: the read stage reports it as an error row
+            estimated = None
+    return Shard(index, to_url(fs, path, input_url), fmt, output_name, fingerprint(info),
+                 estimated_rows=estimated)
+
+
+def _folder_shards(fs, paths: list[str], base: str, input_url: str, infos: dict,
+                   read: ReadConfig, storage: StorageConfig) -> list[Shard]:
+    images = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)]
+    prompts = _load_sidecar(fs, paths, base, read, storage)
+    shards = []
+    for number, start in enumerate(range(0, len(images), read.folder_chunk_size)):
+        chunk = images[start : start + read.folder_chunk_size]
+        digest = hashlib.sha256()
+        names = []
+        for path in chunk:
+            name = posixpath.relpath(path, base) if base else posixpath.basename(path)
+            names.append(name)
+            prompt = _sidecar_prompt(prompts, name)
+            digest.update(f"{name}\0{fingerprint(infos[path])}\0{prompt}\n".encode())
+        shards.append(Shard(
+            number, to_url(fs, base, input_url) + f"#chunk-{number:05d}", "folder",
+            f"images-{number:05d}.parquet", digest.hexdigest(),
+            members=[to_url(fs, p, input_url) for p in chunk],
+            prompts={n: _sidecar_prompt(prompts, n) for n in names},
+            estimated_rows=len(chunk)))
+    return shards
+
+
+def _sidecar_prompt(prompts: dict[str, str | None], name: str) -> str | None:
+    """Sidecars name images relative to the folder, or by bare file name."""
+    if name in prompts:
+        return prompts[name]
+    return prompts.get(posixpath.basename(name))
+
+
+def _load_sidecar(fs, paths: list[str], base: str, read: ReadConfig,
+                  storage: StorageConfig) -> dict[str, str | None]:
+    if read.sidecar:
+        side_fs, side_path = storage.filesystem(read.sidecar)
+    else:
+        found = [p for p in paths if posixpath.basename(p) in AUTO_SIDECARS]
+        if not found:
+            return {}
+        side_fs, side_path = fs, found[0]
+    with side_fs.open(side_path, "rb") as handle:
+        text = handle.read().decode("utf-8-sig")
+    if side_path.endswith(".jsonl"):
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = list(csv.DictReader(io.StringIO(text)))
+    if not records:
+        return {}
+    columns = list(records[0])
+    name_col = _pick(columns, ("name", "file_name", "filename", "file", "image", "path"),
+                     None, f"sidecar {side_path}", "image name")
+    prompt_col = _pick(columns, AUTO_PROMPT_COLUMNS, read.prompt_column,
+                       f"sidecar {side_path}", "prompt")
+    return {str(r[name_col]): (r.get(prompt_col) or None) for r in records}
+
+
+def _pick(columns: list[str], candidates: tuple[str, ...], explicit: str | None, where: str,
+          what: str, required: bool = True) -> str | None:
+    if explicit:
+        if explicit not in columns:
+            raise ValueError(f"{where}: no column {explicit!r} for the {what}; columns: "
+                             f"{', '.join(columns)}")
+        return explicit
+    for name in candidates:
+        if name in columns:
+            return name
+    if required:
+        raise ValueError(f"{where}: no {what} column found (looked for "
+                         f"{', '.join(candidates)}); columns: {', '.join(columns)}. "
+                         f"Name it with the matching --*-column flag.")
+    return None
+
+
+# -- reading ------------------------------------------------------------------------------
+
+def keep_row(shard_url: str, row: int, read: ReadConfig) -> bool:
+    if read.sample is None:
+        return True
+    digest = hashlib.blake2b(f"{read.seed}:{shard_url}:{row}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") / 2**64 < read.sample
+
+
+def read_shard(shard: Shard, read: ReadConfig, storage: StorageConfig,
+               key_columns: list[str]) -> Iterator[dict[str, list[Any]]]:
+    """Rows of one shard in batches of ``read.read_batch_rows``.
+
+    The last batch carries ``_shard_end`` = the number of rows the shard produced, so the
+    writer knows when it holds the whole shard. An empty shard yields nothing; the writer
+    commits an empty output for it once the run has finished.
+    """
+    buffer = RowBuffer(key_columns)
+    wanted = set(shard.only_rows) if shard.only_rows is not None else None
+    emitted = 0
+    clock = [time.perf_counter()]
+    rows = {"parquet": _parquet_rows, "webdataset": _tar_rows, "folder": _folder_rows}[
+        shard.format](shard, read, storage, key_columns)
+    held: dict[str, list[Any]] | None = None  # one full batch held back for the end marker
+    for row in rows:
+        number = row[1]
+        if wanted is not None and number not in wanted:
+            continue
+        if wanted is None and not keep_row(shard.url, number, read):
+            continue
+        buffer.add(*row)
+        emitted += 1
+        if len(buffer) >= read.read_batch_rows:
+            if held is not None:
+                yield _finish(held, shard, -1, clock)
+            held = buffer.take()
+    rest = buffer.take()
+    if held is not None and rest["source_row"]:
+        yield _finish(held, shard, -1, clock)
+        held = None
+    last = held if held is not None else rest
+    if last["source_row"]:
+        yield _finish(last, shard, emitted, clock)
+
+
+def _finish(columns: dict[str, list[Any]], shard: Shard, end: int, clock: list[float]
+            ) -> dict[str, list[Any]]:
+    count = len(columns["source_row"])
+    now = time.perf_counter()
+    columns["_shard"] = [shard.index] * count
+    columns["_shard_end"] = [end] * count
+    columns["_read_s"] = [(now - clock[0]) / count] * count
+    clock[0] = now
+    return columns
+
+
+def _read_error(shard: Shard, row: int, exc: Exception, key_columns: list[str]):
+    message = f"{shard.url}: cannot read: {type(exc).__name__}: {exc}"
+    return (shard.url, row, None, None, {k: None for k in key_columns}, message, "read")
+
+
+def _parquet_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
+                  key_columns: list[str]) -> Iterator[tuple]:
+    fs, path = storage.filesystem(shard.url)
+    row = 0
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            columns = parquet.schema_arrow.names
+            image_col, path_col, prompt_col = parquet_columns(columns, read, shard.url)
+            wanted = [c for c in dict.fromkeys([image_col, path_col, prompt_col, *key_columns])
+                      if c is not None and c in columns]
+            for batch in parquet.iter_batches(batch_size=read.read_batch_rows, columns=wanted):
+                for record in batch.to_pylist():
+                    yield _parquet_row(shard, row, record, image_col, path_col, prompt_col,
+                                       key_columns, storage)
+                    row += 1
+    except Exception as exc:  # corrupt/unreadable file: one error row where reading stopped
+        yield _read_error(shard, row, exc, key_columns)
+
+
+def parquet_columns(columns: list[str], read: ReadConfig, where: str
+                    ) -> tuple[str | None, str | None, str | None]:
+    image_col = _pick(columns, AUTO_IMAGE_COLUMNS, read.image_column, where, "image bytes",
+                      required=False)
+    path_col = None
+    if image_col is None:
+        path_col = _pick(columns, AUTO_PATH_COLUMNS, read.image_path_column, where,
+                         "image bytes or image path")
+    prompt_col = _pick(columns, AUTO_PROMPT_COLUMNS, read.prompt_column, where, "prompt",
+                       required=read.prompt_column is not None)
+    return image_col, path_col, prompt_col
+
+
+def _parquet_row(shard: Shard, row: int, record: dict, image_col: str | None,
+                 path_col: str | None, prompt_col: str | None, key_columns: list[str],
+                 storage: StorageConfig) -> tuple:
+    keys = {k: record.get(k) for k in key_columns}
+    prompt = record.get(prompt_col) if prompt_col else None
+    prompt = prompt if isinstance(prompt, str) else None
+    image, ref = None, None
+    if image_col is not None:
+        value = record.get(image_col)
+        if isinstance(value, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
+            image, ref = value.get("bytes"), value.get("path")
+        else:
+            image = value
+    else:
+        ref = record.get(path_col)
+    if image is None and ref:
+        try:
+            image = read_bytes(resolve_ref(shard.url, ref), storage)
+        except Exception as exc:
+            return (shard.url, row, None, prompt, keys,
+                    f"{ref}: cannot read image: {type(exc).__name__}: {exc}", "read")
+    if image is None:
+        return (shard.url, row, None, prompt, keys, f"{shard.url} row {row}: no image",
+                "missing_image")
+    if not isinstance(image, bytes | bytearray):
+        return (shard.url, row, None, prompt, keys,
+                f"{shard.url} row {row}: image column holds {type(image).__name__}, not bytes",
+                "bad_type")
+    return (shard.url, row, bytes(image), prompt, keys, None, None)
+
+
+def resolve_ref(shard_url: str, ref: str) -> str:
+    if "://" in ref or os.path.isabs(ref):
+        return ref
+    if "://" in shard_url:
+        protocol, rest = shard_url.split("://", 1)
+        return f"{protocol}://" + posixpath.join(posixpath.dirname(rest), ref)
+    return os.path.join(os.path.dirname(shard_url), ref)
+
+
+def read_bytes(url: str, storage: StorageConfig) -> bytes:
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def _tar_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
+              key_columns: list[str]) -> Iterator[tuple]:
+    fs, path = storage.filesystem(shard.url)
+    row = 0
+    current: str | None = None
+    sample: dict[str, bytes] = {}
+    try:
+        with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, base = posixpath.split(member.name)
+                if "." not in base:
+                    continue
+                key = posixpath.join(directory, base.split(".", 1)[0])
+                ext = base.split(".", 1)[1].lower()
+                if key != current and current is not None:
+                    yield _tar_sample(shard, row, current, sample, read, key_columns)
+                    row += 1
+                    sample = {}
+                current = key
+                data = tar.extractfile(member)
+                sample[ext] = data.read() if data is not None else b""
+        if current is not None:
+            yield _tar_sample(shard, row, current, sample, read, key_columns)
+            row += 1
+    except Exception as exc:
+        yield _read_error(shard, row, exc, key_columns)
+
+
+def _tar_sample(shard: Shard, row: int, key: str, sample: dict[str, bytes], read: ReadConfig,
+                key_columns: list[str]) -> tuple:
+    keys = {k: None for k in key_columns}
+    if "key" in keys:
+        keys["key"] = key
+    prompt = None
+    if read.prompt_column and read.prompt_column in sample:
+        prompt = sample[read.prompt_column].decode("utf-8", "replace")
+    elif "txt" in sample:
+        prompt = sample["txt"].decode("utf-8", "replace")
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:
+            meta = {}
+        if isinstance(meta, dict):
+            for k in key_columns:
+                if k != "key" and k in meta:
+                    keys[k] = meta[k]
+            if prompt is None:
+                for name in ((read.prompt_column,) if read.prompt_column else ()) + \
+                        AUTO_PROMPT_COLUMNS:
+                    if isinstance(meta.get(name), str):
+                        prompt = meta[name]
+                        break
+    image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in sample), None)
+    if image_ext is None:
+        return (shard.url, row, None, prompt, keys,
+                f"{shard.url} sample {key}: no image member (.jpg/.png/.webp)", "missing_image")
+    return (shard.url, row, sample[image_ext], prompt, keys, None, None)
+
+
+def _folder_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
+                 key_columns: list[str]) -> Iterator[tuple]:
+    names = list(shard.prompts or {})
+    for row, (url, name) in enumerate(zip(shard.members or [], names, strict=True)):
+        keys = {k: None for k in key_columns}
+        if "key" in keys:
+            keys["key"] = name
+        prompt = (shard.prompts or {}).get(name)
+        try:
+            image = read_bytes(url, storage)
+        except Exception as exc:
+            yield (url, row, None, prompt, keys,
+                   f"{url}: cannot read: {type(exc).__name__}: {exc}", "read")
+            continue
+        yield (url, row, image, prompt, keys, None, None)
+
+
+def key_columns_for(shards: list[Shard], read: ReadConfig, storage: StorageConfig) -> list[str]:
+    """Key columns to pass through: configured, or the usual names present in the input."""
+    if read.key_columns is not None:
+        return list(read.key_columns)
+    if not shards or shards[0].format in ("folder", "webdataset"):
+        return ["key"]
+    for shard in shards:
+        try:
+            fs, path = storage.filesystem(shard.url)
+            with fs.open(path, "rb") as handle:
+                names = pq.ParquetFile(handle).schema_arrow.names
+        except Exception:
+            continue
+        return [c for c in AUTO_KEY_COLUMNS if c in names]
+    return []

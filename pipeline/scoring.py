@@ -1,0 +1,173 @@
+"""Model stage: weights staged once through the object store, a callable class per actor.
+
+The driver reads the checkpoint and tower weight files once and puts their bytes in Ray's
+object store; every actor materialises them in a local temp dir and loads from there, so a
+pool of hundreds of actors makes no hub or bucket requests of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import iqray.model
+from iqray.model.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
+from iqray.model.config import MSTConfig, load_preset, preset_names
+from iqray.model.weights import resolve_tower_weights
+from iqray.pipeline.decode import is_missing, restore_nulls
+from iqray.pipeline.storage import StorageConfig
+
+
+@dataclass
+class ModelSpec:
+    """Everything an actor needs to build the model, with no file access of its own."""
+
+    name: str  # what the user asked for (preset name or checkpoint URL)
+    config: MSTConfig
+    identity: str  # sha256 over config + weights: names the exact scorer in output metadata
+    checkpoint_sha256: str | None = None  # of the trained heads' model.safetensors
+    files: dict[str, Any] = field(default_factory=dict)  # relative name -> bytes or ObjectRef
+    raw_config: dict[str, Any] = field(default_factory=dict)
+
+    def materialise(self, directory: Path) -> Path:
+        import ray
+
+        for name, payload in self.files.items():
+            data = ray.get(payload) if isinstance(payload, ray.ObjectRef) else payload
+            target = directory / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        config_path = directory / CONFIG_NAME
+        config_path.write_text(json.dumps(self.raw_config))
+        return config_path
+
+
+def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] | None = None,
+                cache_dir: str | None = None) -> ModelSpec:
+    """Read a model's config and weight files once (driver side) into a :class:`ModelSpec`.
+
+    ``put`` (``ray.put``) turns file bytes into object refs; without it bytes travel inline.
+    """
+    put = put or (lambda data: data)
+    files: dict[str, bytes] = {}
+    if name in preset_names():
+        config = load_preset(name)
+        raw: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        base_dir = None
+    else:
+        fs, path = storage.filesystem(name)
+        config_path = path if path.endswith(".json") else path.rstrip("/") + "/" + CONFIG_NAME
+        if not fs.exists(config_path):
+            raise FileNotFoundError(f"model {name!r} is neither a preset "
+                                    f"({', '.join(preset_names())}) nor a checkpoint with "
+                                    f"{CONFIG_NAME}")
+        raw = json.loads(fs.cat_file(config_path))
+        config = MSTConfig.model_validate(raw.get("model", raw))
+        weights_path = config_path.rsplit("/", 1)[0] + "/" + WEIGHTS_NAME
+        if fs.exists(weights_path):
+            files[WEIGHTS_NAME] = fs.cat_file(weights_path)
+        base_dir = config_path.rsplit("/", 1)[0] if "://" not in name else None
+    towers = {}
+    for role in ("coarse", "fine"):
+        tower = getattr(config, role)
+        path = resolve_tower_weights(tower, cache_dir=cache_dir, base_dir=base_dir)
+        if path is not None:
+            staged_name = f"towers/{role}.safetensors"
+            files[staged_name] = path.read_bytes()
+            tower = tower.model_copy(update={"pretrained": staged_name})
+        towers[role] = tower
+    config = config.model_copy(update=towers)
+    raw = {**raw, "model": config.model_dump(mode="json")}
+
+    digest = hashlib.sha256(json.dumps(raw["model"], sort_keys=True).encode())
+    for file_name in sorted(files):
+        digest.update(file_name.encode())
+        digest.update(hashlib.sha256(files[file_name]).digest())
+    checkpoint_sha256 = (hashlib.sha256(files[WEIGHTS_NAME]).hexdigest()
+                         if WEIGHTS_NAME in files else None)
+    return ModelSpec(name=name, config=config, identity=digest.hexdigest(),
+                     checkpoint_sha256=checkpoint_sha256,
+                     files={k: put(v) for k, v in files.items()}, raw_config=raw)
+
+
+def split_on_oom(score: Callable[[torch.Tensor, list], dict[str, np.ndarray]],
+                 pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:
+    """Run ``score``; on CUDA out-of-memory, halve the batch and retry each half."""
+    try:
+        return score(pixels, prompts)
+    except torch.cuda.OutOfMemoryError:
+        if len(prompts) <= 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(prompts) // 2
+        first = split_on_oom(score, pixels[:half], prompts[:half])
+        second = split_on_oom(score, pixels[half:], prompts[half:])
+        return {k: np.concatenate([first[k], second[k]]) for k in first}
+
+
+SCORE_NUMBERS = {"quality", "alignment", "_read_s", "_decode_s", "_model_s"}
+
+
+class Scorer:
+    """Ray Data callable class: one model per actor, loaded once in ``__init__``."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
+                 prompt_cache_size: int = 4096):
+        if threads:
+            torch.set_num_threads(threads)
+        self._tmp = tempfile.TemporaryDirectory(prefix="iqray-model-")
+        config_path = spec.materialise(Path(self._tmp.name))
+        self.model = iqray.model.load(config_path, device=device,
+                                      prompt_cache_size=prompt_cache_size, allow_download=False)
+        self.pin = self.model.device.type == "cuda"
+
+    def _score(self, pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:
+        return self.model.score(pixels, prompts, batch_size=max(len(prompts), 1))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        count = len(batch["source_row"])
+        ok = np.array([is_missing(e) for e in batch["_error"]], dtype=bool)
+        quality = np.full(count, np.nan, np.float32)
+        alignment = np.full(count, np.nan, np.float32)
+        truncated = np.zeros(count, bool)
+        index = np.flatnonzero(ok)
+        if index.size:
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
+            if self.pin:
+                pixels = pixels.pin_memory()
+            prompts = [_prompt(batch["prompt"][i]) for i in index]
+            scores = split_on_oom(self._score, pixels, prompts)
+            quality[index] = scores["quality"]
+            alignment[index] = scores["alignment"]
+            truncated[index] = scores["prompt_truncated"]
+        del batch["pixels"]
+        batch["quality"] = quality
+        batch["alignment"] = alignment
+        batch["prompt_truncated"] = truncated
+        batch["status"] = np.where(ok, "ok", "error").astype(object)
+        batch["error"] = _strings(batch.pop("_error"))
+        batch["error_kind"] = _strings(batch.pop("_error_kind"))
+        batch["_model_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
+        restore_nulls(batch, skip=SCORE_NUMBERS)
+        return batch
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = [None if is_missing(v) else str(v) for v in values]
+    return out
+
+
+def _prompt(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
