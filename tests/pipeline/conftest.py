@@ -1,0 +1,79 @@
+"""Pipeline fixtures: local Ray (2 CPUs), a real S3-compatible server (moto) on 127.0.0.1,
+and builders for each input layout made from the shipped sample images."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Credentials for the local S3 server; set before Ray starts so its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "examples" / "sample"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket per test; returns (s3fs filesystem, bucket name)."""
+    import s3fs
+
+    name = "iqray-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace(
+        "]", "")[:40].strip("-")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, use_listings_cache=False)
+    fs.mkdir(name)
+    yield fs, name
+    fs.rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """(names, image bytes, prompts) of the shipped sample."""
+    with open(SAMPLE / "prompts.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    names = [r["name"] for r in rows]
+    images = [(SAMPLE / "images" / n).read_bytes() for n in names]
+    prompts = [r["prompt"] for r in rows]
+    return names, images, prompts
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    import iqray.model
+
+    return iqray.model.load(iqray.model.DEFAULT_MODEL)

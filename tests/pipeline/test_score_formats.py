@@ -1,0 +1,175 @@
+"""`iqray score` reads every input layout, locally and from S3, and scores like model.score."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pipeline_data import (
+    SAMPLE,
+    assert_scores_match,
+    img2dataset_table,
+    read_output,
+    wds_members,
+    write_parquet,
+    write_tar,
+)
+
+from iqray.pipeline.score import ScoreConfig, run_score
+
+
+def score(**kwargs):
+    kwargs.setdefault("progress", False)
+    return run_score(ScoreConfig(**kwargs), log=lambda *a: None)
+
+
+def test_folder_with_a_csv_sidecar(ray_local, tmp_path, sample, reference_model):
+    summary = score(input=str(SAMPLE), output=str(tmp_path / "out"))
+    table = read_output(None, summary.outputs)
+    names, images, prompts = sample
+    by_name = dict(zip(names, zip(images, prompts, strict=True), strict=True))
+    keys = [k.removeprefix("images/") for k in table["key"].to_pylist()]
+    assert sorted(keys) == sorted(names) and table.num_rows == 32
+    assert table["prompt"].to_pylist() == [by_name[k][1] for k in keys]
+    assert set(table["status"].to_pylist()) == {"ok"}
+    assert_scores_match(table, reference_model, [by_name[k][0] for k in keys],
+                        [by_name[k][1] for k in keys])
+    success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert success["summary"]["rows"] == 32 and success["model"] == "mst-clipiqa-tiny-random"
+    assert "bottleneck" in success["summary"]
+    assert summary.operators == ["FromItems", "MapBatches(_read_shards)",
+                                 "MapBatches(decode_batch)", "MapBatches(Scorer)"]
+
+
+def test_a_folder_without_prompts_scores_quality_only(ray_local, tmp_path, sample,
+                                                      reference_model):
+    shutil.copytree(SAMPLE / "images", tmp_path / "imgs")
+    summary = score(input=str(tmp_path / "imgs"), output=str(tmp_path / "out"),
+                    folder_chunk_size=10)
+    assert len(summary.outputs) == 4  # 32 images in chunks of 10
+    table = read_output(None, summary.outputs)
+    assert table.num_rows == 32 and table["alignment"].null_count + sum(
+        1 for v in table["alignment"].to_pylist() if v != v) == 32
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_img2dataset_parquet_shards(where, ray_local, tmp_path, sample, reference_model,
+                                    request):
+    tables = [img2dataset_table(sample, start, 12) for start in (0, 12, 24)]
+    if where == "local":
+        fs, root = None, str(tmp_path / "in")
+        out = str(tmp_path / "out")
+        extra = {}
+    else:
+        fs, bucket = request.getfixturevalue("s3_bucket")
+        root, out = f"{bucket}/in", f"s3://{bucket}/out"
+        extra = {"s3_endpoint": request.getfixturevalue("s3_endpoint")}
+    for i, table in enumerate(tables):
+        write_parquet(fs, f"{root}/{i:05d}.parquet", table)
+    source = f"s3://{root}" if fs is not None else root
+    summary = score(input=source, output=out, **extra)
+    assert [p.rsplit("/", 1)[1] for p in summary.outputs] == [
+        "00000.parquet", "00001.parquet", "00002.parquet"]
+    output_fs = None
+    if fs is not None:
+        output_fs = fs
+        paths = [p.removeprefix("s3://") for p in summary.outputs]
+        assert fs.exists(f"{bucket}/out/_SUCCESS")
+    else:
+        paths = summary.outputs
+    table = read_output(output_fs, paths)
+    source_table = pa.concat_tables(tables)
+    assert table["key"].to_pylist() == source_table["key"].to_pylist()
+    assert "jpg" not in table.column_names and "url" not in table.column_names
+    assert_scores_match(table, reference_model, source_table["jpg"].to_pylist(),
+                        source_table["caption"].to_pylist())
+    # The footer names the model, version, config and input.
+    handle = fs.open(paths[0], "rb") if fs is not None else open(paths[0], "rb")
+    with handle:
+        meta = json.loads(pq.read_schema(handle).metadata[b"iqray"])
+    assert meta["model"] == "mst-clipiqa-tiny-random" and meta["rows"] == 12
+    assert meta["input_url"].endswith("00000.parquet") and meta["iqray_version"]
+    assert {"checkpoint_sha256", "config_hash", "written", "score_mode"} <= set(meta)
+
+
+def test_hugging_face_image_struct_and_prompt_columns(ray_local, tmp_path, sample,
+                                                      reference_model):
+    names, images, prompts = sample
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "id": list(range(8)),
+        "image": pa.array([{"bytes": images[i], "path": names[i]} for i in range(8)],
+                          image_type),
+        "prompt": prompts[:8],
+    })
+    write_parquet(None, str(tmp_path / "in" / "train-00000-of-00001.parquet"), table)
+    summary = score(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    out = read_output(None, summary.outputs)
+    assert out["id"].to_pylist() == list(range(8))
+    assert_scores_match(out, reference_model, images[:8], prompts[:8])
+
+
+def test_image_path_column_relative_to_the_shard_on_s3(ray_local, s3_bucket, s3_endpoint,
+                                                       sample, reference_model):
+    fs, bucket = s3_bucket
+    names, images, prompts = sample
+    for name, data in zip(names[:6], images[:6], strict=True):
+        fs.pipe_file(f"{bucket}/data/images/{name}", data)
+    table = pa.table({"image_path": [f"images/{n}" for n in names[:6]], "text": prompts[:6]})
+    write_parquet(fs, f"{bucket}/data/index.parquet", table)
+    summary = score(input=f"s3://{bucket}/data/index.parquet", output=f"s3://{bucket}/out",
+                    s3_endpoint=s3_endpoint)
+    out = read_output(fs, [p.removeprefix("s3://") for p in summary.outputs])
+    assert out["status"].to_pylist() == ["ok"] * 6
+    assert_scores_match(out, reference_model, images[:6], prompts[:6])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_webdataset_tar_shards(where, ray_local, tmp_path, sample, reference_model, request):
+    names, images, prompts = sample
+    if where == "local":
+        fs, root, out, extra = None, str(tmp_path / "wds"), str(tmp_path / "out"), {}
+    else:
+        fs, bucket = request.getfixturevalue("s3_bucket")
+        root, out = f"{bucket}/wds", f"s3://{bucket}/out"
+        extra = {"s3_endpoint": request.getfixturevalue("s3_endpoint")}
+    write_tar(fs, f"{root}/00000.tar", wds_members(sample, 0, 10, prompt_as="txt"))
+    write_tar(fs, f"{root}/00001.tar", wds_members(sample, 10, 10, prompt_as="json"))
+    # img2dataset's per-shard metadata parquet beside the tars is not an input.
+    write_parquet(fs, f"{root}/00000.parquet", pa.table({"key": ["x"]}))
+    source = f"s3://{root}" if fs is not None else root
+    summary = score(input=source, output=out, **extra)
+    paths = [p.removeprefix("s3://") for p in summary.outputs]
+    table = read_output(fs, paths)
+    assert table["key"].to_pylist() == [f"{i:06d}" for i in range(20)]
+    assert_scores_match(table, reference_model, images[:20], prompts[:20])
+
+
+def test_limit_and_sample_give_a_quick_preview_that_a_full_run_replaces(
+        ray_local, tmp_path, sample):
+    for i, start in enumerate((0, 12, 24)):
+        write_parquet(None, str(tmp_path / "in" / f"{i}.parquet"),
+                      img2dataset_table(sample, start, 12))
+    preview = score(input=str(tmp_path / "in"), output=str(tmp_path / "out"), limit=5)
+    assert preview.rows == 5
+    sampled = score(input=str(tmp_path / "in"), output=str(tmp_path / "out2"), sample=0.5,
+                    seed=1)
+    again = score(input=str(tmp_path / "in"), output=str(tmp_path / "out3"), sample=0.5,
+                  seed=1)
+    assert 6 <= sampled.rows <= 30 and sampled.rows == again.rows
+    full = score(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    assert full.shards_skipped == 0 and full.rows == 36  # previews are never "committed"
+
+
+def test_dry_run_projects_the_whole_input(ray_local, tmp_path, sample):
+    for i in range(4):
+        write_parquet(None, str(tmp_path / "in" / f"{i}.parquet"),
+                      img2dataset_table(sample, i, 30))
+    summary = score(input=str(tmp_path / "in"), output=str(tmp_path / "out"), dry_run=True,
+                    dry_run_rows=20)
+    assert summary.rows == 20 and summary.estimated_rows == 120
+    assert summary.projected_s is not None and summary.projected_s > 0
+    assert not (tmp_path / "out").exists()  # a dry run never writes the real output
