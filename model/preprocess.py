@@ -46,7 +46,7 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         if len(source) == 0:
             raise ImageDecodeError("empty image bytes")
         where = f"{len(source)} bytes"
-        image = _open_encoded(io.BytesIO(bytes(source)), where)
+        image = _open_encoded(io.BytesIO(bytes(source)), where, max_pixels)
     elif isinstance(source, str | os.PathLike):
         path = Path(source)
         where = str(path)
@@ -54,16 +54,11 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
             raise ImageDecodeError(f"{path}: no such image file")
         if path.stat().st_size == 0:
             raise ImageDecodeError(f"{path}: empty file")
-        image = _open_encoded(path, where)
+        image = _open_encoded(path, where, max_pixels)
     else:
         raise ImageDecodeError(f"unsupported image input type {type(source).__name__}")
 
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"{where}: {width}x{height} = {width * height} pixels is above the limit of "
-            f"{max_pixels} (possible decompression bomb)"
-        )
+    _check_pixels(image, where, max_pixels)
     try:
         image = ImageOps.exif_transpose(image)
         return image.convert("RGB")
@@ -71,14 +66,23 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageDecodeError(f"{where}: cannot decode image: {exc}") from exc
 
 
-def _open_encoded(fp: Any, where: str) -> Image.Image:
+def _check_pixels(image: Image.Image, where: str, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"{where}: {width}x{height} = {width * height} pixels is above the limit of "
+            f"{max_pixels} (possible decompression bomb)"
+        )
+
+
+def _open_encoded(fp: Any, where: str, max_pixels: int) -> Image.Image:
     try:
-        image = Image.open(fp)
-        # Image.open reads only the header; load() decodes and surfaces truncation errors here.
-        image.load()
+        image = Image.open(fp)  # reads the header only
+        _check_pixels(image, where, max_pixels)  # before any pixel is decoded
+        image.load()  # decodes; truncation errors surface here
         return image
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{where}: {exc}") from exc
+        raise ImageDecodeError(f"{where}: above the limit of PIL's bomb check: {exc}") from exc
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
         raise ImageDecodeError(f"{where}: cannot decode image: {exc}") from exc
 

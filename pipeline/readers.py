@@ -298,8 +298,8 @@ def _finish(columns: dict[str, list[Any]], shard: Shard, end: int, clock: list[f
 
 
 def _read_error(shard: Shard, row: int, exc: Exception, key_columns: list[str]):
-    message = f"{shard.url}: cannot read: {type(exc).__name__}: {exc}"
-    return (shard.url, row, None, None, {k: None for k in key_columns}, message, "read")
+    message = f"{shard.url}: cannot read shard (stopped at row {row}): {type(exc).__name__}: {exc}"
+    return (shard.url, row, None, None, {k: None for k in key_columns}, message, "shard_read")
 
 
 def _parquet_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,

@@ -35,7 +35,7 @@ from iqray.pipeline.writer import ShardWriter, plan_resume
 
 READ_TASK_CPUS = 0.25
 DECODE_TASK_CPUS = 0.5
-DECODE_TASK_MEMORY = 256 * 2**20  # a batch of decoded full-size images, with headroom
+DECODE_TASK_MEMORY = 2**30  # the worker (torch imported) plus a batch of decoded images
 
 
 class ScoreConfig(ReadConfig, StorageConfig):

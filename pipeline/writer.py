@@ -79,8 +79,7 @@ def plan_resume(shards: list[Shard], output: str, storage: StorageConfig, scorin
         with fs.open(path, "rb") as handle:
             old = pq.read_table(handle)
         errors = old.filter(pc.equal(old["status"], "error"))
-        whole_file = pc.any(pc.equal(errors["source_file"], shard.url)).as_py() and any(
-            kind == "read" for kind in errors["error_kind"].to_pylist())
+        whole_file = "shard_read" in errors["error_kind"].to_pylist()
         if whole_file:  # the file itself was unreadable: read all of it again
             todo.append(shard)
         else:
