@@ -113,6 +113,7 @@ class ScoreSummary:
     estimated_rows: int | None = None
     steady_rows_per_s: float | None = None  # after the first batch: start-up excluded
     operators: list[str] = field(default_factory=list)  # Ray Data's physical operators
+    spilled_bytes: int | None = None  # object-store bytes the operators spilled to disk
 
     @property
     def rows_per_s(self) -> float:
@@ -300,6 +301,7 @@ def _execute(config, ray, spec, scorer_cls, todo, read, storage, key_columns, wr
         progress.update(table.num_rows)
         _check_error_budget(summary, errors, config.max_error_fraction, final=False)
     summary.operators = re.findall(r"Operator \d+ (.+?):", ds.stats())
+    summary.spilled_bytes = _spilled_bytes(ds)
     if first_at is not None and summary.rows > first_rows:
         summary.steady_rows_per_s = (summary.rows - first_rows) / max(
             time.perf_counter() - first_at, 1e-9)
@@ -314,6 +316,15 @@ def _execute(config, ray, spec, scorer_cls, todo, read, storage, key_columns, wr
                              "model": plan["actors"], "write": 1}
     summary.bottleneck = _bottleneck(summary)
     _check_error_budget(summary, errors, config.max_error_fraction, final=True)
+
+
+def _spilled_bytes(ds) -> int | None:
+    """Object-store bytes spilled to disk on the cluster while this run executed."""
+    try:
+        stats = ds._get_stats_summary()  # no public accessor in Ray 2.60
+        return int(max(stats.global_bytes_spilled, stats.dataset_bytes_spilled))
+    except Exception:  # a Ray upgrade moved it: report unknown rather than fail the job
+        return None
 
 
 def _check_error_budget(summary: ScoreSummary, errors: Counter, limit: float,
