@@ -44,8 +44,14 @@ def run_info(config: InfoConfig) -> int:
 
 
 def run_score_job(config) -> int:
+    import logging
+
+    import ray.data  # noqa: F401  (configures its loggers on import; adjust them after)
+
     from iqray.pipeline.score import ErrorBudgetExceeded, run_score
 
+    # Ray Data's per-operator INFO lines drown the summary a user reads; warnings stay.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         run_score(config)
     except ErrorBudgetExceeded as exc:

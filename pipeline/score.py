@@ -250,6 +250,8 @@ def run_score(config: ScoreConfig, log=print) -> ScoreSummary:
 def _execute(config, ray, spec, scorer_cls, todo, read, storage, key_columns, writer, summary,
              log) -> None:
     plan = plan_resources(config, ray.cluster_resources())
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one bar, ours, counting images
     image_size = spec.config.image_size
     items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))

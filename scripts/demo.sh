@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed) and score the shipped sample with the shipped offline model.
+# Set up (if needed), score the shipped sample with `iqray score` (local Ray, shipped model),
+# and show the result next to the human opinion scores. Extra arguments go to `iqray score`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python examples/score_sample.py "$@"
+.venv/bin/iqray score examples/sample out/sample-scores "$@"
+.venv/bin/python examples/show_scores.py out/sample-scores

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from pipeline_data import (
     SAMPLE,
     assert_scores_match,
@@ -173,3 +175,36 @@ def test_dry_run_projects_the_whole_input(ray_local, tmp_path, sample):
     assert summary.rows == 20 and summary.estimated_rows == 120
     assert summary.projected_s is not None and summary.projected_s > 0
     assert not (tmp_path / "out").exists()  # a dry run never writes the real output
+
+
+def test_a_checkpoint_on_s3_is_staged_once_and_scores_like_the_local_model(
+        ray_local, tmp_path, s3_bucket, s3_endpoint, sample):
+    import iqray.model
+
+    fs, bucket = s3_bucket
+    model = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    model.config = model.config.model_copy(update={"trained": True})
+    with torch.no_grad():
+        model.alignment_head.alpha.fill_(0.5)
+    local = iqray.model.save_checkpoint(model, tmp_path / "ckpt")
+    fs.put(str(local / "config.json"), f"{bucket}/models/v1/config.json")
+    fs.put(str(local / "model.safetensors"), f"{bucket}/models/v1/model.safetensors")
+    write_parquet(None, str(tmp_path / "in" / "0.parquet"), img2dataset_table(sample, 0, 10))
+    summary = score(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                    model=f"s3://{bucket}/models/v1", s3_endpoint=s3_endpoint)
+    out = read_output(None, summary.outputs)
+    source = img2dataset_table(sample, 0, 10)
+    assert_scores_match(out, iqray.model.load(local), source["jpg"].to_pylist(),
+                        source["caption"].to_pylist())
+    meta = json.loads(pq.read_schema(summary.outputs[0]).metadata[b"iqray"])
+    assert meta["score_mode"] == "trained"
+    assert meta["checkpoint_sha256"] == hashlib.sha256(
+        (local / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_glob_selects_the_shards(ray_local, tmp_path, sample):
+    for name in ("a-0.parquet", "a-1.parquet", "b-0.parquet"):
+        write_parquet(None, str(tmp_path / "in" / name), img2dataset_table(sample, 0, 3))
+    summary = score(input=str(tmp_path / "in" / "a-*.parquet"), output=str(tmp_path / "out"))
+    assert sorted(p.rsplit("/", 1)[1] for p in summary.outputs) == ["a-0.parquet",
+                                                                   "a-1.parquet"]
