@@ -208,3 +208,23 @@ def test_a_glob_selects_the_shards(ray_local, tmp_path, sample):
     summary = score(input=str(tmp_path / "in" / "a-*.parquet"), output=str(tmp_path / "out"))
     assert sorted(p.rsplit("/", 1)[1] for p in summary.outputs) == ["a-0.parquet",
                                                                    "a-1.parquet"]
+
+
+def test_a_folder_with_a_jsonl_sidecar_on_s3(ray_local, s3_bucket, s3_endpoint, sample,
+                                             reference_model):
+    fs, bucket = s3_bucket
+    names, images, prompts = sample
+    for name, data in zip(names[:9], images[:9], strict=True):
+        fs.pipe_file(f"{bucket}/gen/{name}", data)
+    sidecar = "\n".join(json.dumps({"file_name": n, "text": p})
+                        for n, p in zip(names[:8], prompts[:8], strict=True))
+    fs.pipe_file(f"{bucket}/gen/metadata.jsonl", sidecar.encode())
+    summary = score(input=f"s3://{bucket}/gen", output=f"s3://{bucket}/out",
+                    s3_endpoint=s3_endpoint, folder_chunk_size=4)
+    assert len(summary.outputs) == 3
+    out = read_output(fs, [p.removeprefix("s3://") for p in summary.outputs])
+    order = [names.index(k) for k in out["key"].to_pylist()]
+    assert sorted(order) == list(range(9))
+    expected_prompts = [prompts[i] if i < 8 else None for i in order]
+    assert out["prompt"].to_pylist() == expected_prompts  # the 9th image has no sidecar entry
+    assert_scores_match(out, reference_model, [images[i] for i in order], expected_prompts)
