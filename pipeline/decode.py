@@ -8,6 +8,7 @@ stops a pathological file from stalling the stage. Failures become error rows.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import threading
 import time
@@ -72,6 +73,10 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
     count = len(batch["source_row"])
     crop = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).crop
     pixels = np.zeros((count, 3, image_size, image_size), np.uint8)
+    # Content hash of the encoded bytes: exact-duplicate detection and embedding-cache key.
+    batch["image_sha256"] = np.array(
+        [hashlib.sha256(b).hexdigest() if isinstance(b, bytes) else None
+         for b in batch["_image"]], dtype=object)
     errors = [None if is_missing(e) else e for e in batch["_error"]]
     kinds = [None if is_missing(k) else k for k in batch["_error_kind"]]
     for i in range(count):

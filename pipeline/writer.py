@@ -32,6 +32,7 @@ SCORE_COLUMNS = {
     "source_file": pa.string(),
     "source_row": pa.int64(),
     "prompt": pa.string(),
+    "image_sha256": pa.string(),
     "quality": pa.float32(),
     "alignment": pa.float32(),
     "prompt_truncated": pa.bool_(),

@@ -86,6 +86,8 @@ def test_img2dataset_parquet_shards(where, ray_local, tmp_path, sample, referenc
     source_table = pa.concat_tables(tables)
     assert table["key"].to_pylist() == source_table["key"].to_pylist()
     assert "jpg" not in table.column_names and "url" not in table.column_names
+    assert table["image_sha256"].to_pylist() == [
+        hashlib.sha256(b).hexdigest() for b in source_table["jpg"].to_pylist()]
     assert_scores_match(table, reference_model, source_table["jpg"].to_pylist(),
                         source_table["caption"].to_pylist())
     # The footer names the model, version, config and input.
