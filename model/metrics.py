@@ -1,0 +1,86 @@
+"""IQA agreement metrics: SRCC, KRCC, PLCC raw and after the 4-parameter logistic fit.
+
+The logistic mapping is the VQEG standard used across IQA papers:
+    f(x) = (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2
+fitted by least squares from predictions to MOS before PLCC is taken.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import optimize, stats
+
+
+def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / (abs(b4) + 1e-12))) + b2
+
+
+def fit_logistic4(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:
+    """Parameters (b1..b4) of the logistic that maps predictions onto MOS."""
+    pred, mos = np.asarray(pred, float), np.asarray(mos, float)
+    start = [mos.max(), mos.min(), float(np.mean(pred)), float(np.std(pred)) or 1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optimize.OptimizeWarning)
+        try:
+            params, _ = optimize.curve_fit(logistic4, pred, mos, p0=start, maxfev=20000)
+        except RuntimeError:  # no convergence: the identity-like start is the honest fallback
+            params = np.asarray(start)
+    return params
+
+
+def _finite(pred, mos) -> tuple[np.ndarray, np.ndarray]:
+    pred, mos = np.asarray(pred, float), np.asarray(mos, float)
+    keep = np.isfinite(pred) & np.isfinite(mos)
+    return pred[keep], mos[keep]
+
+
+def agreement(pred, mos) -> dict[str, float]:
+    """SRCC, KRCC, PLCC and PLCC after the logistic fit, on rows where both are finite."""
+    pred, mos = _finite(pred, mos)
+    if len(pred) < 3 or np.ptp(pred) == 0 or np.ptp(mos) == 0:
+        nan = float("nan")
+        return {"srcc": nan, "krcc": nan, "plcc": nan, "plcc_logistic": nan, "n": len(pred)}
+    # Four parameters need more than four points to mean anything.
+    fitted = logistic4(pred, *fit_logistic4(pred, mos)) if len(pred) > 4 else np.zeros(1)
+    return {
+        "srcc": float(stats.spearmanr(pred, mos).statistic),
+        "krcc": float(stats.kendalltau(pred, mos).statistic),
+        "plcc": float(stats.pearsonr(pred, mos).statistic),
+        "plcc_logistic": float(stats.pearsonr(fitted, mos).statistic)
+        if np.ptp(fitted) > 0 else float("nan"),
+        "n": int(len(pred)),
+    }
+
+
+def srcc(pred, mos) -> float:
+    pred, mos = _finite(pred, mos)
+    if len(pred) < 3 or np.ptp(pred) == 0:
+        return float("nan")
+    return float(stats.spearmanr(pred, mos).statistic)
+
+
+def bootstrap_srcc_ci(pred, mos, samples: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of SRCC (rows resampled with replacement)."""
+    pred, mos = _finite(pred, mos)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(samples):
+        index = rng.integers(0, len(pred), len(pred))
+        value = srcc(pred[index], mos[index])
+        if np.isfinite(value):
+            values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def mean_std(values) -> dict[str, float]:
+    values = np.asarray(values, float)
+    return {"mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": int(len(values))}

@@ -1,0 +1,53 @@
+"""Metrics agree with scipy; the logistic fit recovers a monotone curve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from iqray.model.metrics import agreement, bootstrap_srcc_ci, fit_logistic4, logistic4, mean_std
+
+
+def test_correlations_match_scipy_on_known_arrays():
+    rng = np.random.default_rng(3)
+    mos = rng.uniform(0, 5, 200)
+    pred = mos + rng.normal(0, 1.0, 200)
+    result = agreement(pred, mos)
+    assert result["srcc"] == pytest.approx(stats.spearmanr(pred, mos).statistic)
+    assert result["krcc"] == pytest.approx(stats.kendalltau(pred, mos).statistic)
+    assert result["plcc"] == pytest.approx(stats.pearsonr(pred, mos).statistic)
+    assert result["n"] == 200
+    assert agreement([1, 2, 3, 4], [4, 3, 2, 1])["srcc"] == pytest.approx(-1.0)
+
+
+def test_the_logistic_fit_linearises_a_monotone_curve():
+    x = np.linspace(-3, 3, 300)
+    mos = logistic4(x, 4.5, 0.5, 0.3, 0.3)
+    params = fit_logistic4(x, mos)
+    np.testing.assert_allclose(logistic4(x, *params), mos, atol=1e-3)
+    result = agreement(x, mos)
+    assert result["plcc"] < 0.97  # a raw linear fit misses the S-shape
+    assert result["plcc_logistic"] > 0.9999
+    assert result["srcc"] == pytest.approx(1.0)
+
+
+def test_rows_with_missing_values_are_left_out():
+    result = agreement([1.0, np.nan, 2.0, 3.0, 4.0], [1.0, 2.0, np.nan, 3.0, 5.0])
+    assert result["n"] == 3 and result["srcc"] == pytest.approx(1.0)
+    assert np.isnan(result["plcc_logistic"])  # too few points for a 4-parameter fit
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(0, 5, 300)
+    pred = mos + rng.normal(0, 1.5, 300)
+    low, high = bootstrap_srcc_ci(pred, mos, samples=300, seed=1)
+    estimate = agreement(pred, mos)["srcc"]
+    assert low < estimate < high and high - low < 0.2
+    assert (low, high) == bootstrap_srcc_ci(pred, mos, samples=300, seed=1)
+
+
+def test_mean_std_over_repeats():
+    assert mean_std([0.7, 0.8, 0.9]) == {"mean": pytest.approx(0.8), "std": pytest.approx(0.1),
+                                         "n": 3}
