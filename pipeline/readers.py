@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,7 +42,8 @@ AUTO_KEY_COLUMNS = ("key", "id", "uid", "__key__")
 AUTO_SIDECARS = ("prompts.csv", "metadata.csv", "captions.csv", "metadata.jsonl",
                  "prompts.jsonl", "captions.jsonl")
 
-InputFormat = Literal["auto", "parquet", "webdataset", "folder"]
+InputFormat = Literal["auto", "parquet", "csv", "webdataset", "folder"]
+TABLE_FORMATS = ("parquet", "csv")
 
 
 class ReadConfig(BaseModel):
@@ -55,6 +58,8 @@ class ReadConfig(BaseModel):
     prompt_column: str | None = Field(default=None, description="column with the prompt")
     key_columns: list[str] | None = Field(default=None,
                                           description="id columns passed through to the output")
+    image_root: str | None = Field(
+        default=None, description="base URL for relative image paths (default: the table's dir)")
     sidecar: str | None = Field(default=None,
                                 description="folder input: CSV/JSONL with name + prompt")
     folder_chunk_size: int = Field(default=1000, gt=0,
@@ -131,6 +136,10 @@ def discover_shards(input_url: str, read: ReadConfig, storage: StorageConfig) ->
         chosen = [p for p in paths if p.endswith(".parquet")]
         return [_file_shard(i, fs, p, base, input_url, "parquet", infos[p])
                 for i, p in enumerate(chosen)]
+    if fmt == "csv":
+        chosen = [p for p in paths if p.endswith(".csv")]
+        return [_file_shard(i, fs, p, base, input_url, "csv", infos[p])
+                for i, p in enumerate(chosen)]
     if fmt == "webdataset":
         chosen = [p for p in paths if p.endswith(".tar")]
         return [_file_shard(i, fs, p, base, input_url, "webdataset", infos[p])
@@ -149,8 +158,10 @@ def _detect_format(paths: list[str], input_url: str) -> str:
     if any(p.endswith(".parquet") for p in paths):
         return "parquet"
     if any(p.lower().endswith(IMAGE_EXTENSIONS) for p in paths):
-        return "folder"
-    raise ValueError(f"input {input_url}: found no .parquet, .tar or image files "
+        return "folder"  # a prompts.csv beside images is a sidecar, not the input
+    if any(p.endswith(".csv") for p in paths):
+        return "csv"
+    raise ValueError(f"input {input_url}: found no .parquet, .csv, .tar or image files "
                      f"({len(paths)} files looked at); set --format explicitly")
 
 
@@ -159,10 +170,9 @@ def _file_shard(index: int, fs, path: str, base: str, input_url: str, fmt: str,
     relative = posixpath.relpath(path, base) if base else posixpath.basename(path)
     output_name = posixpath.splitext(relative)[0] + ".parquet"
     estimated = None
-    if fmt == "parquet":
+    if fmt in TABLE_FORMATS:
         try:
-            with fs.open(path, "rb") as handle:
-                estimated = pq.ParquetFile(handle).metadata.num_rows
+            estimated = table_num_rows(fs, path)
         except Exception:  # unreadable: the read stage reports it as an error row
             estimated = None
     return Shard(index, to_url(fs, path, input_url), fmt, output_name, fingerprint(info),
@@ -262,7 +272,8 @@ def read_shard(shard: Shard, read: ReadConfig, storage: StorageConfig,
     wanted = set(shard.only_rows) if shard.only_rows is not None else None
     emitted = 0
     clock = [time.perf_counter()]
-    rows = {"parquet": _parquet_rows, "webdataset": _tar_rows, "folder": _folder_rows}[
+    rows = {"parquet": _table_rows, "csv": _table_rows, "webdataset": _tar_rows,
+            "folder": _folder_rows}[
         shard.format](shard, read, storage, key_columns)
     held: dict[str, list[Any]] | None = None  # one full batch held back for the end marker
     for row in rows:
@@ -302,27 +313,61 @@ def _read_error(shard: Shard, row: int, exc: Exception, key_columns: list[str]):
     return (shard.url, row, None, None, {k: None for k in key_columns}, message, "shard_read")
 
 
-def _parquet_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
-                  key_columns: list[str]) -> Iterator[tuple]:
+def table_columns(fs, path: str) -> list[str]:
+    with fs.open(path, "rb") as handle:
+        if path.endswith(".csv"):
+            return pa_csv.read_csv(handle).schema.names
+        return pq.ParquetFile(handle).schema_arrow.names
+
+
+def table_num_rows(fs, path: str) -> int:
+    with fs.open(path, "rb") as handle:
+        if path.endswith(".csv"):
+            return pa_csv.read_csv(handle).num_rows
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def _table_batches(handle, path: str, batch_rows: int, read: ReadConfig, where: str,
+                   key_columns: list[str]):
+    """(image, path, prompt column names, record batches) of a Parquet or CSV table."""
+    if path.endswith(".csv"):
+        # An index names files; keep ids such as "000123" as text, not numbers.
+        table = pa_csv.read_csv(handle, convert_options=pa_csv.ConvertOptions(
+            column_types={c: pa.string() for c in key_columns}))
+        columns = table.schema.names
+        batches = table.to_batches(max_chunksize=batch_rows)
+    else:
+        parquet = pq.ParquetFile(handle)
+        columns = parquet.schema_arrow.names
+        batches = None
+    image_col, path_col, prompt_col = column_roles(columns, read, where)
+    wanted = [c for c in dict.fromkeys([image_col, path_col, prompt_col, *key_columns])
+              if c is not None and c in columns]
+    if batches is None:
+        batches = parquet.iter_batches(batch_size=batch_rows, columns=wanted)
+    else:
+        batches = (b.select(wanted) for b in batches)
+    return image_col, path_col, prompt_col, batches
+
+
+def _table_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
+                key_columns: list[str]) -> Iterator[tuple]:
     fs, path = storage.filesystem(shard.url)
     row = 0
     try:
         with fs.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            columns = parquet.schema_arrow.names
-            image_col, path_col, prompt_col = parquet_columns(columns, read, shard.url)
-            wanted = [c for c in dict.fromkeys([image_col, path_col, prompt_col, *key_columns])
-                      if c is not None and c in columns]
-            for batch in parquet.iter_batches(batch_size=read.read_batch_rows, columns=wanted):
+            image_col, path_col, prompt_col, batches = _table_batches(
+                handle, path, read.read_batch_rows, read, shard.url, key_columns)
+            for batch in batches:
                 for record in batch.to_pylist():
-                    yield _parquet_row(shard, row, record, image_col, path_col, prompt_col,
-                                       key_columns, storage)
+                    yield _table_row(shard, row, record, image_col, path_col, prompt_col,
+                                     key_columns, read, storage)
                     row += 1
     except Exception as exc:  # corrupt/unreadable file: one error row where reading stopped
         yield _read_error(shard, row, exc, key_columns)
 
 
-def parquet_columns(columns: list[str], read: ReadConfig, where: str
+def column_roles(columns: list[str], read: ReadConfig, where: str
                     ) -> tuple[str | None, str | None, str | None]:
     image_col = _pick(columns, AUTO_IMAGE_COLUMNS, read.image_column, where, "image bytes",
                       required=False)
@@ -335,9 +380,9 @@ def parquet_columns(columns: list[str], read: ReadConfig, where: str
     return image_col, path_col, prompt_col
 
 
-def _parquet_row(shard: Shard, row: int, record: dict, image_col: str | None,
-                 path_col: str | None, prompt_col: str | None, key_columns: list[str],
-                 storage: StorageConfig) -> tuple:
+def _table_row(shard: Shard, row: int, record: dict, image_col: str | None,
+               path_col: str | None, prompt_col: str | None, key_columns: list[str],
+               read: ReadConfig, storage: StorageConfig) -> tuple:
     keys = {k: record.get(k) for k in key_columns}
     prompt = record.get(prompt_col) if prompt_col else None
     prompt = prompt if isinstance(prompt, str) else None
@@ -352,7 +397,7 @@ def _parquet_row(shard: Shard, row: int, record: dict, image_col: str | None,
         ref = record.get(path_col)
     if image is None and ref:
         try:
-            image = read_bytes(resolve_ref(shard.url, ref), storage)
+            image = read_bytes(resolve_ref(shard.url, ref, read.image_root), storage)
         except Exception as exc:
             return (shard.url, row, None, prompt, keys,
                     f"{ref}: cannot read image: {type(exc).__name__}: {exc}", "read")
@@ -366,9 +411,13 @@ def _parquet_row(shard: Shard, row: int, record: dict, image_col: str | None,
     return (shard.url, row, bytes(image), prompt, keys, None, None)
 
 
-def resolve_ref(shard_url: str, ref: str) -> str:
+def resolve_ref(shard_url: str, ref: str, root: str | None = None) -> str:
+    """An image reference from a table as a URL: absolute as is, else relative to ``root``
+    (default: the table's own folder)."""
     if "://" in ref or os.path.isabs(ref):
         return ref
+    if root is not None:
+        return root.rstrip("/") + "/" + ref if "://" in root else os.path.join(root, ref)
     if "://" in shard_url:
         protocol, rest = shard_url.split("://", 1)
         return f"{protocol}://" + posixpath.join(posixpath.dirname(rest), ref)
@@ -469,8 +518,7 @@ def key_columns_for(shards: list[Shard], read: ReadConfig, storage: StorageConfi
     for shard in shards:
         try:
             fs, path = storage.filesystem(shard.url)
-            with fs.open(path, "rb") as handle:
-                names = pq.ParquetFile(handle).schema_arrow.names
+            names = table_columns(fs, path)
         except Exception:
             continue
         return [c for c in AUTO_KEY_COLUMNS if c in names]

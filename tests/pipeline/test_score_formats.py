@@ -230,3 +230,13 @@ def test_a_folder_with_a_jsonl_sidecar_on_s3(ray_local, s3_bucket, s3_endpoint, 
     expected_prompts = [prompts[i] if i < 8 else None for i in order]
     assert out["prompt"].to_pylist() == expected_prompts  # the 9th image has no sidecar entry
     assert_scores_match(out, reference_model, [images[i] for i in order], expected_prompts)
+
+
+def test_a_csv_index_with_an_image_root(ray_local, tmp_path, sample, reference_model):
+    names, images, prompts = sample
+    index = SAMPLE / "prompts.csv"  # name,prompt,mos_quality,mos_align; images/ beside it
+    summary = score(input=str(index), output=str(tmp_path / "out"), image_path_column="name",
+                    image_root=str(SAMPLE / "images"), key_columns=["name"])
+    out = read_output(None, summary.outputs)
+    assert out["name"].to_pylist() == names and out.num_rows == 32
+    assert_scores_match(out, reference_model, images, prompts)
