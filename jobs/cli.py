@@ -48,7 +48,8 @@ def run_score_job(config) -> int:
 
     import ray.data  # noqa: F401  (configures its loggers on import; adjust them after)
 
-    from iqray.pipeline.score import ErrorBudgetExceeded, run_score
+    from iqray.pipeline.execution import ErrorBudgetExceeded
+    from iqray.pipeline.score import run_score
 
     # Ray Data's per-operator INFO lines drown the summary a user reads; warnings stay.
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -42,7 +42,7 @@ def test_folder_with_a_csv_sidecar(ray_local, tmp_path, sample, reference_model)
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["summary"]["rows"] == 32 and success["model"] == "mst-clipiqa-tiny-random"
     assert "bottleneck" in success["summary"]
-    assert summary.operators == ["FromItems", "MapBatches(_read_shards)",
+    assert summary.operators == ["FromItems", "MapBatches(read_shards)",
                                  "MapBatches(decode_batch)", "MapBatches(Scorer)"]
 
 

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from pipeline_data import assert_scores_match, img2dataset_table, read_output, write_parquet
 
-from iqray.pipeline.score import ErrorBudgetExceeded, ScoreConfig, plan_resources, run_score
+from iqray.pipeline.execution import ErrorBudgetExceeded, plan_resources
+from iqray.pipeline.score import ScoreConfig, run_score
 from iqray.pipeline.scoring import split_on_oom
 
 

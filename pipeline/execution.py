@@ -1,0 +1,318 @@
+"""What every pipeline job shares: the run config, resource sizing, the Ray Data stages and
+the driver loop that streams rows into a job's sink.
+
+    ray.data.from_items(shards)
+      .map_batches(read_shards)                      # raw bytes, one task per shard
+      .map_batches(decode_batch, num_cpus=...)       # uint8 crops, bounded work per image
+      .map_batches(ModelStage, compute=ActorPoolStrategy(size=N), num_gpus=...)
+    -> driver: sink.add(table) for each block (ShardWriter commits finished shards)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+import iqray.model
+from iqray.model.preprocess import DEFAULT_MAX_PIXELS
+from iqray.pipeline.readers import ReadConfig, Shard, read_shard
+from iqray.pipeline.storage import StorageConfig
+
+READ_TASK_CPUS = 0.25
+DECODE_TASK_CPUS = 0.5
+DECODE_TASK_MEMORY = 2**30  # the worker (torch imported) plus a batch of decoded images
+
+
+class RunConfig(ReadConfig, StorageConfig):
+    """Settings every pipeline job shares: input, model, resources, error budget."""
+
+    input: str = Field(description="input URL: file, directory or glob (local, s3://, gs://)")
+    model: str = Field(default=iqray.model.DEFAULT_MODEL,
+                       description="model preset name or checkpoint dir/URL")
+    device: str = Field(default="auto", description="actor device: auto, cpu, cuda")
+    batch_size: int = Field(default=32, gt=0, description="images per model call")
+    decode_batch_size: int = Field(default=32, gt=0, description="images per decode task call")
+    num_actors: int | None = Field(default=None, gt=0,
+                                   description="model actors (default: from cluster resources)")
+    actor_num_cpus: float | None = Field(default=None, gt=0,
+                                         description="logical CPUs reserved per model actor")
+    gpus_per_actor: float = Field(default=1.0, gt=0, description="GPUs per actor (fractional ok)")
+    model_threads: int | None = Field(default=None, gt=0,
+                                      description="torch threads per CPU actor")
+    limit: int | None = Field(default=None, gt=0, description="score only the first N rows")
+    max_error_fraction: float = Field(default=0.05, ge=0, le=1,
+                                      description="abort when more rows than this fail")
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0,
+                            description="refuse images with more pixels than this")
+    decode_timeout_s: float = Field(default=10.0, gt=0, description="per-image decode limit")
+    progress: bool = Field(default=True, description="show a progress bar")
+    ray_address: str | None = Field(default=None,
+                                    description="'auto' to join a cluster; default: local Ray")
+    ray_num_cpus: int | None = Field(default=None, gt=0, description="CPUs for local Ray")
+    object_store_memory: int | None = Field(default=None, gt=0,
+                                            description="object store bytes for local Ray")
+    prompt_cache_size: int = Field(default=4096, gt=0, description="prompts cached per actor")
+
+    def read_config(self) -> ReadConfig:
+        return ReadConfig.model_validate(self.model_dump(include=set(ReadConfig.model_fields)))
+
+    def storage_config(self) -> StorageConfig:
+        return StorageConfig.model_validate(
+            self.model_dump(include=set(StorageConfig.model_fields)))
+
+
+class Sink(Protocol):
+    def add(self, table: pa.Table) -> Any: ...
+
+    def finish(self) -> None: ...
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    pass
+
+
+@dataclass
+class RunSummary:
+    rows: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    shards_total: int = 0
+    shards_skipped: int = 0
+    shards_scored: int = 0
+    wall_s: float = 0.0
+    stage_busy_s: dict[str, float] = field(default_factory=dict)
+    stage_workers: dict[str, float] = field(default_factory=dict)
+    bottleneck: str = ""
+    outputs: list[str] = field(default_factory=list)
+    projected_s: float | None = None
+    estimated_rows: int | None = None
+    steady_rows_per_s: float | None = None  # after the first batch: start-up excluded
+    operators: list[str] = field(default_factory=list)  # Ray Data's physical operators
+    spilled_bytes: int | None = None  # object-store bytes the operators spilled to disk
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rows_per_s"] = round(self.rows_per_s, 2)
+        out.pop("outputs")
+        return out
+
+    def render(self) -> str:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
+        lines = [
+            f"rows {self.rows} ({self.ok} ok, {self.rows - self.ok} error: {errors}) in "
+            f"{self.wall_s:.1f} s = {self.rows_per_s:.1f} rows/s",
+            f"shards: {self.shards_total} total, {self.shards_scored} scored, "
+            f"{self.shards_skipped} already committed and skipped",
+        ]
+        if self.stage_busy_s:
+            stages = ", ".join(
+                f"{name} {busy:.1f} s busy on {self.stage_workers.get(name, 1):g} workers"
+                for name, busy in self.stage_busy_s.items())
+            lines.append(f"stages: {stages}")
+        if self.bottleneck:
+            lines.append(f"bottleneck: {self.bottleneck}")
+        if self.projected_s is not None:
+            lines.append(f"dry run: about {self.estimated_rows} rows in the whole input; "
+                         f"projected {self.projected_s / 60:.1f} min at this rate")
+        return "\n".join(lines)
+
+
+def plan_resources(config: RunConfig, resources: dict[str, float]) -> dict[str, Any]:
+    """Size the actor pool from what the cluster has, never starving read/decode tasks."""
+    cpus = float(resources.get("CPU", 0))
+    gpus = float(resources.get("GPU", 0))
+    use_gpu = config.device != "cpu" and gpus >= config.gpus_per_actor
+    if config.device.startswith("cuda") and not use_gpu:
+        raise ValueError(f"--device {config.device} but the cluster has {gpus:g} GPUs")
+    if use_gpu:
+        actors = config.num_actors or max(1, int(gpus // config.gpus_per_actor))
+        actor_cpus = config.actor_num_cpus or (1.0 if cpus >= 8 * actors else 0.5)
+    else:
+        # torch spreads one CPU actor over several cores; more actors only fight over them.
+        actors = config.num_actors or max(1, int(cpus // 8))
+        actor_cpus = config.actor_num_cpus or min(1.0, cpus / 4)
+    left = cpus - actors * actor_cpus
+    if left < READ_TASK_CPUS + DECODE_TASK_CPUS:
+        raise ValueError(
+            f"{actors} model actors x {actor_cpus:g} CPUs leave {left:g} of {cpus:g} CPUs for "
+            "read and decode tasks; the job would hang. Use fewer actors or a smaller "
+            "--actor-num-cpus.")
+    threads = config.model_threads or max(1, int(math.ceil(cpus / actors)))
+    return {"actors": actors, "actor_cpus": actor_cpus, "use_gpu": use_gpu,
+            "gpus_per_actor": config.gpus_per_actor if use_gpu else 0, "threads": threads,
+            "decode_workers": left / DECODE_TASK_CPUS}
+
+
+def ensure_ray(config: RunConfig):
+    import ray
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "configure_logging": False}
+        if config.ray_address:
+            ray.init(address=config.ray_address, **kwargs)
+        else:
+            ray.init(num_cpus=config.ray_num_cpus, object_store_memory=config.object_store_memory,
+                     **kwargs)
+    return ray
+
+
+def read_shards(batch: dict[str, np.ndarray], read: ReadConfig, storage: StorageConfig,
+                 key_columns: list[str]):
+    for raw in batch["shard"]:
+        shard = Shard(**json.loads(raw))
+        for rows in read_shard(shard, read, storage, key_columns):
+            yield {name: _column(values) for name, values in rows.items()}
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    if values and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return np.asarray(values)
+    return array
+
+
+def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
+            key_columns: list[str], sink: Sink, summary: RunSummary,
+            stage_kwargs: dict[str, Any] | None = None, keep_image_bytes: bool = False
+            ) -> None:
+    """Run the stages over ``todo`` and stream every block into ``sink``."""
+    read, storage = config.read_config(), config.storage_config()
+    plan = plan_resources(config, ray.cluster_resources())
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one bar, ours, counting images
+    image_size = spec.config.image_size
+    items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_shards, batch_size=1, num_cpus=READ_TASK_CPUS,
+                        fn_kwargs={"read": read, "storage": storage,
+                                   "key_columns": key_columns}, batch_format="numpy")
+    if config.limit:
+        ds = ds.limit(config.limit)
+    from iqray.pipeline.decode import decode_batch
+
+    # Decode must stay its own stage: fused into the actor (Ray Data fuses map stages with
+    # identical resource requests), it would run serially in front of the model and starve
+    # it. Decode tasks reserve memory for the images they hold, which also keeps them apart.
+    ds = ds.map_batches(decode_batch, batch_size=config.decode_batch_size,
+                        num_cpus=DECODE_TASK_CPUS, memory=DECODE_TASK_MEMORY,
+                        batch_format="numpy",
+                        fn_kwargs={"image_size": image_size, "max_pixels": config.max_pixels,
+                                   "timeout_s": config.decode_timeout_s,
+                                   "keep_image_bytes": keep_image_bytes})
+    ds = ds.map_batches(
+        stage_cls, batch_size=config.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        num_cpus=plan["actor_cpus"], num_gpus=plan["gpus_per_actor"],
+        fn_constructor_kwargs={"spec": spec, "device": "cuda" if plan["use_gpu"] else "cpu",
+                               "threads": None if plan["use_gpu"] else plan["threads"],
+                               "prompt_cache_size": config.prompt_cache_size,
+                               **(stage_kwargs or {})})
+
+    total = sum(s.estimated_rows or 0 for s in todo) or None
+    if config.limit:
+        total = min(total or config.limit, config.limit)
+    progress = _progress(total, config.progress)
+    busy = Counter()
+    errors = Counter()
+    write_s = 0.0
+    first_at, first_rows = None, 0
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if first_at is None:
+            first_at, first_rows = time.perf_counter(), table.num_rows
+        for stage in ("read", "decode", "model"):
+            busy[stage] += pc.sum(table[f"_{stage}_s"]).as_py() or 0.0
+        status = table["status"]
+        failed = table.filter(pc.equal(status, "error"))
+        errors.update(kind or "unknown" for kind in failed["error_kind"].to_pylist())
+        summary.rows += table.num_rows
+        summary.ok += table.num_rows - failed.num_rows
+        tick = time.perf_counter()
+        sink.add(table)
+        write_s += time.perf_counter() - tick
+        progress.update(table.num_rows)
+        _check_error_budget(summary, errors, config.max_error_fraction, final=False)
+    summary.operators = re.findall(r"Operator \d+ (.+?):", ds.stats())
+    summary.spilled_bytes = _spilled_bytes(ds)
+    if first_at is not None and summary.rows > first_rows:
+        summary.steady_rows_per_s = (summary.rows - first_rows) / max(
+            time.perf_counter() - first_at, 1e-9)
+    tick = time.perf_counter()
+    sink.finish()
+    write_s += time.perf_counter() - tick
+    progress.close()
+    summary.errors = dict(errors)
+    summary.stage_busy_s = {**{k: round(v, 3) for k, v in busy.items()},
+                            "write": round(write_s, 3)}
+    summary.stage_workers = {"read": plan["decode_workers"], "decode": plan["decode_workers"],
+                             "model": plan["actors"], "write": 1}
+    summary.bottleneck = _bottleneck(summary)
+    _check_error_budget(summary, errors, config.max_error_fraction, final=True)
+
+
+def _spilled_bytes(ds) -> int | None:
+    """Object-store bytes spilled to disk on the cluster while this run executed."""
+    try:
+        stats = ds._get_stats_summary()  # no public accessor in Ray 2.60
+        return int(max(stats.global_bytes_spilled, stats.dataset_bytes_spilled))
+    except Exception:  # a Ray upgrade moved it: report unknown rather than fail the job
+        return None
+
+
+def _check_error_budget(summary: RunSummary, errors: Counter, limit: float,
+                        final: bool) -> None:
+    failed = summary.rows - summary.ok
+    # Judge early only once enough rows are in, so a bad first shard does not abort alone.
+    if summary.rows == 0 or (not final and summary.rows < 200):
+        return
+    if failed / summary.rows > limit:
+        kinds = ", ".join(f"{k}: {v}" for k, v in errors.most_common())
+        raise ErrorBudgetExceeded(
+            f"{failed} of {summary.rows} rows failed ({failed / summary.rows:.1%}), above "
+            f"--max-error-fraction {limit:g} ({kinds}). Committed shards are kept; fix the "
+            "input (or raise the limit) and rerun, or use --retry-failed after an outage.")
+
+
+def _bottleneck(summary: RunSummary) -> str:
+    per_worker = {name: busy / max(summary.stage_workers.get(name, 1), 1e-9)
+                  for name, busy in summary.stage_busy_s.items()}
+    if not per_worker:
+        return ""
+    name = max(per_worker, key=per_worker.get)
+    return (f"{name}-bound ({per_worker[name]:.1f} s busy per {name} worker; "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in per_worker.items() if k != name) + ")")
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int | None, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="scoring", file=sys.stderr, dynamic_ncols=True)
+
+
