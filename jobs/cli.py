@@ -61,6 +61,24 @@ def run_score_job(config) -> int:
     return 0
 
 
+def run_embed_job(config) -> int:
+    import logging
+
+    import ray.data  # noqa: F401
+
+    from iqray.pipeline.embed import run_embed
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    run_embed(config)
+    return 0
+
+
+def _embed_config():
+    from iqray.pipeline.embed import EmbedConfig
+
+    return EmbedConfig
+
+
 def _score_config():
     from iqray.pipeline.score import ScoreConfig
 
@@ -73,6 +91,9 @@ JOBS: dict[str, tuple[Callable[[], type[BaseModel]], Callable[[BaseModel], int],
     "score": (_score_config, run_score_job,
               "score images from Parquet/WebDataset/folders (local, S3, GCS) into Parquet",
               ("input", "output")),
+    "embed": (_embed_config, run_embed_job,
+              "cache the frozen towers' embeddings of a dataset (for train/eval/re-scoring)",
+              ("input",)),
     "info": (lambda: InfoConfig, run_info,
              "describe a model: towers, weights, parameters, outputs", ()),
 }

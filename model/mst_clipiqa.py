@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -288,10 +289,12 @@ class MSTClipIQA(nn.Module):
                 x, pooled = x @ text.text_projection, pooled @ text.text_projection
         return x.float(), pooled.float()
 
-    def encode_prompts(self, prompts: Sequence[str | None]) -> PromptBatch:
-        """Prompt features for a batch; each distinct prompt is encoded once (LRU cached)."""
-        present = [_clean_prompt(p) for p in prompts]
-        distinct = list(dict.fromkeys(p for p in present if p is not None))
+    def prompt_features(self, prompts: Sequence[str]
+                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+        """Per distinct prompt: (token features (L, D) up to its end token, pooled (D,),
+        truncated). Served from the LRU cache where possible; misses are encoded in one pass
+        and cached."""
+        distinct = list(dict.fromkeys(prompts))
         features = {p: self._cache_get(p) for p in distinct if p in self._prompt_cache}
         missing = [p for p in distinct if p not in features]
         self.prompt_cache_hits += len(features)
@@ -304,6 +307,23 @@ class MSTClipIQA(nn.Module):
                 features[prompt] = (tokens[i, : lengths[i]].clone(), pooled[i].clone(),
                                     truncated[i])
                 self._cache_put(prompt, features[prompt])
+        return features
+
+    def prime_prompt_cache(self, features: dict[str, tuple[Any, Any, bool]]) -> None:
+        """Fill the prompt cache from stored features (an embedding cache), growing it so
+        that nothing primed is evicted."""
+        self.prompt_cache_size = max(self.prompt_cache_size, len(features))
+        for prompt, (tokens, pooled, truncated) in features.items():
+            self._cache_put(prompt, (torch.as_tensor(tokens, dtype=torch.float32,
+                                                     device=self.device),
+                                     torch.as_tensor(pooled, dtype=torch.float32,
+                                                     device=self.device), bool(truncated)))
+
+    def encode_prompts(self, prompts: Sequence[str | None]) -> PromptBatch:
+        """Prompt features for a batch; each distinct prompt is encoded once (LRU cached)."""
+        present = [_clean_prompt(p) for p in prompts]
+        distinct = list(dict.fromkeys(p for p in present if p is not None))
+        features = self.prompt_features(distinct)
 
         dim = self.config.heads.embed_dim
         longest = max((features[p][0].shape[0] for p in distinct), default=1)

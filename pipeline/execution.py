@@ -101,6 +101,7 @@ class RunSummary:
     steady_rows_per_s: float | None = None  # after the first batch: start-up excluded
     operators: list[str] = field(default_factory=list)  # Ray Data's physical operators
     spilled_bytes: int | None = None  # object-store bytes the operators spilled to disk
+    extra: dict[str, Any] = field(default_factory=dict)  # job-specific counts
 
     @property
     def rows_per_s(self) -> float:

@@ -35,6 +35,9 @@ class ModelSpec:
     config: MSTConfig
     identity: str  # sha256 over config + weights: names the exact scorer in output metadata
     checkpoint_sha256: str | None = None  # of the trained heads' model.safetensors
+    tower_identity: str = ""  # sha256 over tower configs + weights + input size: what the
+    # frozen encoders compute, and so what an embedding cache may be shared across
+    towers: dict[str, Any] = field(default_factory=dict)  # readable names/tags
     files: dict[str, Any] = field(default_factory=dict)  # relative name -> bytes or ObjectRef
     raw_config: dict[str, Any] = field(default_factory=dict)
 
@@ -77,8 +80,10 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
             files[WEIGHTS_NAME] = fs.cat_file(weights_path)
         base_dir = config_path.rsplit("/", 1)[0] if "://" not in name else None
     towers = {}
+    original_pretrained = {}
     for role in ("coarse", "fine"):
         tower = getattr(config, role)
+        original_pretrained[role] = tower.pretrained
         path = resolve_tower_weights(tower, cache_dir=cache_dir, base_dir=base_dir)
         if path is not None:
             staged_name = f"towers/{role}.safetensors"
@@ -88,6 +93,22 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
     config = config.model_copy(update=towers)
     raw = {**raw, "model": config.model_dump(mode="json")}
 
+    tower_digest = hashlib.sha256()
+    tower_names: dict[str, Any] = {"image_size": config.image_size}
+    for role in ("coarse", "fine"):
+        staged_name = f"towers/{role}.safetensors"
+        described: dict[str, Any] = {"model_name": towers[role].model_name,
+                                     "pretrained": original_pretrained[role]}
+        if staged_name in files:
+            described["weights_sha256"] = hashlib.sha256(files[staged_name]).hexdigest()
+        else:
+            described["init_seed"] = towers[role].init_seed
+        tower_names[role] = described
+    # Identity is what the towers compute: architecture + weights (or seed) + input size;
+    # where the weights were found (a tag, a path) does not change it.
+    identity = {role: {k: v for k, v in d.items() if k != "pretrained"} if isinstance(d, dict)
+                else d for role, d in tower_names.items()}
+    tower_digest.update(json.dumps(identity, sort_keys=True).encode())
     digest = hashlib.sha256(json.dumps(raw["model"], sort_keys=True).encode())
     for file_name in sorted(files):
         digest.update(file_name.encode())
@@ -96,6 +117,7 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
                          if WEIGHTS_NAME in files else None)
     return ModelSpec(name=name, config=config, identity=digest.hexdigest(),
                      checkpoint_sha256=checkpoint_sha256,
+                     tower_identity=tower_digest.hexdigest(), towers=tower_names,
                      files={k: put(v) for k, v in files.items()}, raw_config=raw)
 
 
@@ -115,11 +137,15 @@ def split_on_oom(score: Callable[[torch.Tensor, list], dict[str, np.ndarray]],
         return {k: np.concatenate([first[k], second[k]]) for k in first}
 
 
-SCORE_NUMBERS = {"quality", "alignment", "_read_s", "_decode_s", "_model_s"}
+SCORE_NUMBERS = {"quality", "alignment", "_read_s", "_decode_s", "_model_s", "_coarse", "_fine",
+                 "_embed_error"}
 
 
-class Scorer:
-    """Ray Data callable class: one model per actor, loaded once in ``__init__``."""
+class ModelStage:
+    """Ray Data callable class: one model per actor, loaded once in ``__init__``.
+
+    Subclasses turn the decoded rows that have no error into model outputs; this base class
+    owns loading, the status/error columns and per-row timing."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
                  prompt_cache_size: int = 4096):
@@ -131,36 +157,48 @@ class Scorer:
                                       prompt_cache_size=prompt_cache_size, allow_download=False)
         self.pin = self.model.device.type == "cuda"
 
-    def _score(self, pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:
-        return self.model.score(pixels, prompts, batch_size=max(len(prompts), 1))
+    def pixels(self, batch: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
+        return pixels.pin_memory() if self.pin else pixels
+
+    def process(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
+        raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         count = len(batch["source_row"])
         ok = np.array([is_missing(e) for e in batch["_error"]], dtype=bool)
-        quality = np.full(count, np.nan, np.float32)
-        alignment = np.full(count, np.nan, np.float32)
-        truncated = np.zeros(count, bool)
-        index = np.flatnonzero(ok)
-        if index.size:
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
-            if self.pin:
-                pixels = pixels.pin_memory()
-            prompts = [_prompt(batch["prompt"][i]) for i in index]
-            scores = split_on_oom(self._score, pixels, prompts)
-            quality[index] = scores["quality"]
-            alignment[index] = scores["alignment"]
-            truncated[index] = scores["prompt_truncated"]
+        self.process(batch, ok)
         del batch["pixels"]
-        batch["quality"] = quality
-        batch["alignment"] = alignment
-        batch["prompt_truncated"] = truncated
         batch["status"] = np.where(ok, "ok", "error").astype(object)
         batch["error"] = _strings(batch.pop("_error"))
         batch["error_kind"] = _strings(batch.pop("_error_kind"))
         batch["_model_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
         restore_nulls(batch, skip=SCORE_NUMBERS)
         return batch
+
+
+class Scorer(ModelStage):
+    """Quality and alignment for every decodable row."""
+
+    def _score(self, pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:
+        return self.model.score(pixels, prompts, batch_size=max(len(prompts), 1))
+
+    def process(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
+        count = len(ok)
+        quality = np.full(count, np.nan, np.float32)
+        alignment = np.full(count, np.nan, np.float32)
+        truncated = np.zeros(count, bool)
+        index = np.flatnonzero(ok)
+        if index.size:
+            prompts = [_prompt(batch["prompt"][i]) for i in index]
+            scores = split_on_oom(self._score, self.pixels(batch, index), prompts)
+            quality[index] = scores["quality"]
+            alignment[index] = scores["alignment"]
+            truncated[index] = scores["prompt_truncated"]
+        batch["quality"] = quality
+        batch["alignment"] = alignment
+        batch["prompt_truncated"] = truncated
 
 
 def _strings(values: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import io
 import json
 import posixpath
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,15 +95,19 @@ class ShardWriter:
     def __init__(self, shards: list[Shard], output: str, storage: StorageConfig,
                  metadata: dict[str, Any], complete: bool, key_columns: list[str],
                  keep_prompt: bool, keep_image_bytes: bool,
-                 previous: dict[int, pa.Table] | None = None):
+                 previous: dict[int, pa.Table] | None = None,
+                 schema: dict[str, pa.DataType] | None = None,
+                 before_commit: Callable[[], None] | None = None):
         self.shards = {s.index: s for s in shards}
         self.output = output
         self.fs, self.root = storage.filesystem(output)
         self.metadata = metadata
         self.complete = complete
         self.previous = previous or {}
-        self.columns = [*dict.fromkeys([*key_columns, *SCORE_COLUMNS])]
-        if not keep_prompt:
+        self.schema = schema or SCORE_COLUMNS
+        self.before_commit = before_commit  # e.g. flush side outputs the shard depends on
+        self.columns = [*dict.fromkeys([*key_columns, *self.schema])]
+        if not keep_prompt and "prompt" in self.columns:
             self.columns.remove("prompt")
         if keep_image_bytes:
             self.columns.append("image")
@@ -150,7 +155,7 @@ class ShardWriter:
     def _shape(self, table: pa.Table) -> pa.Table:
         columns = {}
         for name in self.columns:
-            wanted = SCORE_COLUMNS.get(name) or (pa.binary() if name == "image" else None)
+            wanted = self.schema.get(name) or (pa.binary() if name == "image" else None)
             if name in table.column_names:
                 column = table[name]
                 if wanted is not None and column.type != wanted:
@@ -161,6 +166,8 @@ class ShardWriter:
         return pa.table(columns)
 
     def commit(self, shard_id: int) -> None:
+        if self.before_commit is not None:
+            self.before_commit()
         shard = self.shards[shard_id]
         state = self.state.pop(shard_id, None)
         tables = [self._shape(t) for t in (state.tables if state else [])]
@@ -174,7 +181,8 @@ class ShardWriter:
         else:
             table = self._shape(pa.table({"source_row": pa.array([], pa.int64())}))
         table = table.sort_by([("source_row", "ascending")])
-        errors = pc.sum(pc.equal(table["status"], "error")).as_py() or 0
+        errors = (pc.sum(pc.equal(table["status"], "error")).as_py() or 0
+                  if "status" in table.column_names else 0)
         meta = {**self.metadata, "input_url": shard.url, "input_fingerprint": shard.fingerprint,
                 "complete": self.complete, "rows": table.num_rows, "errors": errors,
                 "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

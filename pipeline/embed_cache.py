@@ -1,0 +1,220 @@
+"""The embedding cache: frozen-tower outputs stored once, reused by training, eval, re-scoring.
+
+Layout under the cache URL (local or object storage)::
+
+    manifest.json                 format, tower identity + names/tags, dtype, measured fp16 error
+    images/part-<uuid>.parquet    image_sha256, coarse[D], fine[D]    (per image, by content)
+    prompts/part-<uuid>.parquet   prompt, length, truncated, pooled[D], tokens[length*D]
+    index/<shard>.parquet         per input shard: keys, source_file/row, prompt, image_sha256
+
+Images are keyed by the sha256 of their encoded bytes, so the same picture in two datasets is
+embedded once. Parts are written atomically and never modified; a part is the unit of
+crash-safety. A cache records the towers that made it and refuses to mix towers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from iqray.pipeline.storage import StorageConfig, write_atomic
+
+FORMAT = "iqray-embedding-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class EmbeddingCacheMismatch(ValueError):
+    """The cache was made by other towers than the model at hand."""
+
+
+def _vector_column(values: np.ndarray, dtype: str) -> pa.Array:
+    values = np.ascontiguousarray(values.astype(dtype))
+    flat = pa.array(values.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def _matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, dim), np.float32)
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), dim)
+
+
+class EmbeddingCache:
+    def __init__(self, url: str, storage: StorageConfig | None = None):
+        self.url = url.rstrip("/")
+        self.storage = storage or StorageConfig()
+        self.fs, self.root = self.storage.filesystem(self.url)
+        self.root = self.root.rstrip("/")
+        self._pending: list[tuple[list[str], np.ndarray, np.ndarray]] = []
+        self._manifest: dict[str, Any] | None = None
+
+    # -- manifest -------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        if self._manifest is None and self.fs.exists(self._path(MANIFEST)):
+            self._manifest = json.loads(self.fs.cat_file(self._path(MANIFEST)))
+        return self._manifest
+
+    def bind(self, tower_identity: str, towers: dict[str, Any], embed_dim: int,
+             dtype: str) -> None:
+        """Create the manifest, or check that an existing cache holds these towers' output."""
+        existing = self.manifest
+        if existing is not None:
+            if existing.get("format") != FORMAT:
+                raise EmbeddingCacheMismatch(f"{self.url}: not an iqray embedding cache")
+            if existing["tower_identity"] != tower_identity:
+                raise EmbeddingCacheMismatch(
+                    f"{self.url} holds embeddings of other towers ({existing['towers']}); this "
+                    f"model's towers are {towers}. Mixing them would corrupt training and "
+                    "scores: use another cache directory.")
+            return
+        self._manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                          "tower_identity": tower_identity, "towers": towers,
+                          "embed_dim": embed_dim, "dtype": dtype, "fp16_max_abs_error": 0.0}
+        self._write_manifest()
+
+    def require(self, tower_identity: str) -> None:
+        if self.manifest is None:
+            raise FileNotFoundError(f"{self.url}: no embedding cache here (run `iqray embed`)")
+        if self.manifest["tower_identity"] != tower_identity:
+            raise EmbeddingCacheMismatch(
+                f"{self.url} holds embeddings of towers {self.manifest['towers']}, not of this "
+                "model's towers")
+
+    def record_error(self, max_abs_error: float) -> None:
+        manifest = self.manifest
+        if manifest is not None and max_abs_error > manifest.get("fp16_max_abs_error", 0.0):
+            manifest["fp16_max_abs_error"] = float(max_abs_error)
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        body = json.dumps(self._manifest, indent=2, sort_keys=True).encode()
+        write_atomic(self.fs, self._path(MANIFEST), body)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest["dtype"])
+
+    # -- images ---------------------------------------------------------------------------
+    def _parts(self, folder: str) -> list[str]:
+        path = self._path(folder)
+        if not self.fs.exists(path):
+            return []
+        return sorted(p for p in self.fs.ls(path, detail=False)
+                      if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
+
+    def _read(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def image_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for part in self._parts("images"):
+            keys.update(self._read(part, ["image_sha256"])["image_sha256"].to_pylist())
+        return keys
+
+    def add_images(self, shas: list[str], coarse: np.ndarray, fine: np.ndarray) -> None:
+        if shas:
+            self._pending.append((list(shas), coarse, fine))
+
+    def flush(self) -> None:
+        """Write buffered image embeddings as one new part (atomic)."""
+        if not self._pending:
+            return
+        shas = [s for batch in self._pending for s in batch[0]]
+        coarse = np.concatenate([b[1] for b in self._pending])
+        fine = np.concatenate([b[2] for b in self._pending])
+        self._pending = []
+        table = pa.table({"image_sha256": pa.array(shas, pa.string()),
+                          "coarse": _vector_column(coarse, self.dtype),
+                          "fine": _vector_column(fine, self.dtype)})
+        self._write_part("images", table)
+
+    def _write_part(self, folder: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        write_atomic(self.fs, self._path(folder, f"part-{uuid.uuid4().hex}.parquet"),
+                     buffer.getvalue())
+
+    def load_images(self, shas: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (coarse, fine) embeddings for ``shas`` in that order."""
+        wanted = set(shas)
+        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for part in self._parts("images"):
+            table = self._read(part)
+            keys = table["image_sha256"].to_pylist()
+            take = [i for i, k in enumerate(keys) if k in wanted and k not in found]
+            if not take:
+                continue
+            rows = table.take(pa.array(take))
+            coarse = _matrix(rows["coarse"], self.dim)
+            fine = _matrix(rows["fine"], self.dim)
+            for j, i in enumerate(take):
+                found[keys[i]] = (coarse[j], fine[j])
+        missing = [s for s in shas if s not in found]
+        if missing:
+            raise KeyError(f"{len(missing)} images are not in the cache {self.url} "
+                           f"(first: {missing[0]}); run `iqray embed` on them")
+        coarse = np.stack([found[s][0] for s in shas]).astype(np.float32)
+        fine = np.stack([found[s][1] for s in shas]).astype(np.float32)
+        return coarse, fine
+
+    # -- prompts --------------------------------------------------------------------------
+    def prompt_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for part in self._parts("prompts"):
+            keys.update(self._read(part, ["prompt"])["prompt"].to_pylist())
+        return keys
+
+    def add_prompts(self, features: dict[str, tuple[np.ndarray, np.ndarray, bool]]) -> None:
+        """``features``: prompt -> (tokens (L, D), pooled (D,), truncated)."""
+        if not features:
+            return
+        prompts = list(features)
+        dtype = self.dtype
+        tokens = pa.array([features[p][0].astype(dtype).reshape(-1) for p in prompts])
+        table = pa.table({
+            "prompt": pa.array(prompts, pa.string()),
+            "length": pa.array([features[p][0].shape[0] for p in prompts], pa.int32()),
+            "truncated": pa.array([bool(features[p][2]) for p in prompts]),
+            "pooled": _vector_column(np.stack([features[p][1] for p in prompts]), dtype),
+            "tokens": tokens,
+        })
+        self._write_part("prompts", table)
+
+    def load_prompts(self, prompts: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
+        out: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
+        for part in self._parts("prompts"):
+            table = self._read(part)
+            for i, prompt in enumerate(table["prompt"].to_pylist()):
+                if prompt in prompts and prompt not in out:
+                    length = table["length"][i].as_py()
+                    tokens = np.asarray(table["tokens"][i].values.to_numpy(zero_copy_only=False),
+                                        np.float32).reshape(length, self.dim)
+                    pooled = np.asarray(table["pooled"][i].values.to_numpy(
+                        zero_copy_only=False), np.float32)
+                    out[prompt] = (tokens, pooled, bool(table["truncated"][i].as_py()))
+        missing = prompts - set(out)
+        if missing:
+            raise KeyError(f"{len(missing)} prompts are not in the cache {self.url}")
+        return out
+
+    def index_url(self) -> str:
+        return self.url + "/index"

@@ -1,0 +1,88 @@
+"""`iqray embed`: the embedding cache holds what the towers compute, once per image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pipeline_data import SAMPLE, img2dataset_table, write_parquet
+
+import iqray.model
+from iqray.pipeline.embed import EmbedConfig, index_table, run_embed
+from iqray.pipeline.embed_cache import EmbeddingCache, EmbeddingCacheMismatch
+
+
+def embed(**kwargs):
+    kwargs.setdefault("progress", False)
+    return run_embed(EmbedConfig(**kwargs), log=lambda *a: None)
+
+
+def sample_index(**extra):
+    return dict(input=str(SAMPLE / "prompts.csv"), image_path_column="name",
+                image_root=str(SAMPLE / "images"), key_columns=["name"], **extra)
+
+
+def test_cached_embeddings_are_what_the_towers_compute(ray_local, tmp_path, sample,
+                                                       reference_model):
+    summary = embed(cache=str(tmp_path / "cache"), **sample_index())
+    assert summary.extra["images_embedded"] == 32 and summary.extra["prompts_embedded"] == 8
+    assert summary.extra["fp16_max_abs_error"] < 1e-3
+
+    cache = EmbeddingCache(str(tmp_path / "cache"))
+    index = index_table(cache)
+    assert index["name"].to_pylist() == sample[0] and index.num_rows == 32
+    coarse, fine = cache.load_images(index["image_sha256"].to_pylist()[:4])
+    model = reference_model
+    with torch.inference_mode():
+        pixels = torch.stack([model.transform.load(b) for b in sample[1][:4]])
+        exact_coarse, exact_fine = model.encode_images(pixels)
+    np.testing.assert_allclose(coarse, exact_coarse.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(fine, exact_fine.numpy(), rtol=2e-3, atol=2e-3)
+
+    features = cache.load_prompts({sample[2][0]})
+    tokens, pooled, truncated = features[sample[2][0]]
+    exact = model.prompt_features([sample[2][0]])[sample[2][0]]
+    np.testing.assert_allclose(tokens, exact[0].numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(pooled, exact[1].numpy(), atol=2e-3, rtol=2e-3)
+    assert truncated is False and tokens.shape[1] == 512
+
+
+def test_images_already_cached_are_not_embedded_again(ray_local, tmp_path, sample):
+    cache = str(tmp_path / "cache")
+    embed(cache=cache, **sample_index())
+    # A second dataset repeating 12 of the same images plus nothing new.
+    write_parquet(None, str(tmp_path / "other" / "0.parquet"), img2dataset_table(sample, 0, 12))
+    again = embed(cache=cache, input=str(tmp_path / "other"))
+    assert again.extra["images_embedded"] == 0 and again.extra["images_reused"] == 12
+    assert again.extra["prompts_embedded"] == 0
+    rerun = embed(cache=cache, input=str(tmp_path / "other"))
+    assert rerun.shards_skipped == 1 and rerun.rows == 0
+    assert len(EmbeddingCache(cache).image_keys()) == 32
+
+
+def test_a_cache_refuses_other_towers(ray_local, tmp_path, sample):
+    cache = str(tmp_path / "cache")
+    embed(cache=cache, **sample_index())
+    other = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    other.config = other.config.model_copy(update={
+        "fine": other.config.fine.model_copy(update={"init_seed": 7})})
+    checkpoint = iqray.model.save_checkpoint(other, tmp_path / "other-towers")
+    with pytest.raises(EmbeddingCacheMismatch, match="other towers"):
+        embed(cache=cache, model=str(checkpoint), **sample_index())
+    # Heads alone do not change what the towers compute: a trained checkpoint shares the cache.
+    same_towers = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    same_towers.config = same_towers.config.model_copy(update={"trained": True})
+    checkpoint = iqray.model.save_checkpoint(same_towers, tmp_path / "same-towers")
+    assert embed(cache=cache, model=str(checkpoint), **sample_index()).shards_skipped == 1
+
+
+def test_missing_entries_are_named(tmp_path):
+    cache = EmbeddingCache(str(tmp_path / "cache"))
+    cache.bind("abc", {"coarse": "x"}, 4, "float16")
+    cache.add_images(["sha-1"], np.ones((1, 4)), np.zeros((1, 4)))
+    cache.flush()
+    with pytest.raises(KeyError, match="1 images are not in the cache"):
+        cache.load_images(["sha-1", "sha-2"])
+    coarse, fine = cache.load_images(["sha-1"])
+    assert coarse.dtype == np.float32 and coarse.tolist() == [[1, 1, 1, 1]]
+    assert cache.image_keys() == {"sha-1"}
