@@ -73,6 +73,24 @@ def run_embed_job(config) -> int:
     return 0
 
 
+def run_train_job(config) -> int:
+    import logging
+
+    import ray.data  # noqa: F401
+
+    from iqray.jobs.train import run_train
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    run_train(config)
+    return 0
+
+
+def _train_config():
+    from iqray.jobs.train import TrainConfig
+
+    return TrainConfig
+
+
 def _embed_config():
     from iqray.pipeline.embed import EmbedConfig
 
@@ -94,6 +112,8 @@ JOBS: dict[str, tuple[Callable[[], type[BaseModel]], Callable[[BaseModel], int],
     "embed": (_embed_config, run_embed_job,
               "cache the frozen towers' embeddings of a dataset (for train/eval/re-scoring)",
               ("input",)),
+    "train": (_train_config, run_train_job,
+              "train the fusion and heads on human ratings (embeddings cached)", ("input",)),
     "info": (lambda: InfoConfig, run_info,
              "describe a model: towers, weights, parameters, outputs", ()),
 }

@@ -392,6 +392,40 @@ class MSTClipIQA(nn.Module):
         coarse, fine = self.encode_images(pixels)
         return self.forward_heads(coarse, fine, self.encode_prompts(prompts))
 
+    def reset_heads(self, seed: int) -> None:
+        """Fresh, seeded fusion and heads (one training repeat); towers are untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            heads = self.config.heads
+            self.fusion = GatedFusion(heads.embed_dim, heads.fusion_hidden)
+            self.quality_head = QualityHead(self.quality_head.grade_text.cpu(),
+                                            float(self.coarse.logit_scale.exp()))
+            self.alignment_head = AlignmentHead(heads.embed_dim, heads.attn_heads,
+                                                heads.align_mlp_hidden)
+        self.fusion.to(self.device)
+        self.quality_head.to(self.device)
+        self.alignment_head.to(self.device)
+
+    @torch.inference_mode()
+    def score_embeddings(self, coarse, fine, prompts: Sequence[str | None],
+                         batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Like :meth:`score`, from cached tower embeddings: only the heads run."""
+        coarse = torch.as_tensor(np.asarray(coarse), dtype=torch.float32)
+        fine = torch.as_tensor(np.asarray(fine), dtype=torch.float32)
+        out: dict[str, list[np.ndarray]] = {"quality": [], "alignment": [],
+                                            "prompt_truncated": []}
+        for start in range(0, len(prompts), batch_size):
+            batch = self.encode_prompts(prompts[start : start + batch_size])
+            scores = self.to_score_scale(self.forward_heads(
+                coarse[start : start + batch_size], fine[start : start + batch_size], batch))
+            out["quality"].append(scores["quality"].cpu().numpy())
+            out["alignment"].append(scores["alignment"].cpu().numpy())
+            out["prompt_truncated"].append(batch.truncated.cpu().numpy())
+        if not out["quality"]:
+            return {"quality": np.zeros(0, np.float32), "alignment": np.zeros(0, np.float32),
+                    "prompt_truncated": np.zeros(0, bool)}
+        return {k: np.concatenate(v) for k, v in out.items()}
+
     # -- the public scoring call ----------------------------------------------------------
     @torch.inference_mode()
     def score(self, images: Sequence[ImageSource] | torch.Tensor,

@@ -11,6 +11,11 @@ import pytest
 # Tests must never reach a model hub.
 os.environ.setdefault("IQRAY_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Credentials for the local S3 test server; set before Ray starts so its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "sample"
@@ -23,3 +28,32 @@ def sample_rows() -> list[dict]:
     for row in rows:
         row["path"] = SAMPLE / "images" / row["name"]
     return rows
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """(names, image bytes, prompts) of the shipped sample."""
+    with open(SAMPLE / "prompts.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    names = [r["name"] for r in rows]
+    images = [(SAMPLE / "images" / n).read_bytes() for n in names]
+    prompts = [r["prompt"] for r in rows]
+    return names, images, prompts
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    import iqray.model
+
+    return iqray.model.load(iqray.model.DEFAULT_MODEL)

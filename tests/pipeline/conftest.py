@@ -1,23 +1,10 @@
-"""Pipeline fixtures: local Ray (2 CPUs), a real S3-compatible server (moto) on 127.0.0.1,
-and builders for each input layout made from the shipped sample images."""
+"""Pipeline fixtures: a real S3-compatible server (moto) on 127.0.0.1 and fresh buckets."""
 
 from __future__ import annotations
 
-import csv
-import os
 import socket
-from pathlib import Path
 
 import pytest
-
-# Credentials for the local S3 server; set before Ray starts so its workers inherit them.
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-os.environ.pop("AWS_PROFILE", None)
-
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "examples" / "sample"
 
 
 def _free_port() -> int:
@@ -48,32 +35,3 @@ def s3_bucket(s3_endpoint, request):
     fs.mkdir(name)
     yield fs, name
     fs.rm(name, recursive=True)
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def sample():
-    """(names, image bytes, prompts) of the shipped sample."""
-    with open(SAMPLE / "prompts.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    names = [r["name"] for r in rows]
-    images = [(SAMPLE / "images" / n).read_bytes() for n in names]
-    prompts = [r["prompt"] for r in rows]
-    return names, images, prompts
-
-
-@pytest.fixture(scope="session")
-def reference_model():
-    import iqray.model
-
-    return iqray.model.load(iqray.model.DEFAULT_MODEL)

@@ -1,0 +1,284 @@
+"""`iqray train`: embed (cached) -> fit the heads on train rows -> select on val rows.
+
+Glue only: tables are read here, embeddings come from :mod:`iqray.pipeline.embed`, the
+optimisation is :func:`iqray.model.training.fit_heads`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from pydantic import Field, model_validator
+
+from iqray.model.training import HEADS, HeadData, TrainSettings
+from iqray.pipeline.embed import EmbedConfig, index_table, run_embed
+from iqray.pipeline.embed_cache import EmbeddingCache
+from iqray.pipeline.readers import discover_shards
+from iqray.pipeline.storage import StorageConfig
+
+
+class LabelledDataConfig(EmbedConfig):
+    """A table of images with human scores (CSV or Parquet), read like `iqray score` input."""
+
+    cache: str = Field(default="cache/embeddings", description="embedding cache directory")
+    quality_column: str | None = Field(default="mos_quality", description="quality MOS column")
+    alignment_column: str | None = Field(default="mos_align",
+                                         description="alignment MOS column")
+    progress: bool = Field(default=True, description="show progress bars")
+
+
+class TrainConfig(LabelledDataConfig, TrainSettings):
+    """`iqray train`: fit MST-CLIPIQA's fusion and heads on human ratings."""
+
+    val: str | None = Field(default=None, description="validation table (else --split-column)")
+    split_column: str | None = Field(
+        default=None, description="column naming each row's split; only 'train' and 'val' "
+        "rows are ever read")
+    output: str = Field(default="runs/train", description="checkpoint directory to write")
+    repeats: int = Field(default=1, gt=0, description="seeds to train; reports mean +- std")
+    quality_range: tuple[float, float] | None = Field(
+        default=None, description="MOS scale of quality (default: min/max of train)")
+    alignment_range: tuple[float, float] | None = Field(
+        default=None, description="MOS scale of alignment (default: min/max of train)")
+
+    @model_validator(mode="after")
+    def _splits(self) -> TrainConfig:
+        if (self.val is None) == (self.split_column is None):
+            raise ValueError("give either --val (a separate validation table) or "
+                             "--split-column (train/val rows in one table)")
+        return self
+
+
+@dataclass
+class Labelled:
+    """One split: rows that embedded fine, with MOS."""
+
+    shas: list[str]
+    prompts: list[str | None]
+    mos: dict[str, np.ndarray]
+    groups: list[str]
+    dropped: int
+
+
+def read_table(url: str, storage: StorageConfig) -> pa.Table:
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as handle:
+        return pa_csv.read_csv(handle) if path.endswith(".csv") else pq.read_table(handle)
+
+
+def split_tables(config: TrainConfig, storage: StorageConfig, workdir: Path
+                 ) -> dict[str, str]:
+    """URLs of the train and val tables; with a split column, only those rows are copied
+    out, so nothing downstream can ever read another split's images."""
+    if config.split_column is None:
+        return {"train": config.input, "val": config.val}
+    table = read_table(config.input, storage)
+    if config.split_column not in table.column_names:
+        raise ValueError(f"{config.input}: no split column {config.split_column!r}")
+    out = {}
+    for split in ("train", "val"):
+        rows = table.filter(pc.equal(table[config.split_column], split))
+        if rows.num_rows == 0:
+            raise ValueError(f"{config.input}: no rows with {config.split_column} == {split!r}")
+        path = workdir / f"{split}.parquet"
+        import pyarrow.parquet as pq
+
+        pq.write_table(rows, path)
+        out[split] = str(path)
+    return out
+
+
+def embed_table(config: LabelledDataConfig, url: str, image_root: str | None,
+                log) -> EmbeddingCache:
+    run_embed(config.model_copy(update={"input": url, "image_root": image_root,
+                                        "format": "auto"}), log=log)
+    return EmbeddingCache(config.cache, config.storage_config())
+
+
+def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache,
+                  group_column: str | None = None) -> Labelled:
+    storage = config.storage_config()
+    (shard,) = discover_shards(url, config.read_config(), storage)
+    index = index_table(cache, [shard.output_name])
+    source = read_table(url, storage)
+    ok = index.filter(pc.equal(index["status"], "ok"))
+    rows = ok["source_row"].to_pylist()
+    mos = {}
+    for head, column in (("quality", config.quality_column),
+                         ("alignment", config.alignment_column)):
+        if column is None:
+            mos[head] = np.full(len(rows), np.nan)
+            continue
+        if column not in source.column_names:
+            raise ValueError(f"{url}: no MOS column {column!r}; columns: "
+                             f"{', '.join(source.column_names)}")
+        values = source[column].to_numpy(zero_copy_only=False).astype(float)
+        mos[head] = values[rows]
+    groups = [""] * len(rows)
+    if group_column is not None and group_column in source.column_names:
+        values = source[group_column].to_pylist()
+        groups = [str(values[r]) for r in rows]
+    return Labelled(ok["image_sha256"].to_pylist(), ok["prompt"].to_pylist(), mos, groups,
+                    dropped=index.num_rows - ok.num_rows)
+
+
+def head_data(cache: EmbeddingCache, rows: Labelled, scales: dict[str, tuple[float, float]]
+              ) -> HeadData:
+    coarse, fine = cache.load_images(rows.shas)
+    targets = {}
+    for head in HEADS:
+        low, high = scales[head]
+        targets[head] = torch.as_tensor((rows.mos[head] - low) / (high - low),
+                                        dtype=torch.float32)
+    return HeadData(torch.from_numpy(coarse), torch.from_numpy(fine), rows.prompts, targets)
+
+
+def data_hash(*splits: Labelled) -> str:
+    digest = hashlib.sha256()
+    for rows in splits:
+        for sha, q, a in zip(rows.shas, rows.mos["quality"], rows.mos["alignment"],
+                             strict=True):
+            digest.update(f"{sha}:{q:.6f}:{a:.6f}\n".encode())
+    return digest.hexdigest()
+
+
+def default_scale(values: np.ndarray, given: tuple[float, float] | None, head: str
+                  ) -> tuple[float, float]:
+    if given is not None:
+        return float(given[0]), float(given[1])
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0  # no targets for this head: its scale is unused
+    if np.ptp(finite) == 0:
+        raise ValueError(f"all {head} MOS values are equal; set --{head}-range")
+    return float(finite.min()), float(finite.max())
+
+
+def run_train(config: TrainConfig, log=print) -> dict:
+    import iqray.model
+    from iqray.model.checkpoint import save_checkpoint
+    from iqray.model.config import ScoreScale
+    from iqray.model.metrics import mean_std
+    from iqray.model.training import fit_heads
+
+    storage = config.storage_config()
+    with tempfile.TemporaryDirectory(prefix="iqray-train-") as workdir:
+        tables = split_tables(config, storage, Path(workdir))
+        image_root = config.image_root or _default_root(config.input)
+        splits = {}
+        for split, url in tables.items():
+            cache = embed_table(config, url, image_root, log=lambda *a: None)
+            splits[split] = labelled_rows(config, url, cache)
+            log(f"{split}: {len(splits[split].shas)} rows embedded"
+                + (f", {splits[split].dropped} dropped (unreadable)"
+                   if splits[split].dropped else ""))
+    scales = {head: default_scale(splits["train"].mos[head],
+                                  getattr(config, f"{head}_range"), head) for head in HEADS}
+    train = head_data(cache, splits["train"], scales)
+    val = head_data(cache, splits["val"], scales)
+
+    model = iqray.model.load(config.model, device="cpu", allow_download=False)
+    model.config = model.config.model_copy(update={
+        "trained": True,
+        "quality_scale": ScoreScale(low=scales["quality"][0], high=scales["quality"][1]),
+        "alignment_scale": ScoreScale(low=scales["alignment"][0], high=scales["alignment"][1]),
+    })
+    prompts = {p for p in train.prompts + val.prompts if p}
+    model.prime_prompt_cache(cache.load_prompts(prompts))
+    settings = TrainSettings.model_validate(config.model_dump(
+        include=set(TrainSettings.model_fields)))
+    results = []
+    for repeat in range(config.repeats):
+        seed = config.seed + repeat
+        bar = _epoch_bar(config, seed)
+        result = fit_heads(model, train, val, settings, seed=seed, on_epoch=bar.update_epoch)
+        bar.close()
+        log(f"seed {seed}: best epoch {result.best_epoch}, val SRCC "
+            + ", ".join(f"{k} {v:.3f}" for k, v in result.best_val.items()))
+        results.append(result)
+
+    best = max(results, key=lambda r: r.best_val["mean"])  # chosen on validation only
+    model.load_state_dict(best.state, strict=False)
+    summary = {head: mean_std([r.best_val[head] for r in results])
+               for head in (*HEADS, "mean") if head in best.best_val}
+    metrics = {"val_srcc": summary, "repeats": [
+        {"seed": r.seed, "best_epoch": r.best_epoch, "val_srcc": r.best_val} for r in results],
+        "selected_seed": best.seed, "rows": {k: len(v.shas) for k, v in splits.items()},
+        "settings": settings.model_dump()}
+    output = Path(config.output)
+    save_checkpoint(model, output, metrics=metrics,
+                    data_hash=data_hash(splits["train"], splits["val"]),
+                    extra={"training": {"train": tables["train"] if config.val else config.input,
+                                        "val": config.val, "split_column": config.split_column,
+                                        "cache": config.cache}})
+    (output / "metrics.json").write_text(json.dumps(
+        {**metrics, "history": {r.seed: r.history for r in results}}, indent=2) + "\n")
+    plot_training_curves(results, output / "training_curves.png")
+    log("val SRCC (mean +- std over seeds): " + ", ".join(
+        f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in summary.items()))
+    log(f"wrote {output}/ (model.safetensors, config.json, metrics.json, training_curves.png)")
+    return metrics
+
+
+def _default_root(table_url: str) -> str:
+    return table_url.rsplit("/", 1)[0] if "/" in table_url else os.curdir
+
+
+class _EpochBar:
+    def __init__(self, total: int, seed: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"seed {seed}", unit="epoch", dynamic_ncols=True)
+
+    def update_epoch(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['train_loss']:.4f}",
+                                 val_srcc=f"{record['val_srcc_mean']:.3f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _epoch_bar(config: TrainConfig, seed: int) -> _EpochBar:
+    return _EpochBar(config.epochs, seed, config.progress)
+
+
+def plot_training_curves(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, srcc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for result in results:
+        epochs = [h["epoch"] for h in result.history]
+        loss_ax.plot(epochs, [h["train_loss"] for h in result.history], label=f"seed {result.seed}")
+        for head, style in (("quality", "-"), ("alignment", "--")):
+            key = f"val_srcc_{head}"
+            if key in result.history[0]:
+                srcc_ax.plot(epochs, [h[key] for h in result.history], style,
+                             label=f"{head}, seed {result.seed}")
+        srcc_ax.axvline(result.best_epoch, color="grey", alpha=0.3)
+    loss_ax.set(title="train loss", xlabel="epoch")
+    srcc_ax.set(title="validation SRCC (grey: selected epoch)", xlabel="epoch")
+    loss_ax.legend(fontsize=7)
+    srcc_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,154 @@
+"""Training the fusion and heads from cached tower embeddings (torch only, no Ray, no files).
+
+Loss per head: MSE on MOS normalised to [0, 1] plus ``rank_weight`` times a pairwise hinge
+over every pair in the batch whose MOS differ (the higher-rated image must be predicted at
+least ``margin`` higher). Heads are weighted; rows without a target for a head (no prompt,
+no alignment MOS) do not count for that head. AdamW with a cosine schedule; the epoch kept is
+the one with the best validation SRCC -- validation data only, never a test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from iqray.model.metrics import srcc
+from iqray.model.mst_clipiqa import MSTClipIQA
+
+HEADS = ("quality", "alignment")
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=40, gt=0, description="passes over the training rows")
+    train_batch_size: int = Field(default=64, gt=1, description="rows per optimiser step")
+    lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate (heads from scratch)")
+    weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay")
+    rank_weight: float = Field(default=1.0, ge=0, description="lambda of the ranking hinge")
+    margin: float = Field(default=0.1, ge=0, description="hinge margin, normalised MOS units")
+    quality_weight: float = Field(default=1.0, ge=0, description="weight of the quality head")
+    alignment_weight: float = Field(default=1.0, ge=0,
+                                    description="weight of the alignment head")
+    seed: int = Field(default=0, description="seed of the first repeat")
+
+
+@dataclass
+class HeadData:
+    """Rows for the heads: tower embeddings, prompts, normalised targets (NaN = none)."""
+
+    coarse: torch.Tensor
+    fine: torch.Tensor
+    prompts: list[str | None]
+    targets: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, index: torch.Tensor) -> HeadData:
+        rows = index.tolist()
+        return HeadData(self.coarse[index], self.fine[index], [self.prompts[i] for i in rows],
+                        {k: v[index] for k, v in self.targets.items()})
+
+
+@dataclass
+class TrainResult:
+    seed: int
+    best_epoch: int
+    best_val: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def ranking_hinge(pred: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean over ordered pairs (target_i > target_j) of relu(margin - (pred_i - pred_j))."""
+    diff_target = target[:, None] - target[None, :]
+    diff_pred = pred[:, None] - pred[None, :]
+    pairs = diff_target > 0
+    if not pairs.any():
+        return pred.sum() * 0.0
+    return torch.relu(margin - diff_pred[pairs]).mean()
+
+
+def head_loss(pred: torch.Tensor, target: torch.Tensor, margin: float,
+              rank_weight: float) -> torch.Tensor:
+    valid = torch.isfinite(target) & torch.isfinite(pred)
+    if valid.sum() < 1:
+        return pred.nan_to_num().sum() * 0.0
+    pred, target = pred[valid], target[valid]
+    return torch.mean((pred - target) ** 2) + rank_weight * ranking_hinge(pred, target, margin)
+
+
+def predict(model: MSTClipIQA, data: HeadData, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Normalised predictions of both heads for every row."""
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {h: [] for h in HEADS}
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            rows = slice(start, start + batch_size)
+            prompts = model.encode_prompts(data.prompts[rows])
+            pred = model.forward_heads(data.coarse[rows], data.fine[rows], prompts)
+            for head in HEADS:
+                out[head].append(pred[head].cpu().numpy())
+    return {h: np.concatenate(v) if v else np.zeros(0) for h, v in out.items()}
+
+
+def validation_srcc(model: MSTClipIQA, data: HeadData) -> dict[str, float]:
+    pred = predict(model, data)
+    scores = {}
+    for head in HEADS:
+        target = data.targets[head].numpy()
+        if np.isfinite(target).sum() >= 3:
+            scores[head] = srcc(pred[head], target)
+    scores["mean"] = float(np.mean([scores[h] for h in HEADS if h in scores]))
+    return scores
+
+
+def fit_heads(model: MSTClipIQA, train: HeadData, val: HeadData, settings: TrainSettings,
+              seed: int, on_epoch: Callable[[dict[str, float]], None] | None = None
+              ) -> TrainResult:
+    """Train fresh heads (seeded) on ``train``; keep the epoch with the best val SRCC."""
+    model.config = model.config.model_copy(update={"trained": True})
+    model.reset_heads(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train) / settings.train_batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimiser, T_max=settings.epochs * steps_per_epoch)
+    weights = {"quality": settings.quality_weight, "alignment": settings.alignment_weight}
+    generator = torch.Generator().manual_seed(seed)
+    result = TrainResult(seed=seed, best_epoch=-1, best_val={"mean": -math.inf})
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        losses = []
+        for start in range(0, len(train), settings.train_batch_size):
+            batch = train.subset(order[start : start + settings.train_batch_size])
+            pred = model.forward_heads(batch.coarse, batch.fine,
+                                       model.encode_prompts(batch.prompts))
+            loss = sum(weights[h] * head_loss(pred[h], batch.targets[h].to(model.device),
+                                              settings.margin, settings.rank_weight)
+                       for h in HEADS if weights[h] > 0)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+        val_scores = validation_srcc(model, val)
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                  **{f"val_srcc_{k}": v for k, v in val_scores.items()}}
+        result.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if val_scores["mean"] > result.best_val["mean"]:
+            result.best_epoch, result.best_val = epoch, val_scores
+            result.state = copy.deepcopy(model.trainable_state_dict())
+    model.load_state_dict(result.state, strict=False)
+    model.eval()
+    return result

@@ -1,0 +1,131 @@
+"""`iqray train`: losses, selection on validation only, repeats, outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pytest
+import torch
+from PIL import Image
+
+import iqray.model
+from iqray.jobs.train import TrainConfig, run_train
+from iqray.model.training import HeadData, TrainSettings, fit_heads, head_loss, ranking_hinge
+from iqray.pipeline.embed_cache import EmbeddingCache
+
+SAMPLE_COLUMNS = dict(image_path_column="name", key_columns=["name"])
+
+
+def test_ranking_hinge_counts_misordered_pairs_within_the_margin():
+    target = torch.tensor([0.0, 0.5, 1.0])
+    assert float(ranking_hinge(torch.tensor([0.0, 0.5, 1.0]), target, 0.1)) == 0.0
+    reversed_pred = torch.tensor([1.0, 0.5, 0.0])
+    # pairs (1>0, 2>0, 2>1): pred differences -0.5, -1.0, -0.5 -> hinge 0.6, 1.1, 0.6
+    assert float(ranking_hinge(reversed_pred, target, 0.1)) == pytest.approx(2.3 / 3)
+    assert float(ranking_hinge(torch.tensor([0.0, 0.05]), torch.tensor([0.0, 1.0]), 0.1)) == \
+        pytest.approx(0.05)
+    # Ties carry no ranking information.
+    assert float(ranking_hinge(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]), 0.1)) == 0.0
+
+
+def test_head_loss_ignores_rows_without_a_target():
+    pred = torch.tensor([0.2, 0.9, 0.4])
+    target = torch.tensor([0.2, float("nan"), 0.5])
+    expected = ((0.0**2 + 0.1**2) / 2) + 1.0 * max(0.0, 0.1 - (0.4 - 0.2))
+    assert float(head_loss(pred, target, 0.1, 1.0)) == pytest.approx(expected)
+
+
+def sample_head_data(model, sample, rows, seed=0):
+    names, images, prompts = sample
+    with torch.inference_mode():
+        pixels = torch.stack([model.transform.load(images[i]) for i in rows])
+        coarse, fine = model.encode_images(pixels)
+    # A learnable synthetic target: a fixed direction of the coarse embedding.
+    direction = torch.randn(coarse.shape[1], generator=torch.Generator().manual_seed(seed))
+    score = torch.sigmoid(3 * torch.nn.functional.normalize(coarse, dim=-1) @ direction)
+    return HeadData(coarse.clone(), fine.clone(), [prompts[i] for i in rows],
+                    {"quality": score, "alignment": score.flip(0)})
+
+
+def test_training_lowers_the_loss_and_keeps_the_best_validation_epoch(sample):
+    model = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    train = sample_head_data(model, sample, range(0, 24))
+    val = sample_head_data(model, sample, range(24, 32))
+    settings = TrainSettings(epochs=8, train_batch_size=8, lr=3e-3)
+    result = fit_heads(model, train, val, settings, seed=0)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    best = max(result.history, key=lambda h: h["val_srcc_mean"])
+    assert result.best_epoch == best["epoch"]
+    assert not model.zero_shot
+    # The model holds the selected epoch's weights.
+    for name, value in result.state.items():
+        torch.testing.assert_close(model.trainable_state_dict()[name], value)
+    # Same seed, same run.
+    again = fit_heads(model, train, val, settings, seed=0)
+    assert [h["train_loss"] for h in again.history] == losses
+
+
+def write_split_table(tmp_path, sample):
+    """train/val/test rows in one table; the test rows' images exist and are unique, so
+    reading them would put them in the cache."""
+    names, images, prompts = sample
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = []
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(images[i])
+        split = "train" if i < 20 else "val" if i < 28 else "test"
+        rows.append({"name": name, "prompt": prompts[i], "split": split,
+                     "mos_quality": float(i % 7), "mos_align": float((i * 3) % 5)})
+    test_images = []
+    for i in range(4):
+        image = Image.new("RGB", (64, 64), (i * 60, 10, 10))
+        path = folder / f"held-out-{i}.png"
+        image.save(path)
+        test_images.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        rows.append({"name": path.name, "prompt": "held out", "split": "test",
+                     "mos_quality": 4.0, "mos_align": 4.0})
+    table = pa.Table.from_pylist(rows)
+    pa_csv.write_csv(table, folder / "all.csv")
+    return folder, test_images
+
+
+def test_train_job_reads_only_train_and_val_rows_and_reports_mean_and_std(
+        ray_local, tmp_path, sample):
+    folder, test_images = write_split_table(tmp_path, sample)
+    config = TrainConfig(input=str(folder / "all.csv"), split_column="split",
+                         cache=str(tmp_path / "cache"), output=str(tmp_path / "run"),
+                         epochs=3, train_batch_size=8, repeats=2, progress=False,
+                         **SAMPLE_COLUMNS)
+    metrics = run_train(config, log=lambda *a: None)
+    cache = EmbeddingCache(str(tmp_path / "cache"))
+    cached = cache.image_keys()
+    assert len(cached) == 28 and not cached & set(test_images)
+    assert metrics["rows"] == {"train": 20, "val": 8}
+    quality = metrics["val_srcc"]["quality"]
+    assert quality["n"] == 2 and math.isfinite(quality["mean"]) and quality["std"] >= 0
+    assert [r["seed"] for r in metrics["repeats"]] == [0, 1]
+
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["trained"] and saved["data_hash"]
+    assert saved["model"]["quality_scale"] == {"low": 0.0, "high": 6.0}
+    assert json.loads((run / "metrics.json").read_text())["history"]
+    with Image.open(run / "training_curves.png") as png:
+        assert png.size[0] > 400
+    model = iqray.model.load(run)
+    scores = model.score([folder / sample[0][0]], [sample[2][0]])
+    assert 0.0 <= scores["quality"][0] <= 6.0 and np.isfinite(scores["alignment"][0])
+
+
+def test_train_needs_exactly_one_way_to_split(tmp_path):
+    with pytest.raises(ValueError, match="either --val"):
+        TrainConfig(input="a.csv", cache=str(tmp_path))
+    with pytest.raises(ValueError, match="either --val"):
+        TrainConfig(input="a.csv", val="b.csv", split_column="split", cache=str(tmp_path))
