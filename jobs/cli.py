@@ -85,6 +85,24 @@ def run_train_job(config) -> int:
     return 0
 
 
+def run_eval_job(config) -> int:
+    import logging
+
+    import ray.data  # noqa: F401
+
+    from iqray.jobs.evaluate import run_eval
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    run_eval(config)
+    return 0
+
+
+def _eval_config():
+    from iqray.jobs.evaluate import EvalConfig
+
+    return EvalConfig
+
+
 def _train_config():
     from iqray.jobs.train import TrainConfig
 
@@ -114,6 +132,9 @@ JOBS: dict[str, tuple[Callable[[], type[BaseModel]], Callable[[BaseModel], int],
               ("input",)),
     "train": (_train_config, run_train_job,
               "train the fusion and heads on human ratings (embeddings cached)", ("input",)),
+    "eval": (_eval_config, run_eval_job,
+             "SRCC/KRCC/PLCC of a checkpoint on labelled data, per group, with baselines",
+             ("input",)),
     "info": (lambda: InfoConfig, run_info,
              "describe a model: towers, weights, parameters, outputs", ()),
 }

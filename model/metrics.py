@@ -14,7 +14,9 @@ from scipy import optimize, stats
 
 
 def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
-    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / (abs(b4) + 1e-12))) + b2
+    # Clipped: a steep fit overflows exp for far-out x, where the curve is flat anyway.
+    z = np.clip(-(np.asarray(x, float) - b3) / (abs(b4) + 1e-12), -60.0, 60.0)
+    return (b1 - b2) / (1.0 + np.exp(z)) + b2
 
 
 def fit_logistic4(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:

@@ -1,0 +1,154 @@
+"""`iqray eval`: agreement of a checkpoint with human scores, overall and per group, beside
+trivial baselines (Laplacian-variance sharpness, file size) on the same rows."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from iqray.jobs.train import LabelledDataConfig, embed_table, head_data, labelled_rows, read_table
+from iqray.model.training import HEADS
+
+
+class EvalConfig(LabelledDataConfig):
+    """`iqray eval`: SRCC/KRCC/PLCC (raw and logistic) of a checkpoint on labelled data."""
+
+    output: str = Field(default="runs/eval", description="folder for eval.json and scatter.png")
+    group_column: str | None = Field(default=None, description="column to break results down by")
+    group_pattern: str | None = Field(
+        default=None, description="regex on the image name whose first group is the group "
+        "(e.g. '^([^_]+)_' for AGIQA-3K's generator)")
+    bootstrap: int = Field(default=1000, ge=0, description="bootstrap samples for the SRCC CI")
+    baselines: bool = Field(default=True, description="also score Laplacian variance, file size")
+
+
+def laplacian_variance(image_bytes: bytes) -> float:
+    """Variance of the Laplacian of the grey image: the classic sharpness proxy."""
+    from scipy import ndimage
+
+    from iqray.model.preprocess import open_image
+
+    grey = np.asarray(open_image(image_bytes).convert("L"), dtype=np.float32)
+    return float(ndimage.laplace(grey).var())
+
+
+def baseline_scores(config: EvalConfig, rows: list[int]) -> dict[str, np.ndarray]:
+    from iqray.pipeline.readers import discover_shards, read_shard
+
+    read, storage = config.read_config(), config.storage_config()
+    (shard,) = discover_shards(config.input, read, storage)
+    sharpness, size = {}, {}
+    for batch in read_shard(shard, read, storage, []):
+        for row, image in zip(batch["source_row"], batch["_image"], strict=True):
+            if image is not None:
+                size[row] = float(len(image))
+                sharpness[row] = laplacian_variance(image)
+    return {"laplacian_variance": np.array([sharpness.get(r, np.nan) for r in rows]),
+            "file_size": np.array([size.get(r, np.nan) for r in rows])}
+
+
+def groups_for(config: EvalConfig, rows: list[int]) -> list[str]:
+    if config.group_column is not None:
+        values = read_table(config.input, config.storage_config())[config.group_column]
+        return [str(values[r].as_py()) for r in rows]
+    if config.group_pattern is not None:
+        table = read_table(config.input, config.storage_config())
+        column = config.image_path_column or (config.key_columns or [None])[0]
+        if column is None or column not in table.column_names:
+            raise ValueError("--group-pattern needs --image-path-column or --key-columns to "
+                             "name the images")
+        pattern = re.compile(config.group_pattern)
+        names = table[column].to_pylist()
+        groups = []
+        for r in rows:
+            match = pattern.search(Path(str(names[r])).name)
+            groups.append(match.group(1) if match and match.groups() else "other")
+        return groups
+    return ["all"] * len(rows)
+
+
+def run_eval(config: EvalConfig, log=print) -> dict:
+    import iqray.model
+    from iqray.model.metrics import agreement, bootstrap_srcc_ci
+
+    image_root = config.image_root or (config.input.rsplit("/", 1)[0]
+                                       if "/" in config.input else ".")
+    cache = embed_table(config, config.input, image_root, log=lambda *a: None)
+    labelled = labelled_rows(config.model_copy(update={"image_root": image_root}),
+                             config.input, cache)
+    model = iqray.model.load(config.model, device="cpu", allow_download=False)
+    model.prime_prompt_cache(cache.load_prompts({p for p in labelled.prompts if p}))
+    data = head_data(cache, labelled, {h: (0.0, 1.0) for h in HEADS})
+    scores = model.score_embeddings(data.coarse, data.fine, labelled.prompts)
+    rows = _source_rows(config, cache, labelled)
+    groups = groups_for(config, rows)
+    report: dict = {"model": config.model, "data": config.input, "rows": len(rows),
+                    "mode": model.mode, "heads": {}}
+    baselines = baseline_scores(config.model_copy(update={"image_root": image_root}), rows) \
+        if config.baselines else {}
+    for head in HEADS:
+        mos = labelled.mos[head]
+        if np.isfinite(mos).sum() < 3:
+            continue
+        pred = scores[head]
+        result = agreement(pred, mos)
+        if config.bootstrap:
+            result["srcc_ci95"] = list(bootstrap_srcc_ci(pred, mos, samples=config.bootstrap))
+        result["groups"] = {g: agreement(pred[np.array(groups) == g], mos[np.array(groups) == g])
+                            for g in sorted(set(groups))}
+        result["baselines"] = {name: agreement(values, mos)
+                               for name, values in baselines.items()}
+        report["heads"][head] = result
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_scatter(scores, labelled.mos, groups, report, output / "scatter.png")
+    for head, result in report["heads"].items():
+        low, high = result.get("srcc_ci95", [float("nan")] * 2)
+        base = ", ".join(f"{k} {v['srcc']:.3f}" for k, v in result["baselines"].items())
+        log(f"{head}: SRCC {result['srcc']:.3f} [{low:.3f}, {high:.3f}], KRCC "
+            f"{result['krcc']:.3f}, PLCC {result['plcc']:.3f}, PLCC (logistic) "
+            f"{result['plcc_logistic']:.3f} on {result['n']} rows"
+            + (f"; baselines SRCC: {base}" if base else ""))
+    log(f"wrote {output}/eval.json and scatter.png")
+    return report
+
+
+def _source_rows(config: EvalConfig, cache, labelled) -> list[int]:
+    import pyarrow.compute as pc
+
+    from iqray.pipeline.embed import index_table
+    from iqray.pipeline.readers import discover_shards
+
+    (shard,) = discover_shards(config.input, config.read_config(), config.storage_config())
+    index = index_table(cache, [shard.output_name])
+    return index.filter(pc.equal(index["status"], "ok"))["source_row"].to_pylist()
+
+
+def plot_scatter(scores, mos, groups, report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = list(report["heads"])
+    fig, axes = plt.subplots(1, max(len(heads), 1), figsize=(5.5 * max(len(heads), 1), 4.5),
+                             squeeze=False)
+    names = sorted(set(groups))
+    colours = plt.get_cmap("tab10")
+    for ax, head in zip(axes[0], heads, strict=False):
+        for i, group in enumerate(names):
+            mask = np.array(groups) == group
+            ax.scatter(scores[head][mask], mos[head][mask], s=10, alpha=0.7,
+                       color=colours(i % 10), label=group)
+        result = report["heads"][head]
+        ax.set(title=f"{head}: SRCC {result['srcc']:.3f}, PLCC {result['plcc_logistic']:.3f}",
+               xlabel="prediction", ylabel="MOS")
+        ax.legend(fontsize=7, markerscale=1.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

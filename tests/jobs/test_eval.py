@@ -1,0 +1,83 @@
+"""`iqray eval`: metrics of a checkpoint on labelled data, per group, with baselines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pipeline_data import SAMPLE
+from scipy import ndimage, stats
+
+import iqray.model
+from iqray.jobs.evaluate import EvalConfig, laplacian_variance, run_eval
+
+SAMPLE_COLUMNS = dict(image_path_column="name", key_columns=["name"])
+
+
+@pytest.fixture()
+def trained_checkpoint(tmp_path):
+    model = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    model.config = model.config.model_copy(update={"trained": True})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and "fusion" not in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        model.alignment_head.alpha.fill_(0.5)
+    return iqray.model.save_checkpoint(model, tmp_path / "ckpt")
+
+
+def test_eval_writes_metrics_per_group_with_baselines_and_a_plot(ray_local, tmp_path,
+                                                                 trained_checkpoint,
+                                                                 sample_rows):
+    report = run_eval(EvalConfig(
+        input=str(SAMPLE / "prompts.csv"), image_root=str(SAMPLE / "images"),
+        model=str(trained_checkpoint), cache=str(tmp_path / "cache"),
+        output=str(tmp_path / "eval"), group_pattern=r"^([^_]+)_", bootstrap=200,
+        progress=False, **SAMPLE_COLUMNS), log=lambda *a: None)
+
+    written = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    with Image.open(tmp_path / "eval" / "scatter.png") as png:
+        assert png.size[0] > 600
+
+    # The numbers are those of model.score on the same images, against the same MOS.
+    model = iqray.model.load(trained_checkpoint)
+    scores = model.score([r["path"] for r in sample_rows], [r["prompt"] for r in sample_rows])
+    mos_q = np.array([float(r["mos_quality"]) for r in sample_rows])
+    quality = report["heads"]["quality"]
+    assert quality["n"] == 32
+    assert quality["srcc"] == pytest.approx(stats.spearmanr(scores["quality"], mos_q).statistic,
+                                            abs=0.02)
+    low, high = quality["srcc_ci95"]
+    assert low <= quality["srcc"] <= high
+    assert set(quality["groups"]) == {"AttnGAN", "DALLE2", "glide", "midjourney", "sd1.5",
+                                      "xl2.2"}
+    midjourney = sum(r["name"].startswith("midjourney_") for r in sample_rows)
+    assert quality["groups"]["midjourney"]["n"] == midjourney == 9
+
+    sharpness = [laplacian_variance(r["path"].read_bytes()) for r in sample_rows]
+    expected = stats.spearmanr(sharpness, mos_q).statistic
+    assert quality["baselines"]["laplacian_variance"]["srcc"] == pytest.approx(expected)
+    sizes = [r["path"].stat().st_size for r in sample_rows]
+    assert quality["baselines"]["file_size"]["srcc"] == pytest.approx(
+        stats.spearmanr(sizes, mos_q).statistic)
+    assert "alignment" in report["heads"]
+
+
+def test_laplacian_variance_ranks_blur_below_sharp():
+    rng = np.random.default_rng(0)
+    sharp = (rng.random((64, 64)) * 255).astype(np.uint8)
+    blurred = ndimage.gaussian_filter(sharp.astype(float), 2).astype(np.uint8)
+
+    def png(array):
+        import io
+
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    assert laplacian_variance(png(sharp)) > 10 * laplacian_variance(png(blurred))
