@@ -36,6 +36,9 @@ class ScoreConfig(RunConfig):
     dry_run_rows: int = Field(default=64, gt=0, description="rows a dry run scores")
     keep_prompt: bool = Field(default=True, description="write the prompt column")
     keep_image_bytes: bool = Field(default=False, description="write the image bytes too")
+    cache: str | None = Field(
+        default=None, description="embedding cache (`iqray embed`): shards it has indexed are "
+        "rescored from cached embeddings, heads only, without reading an image")
 
     @model_validator(mode="after")
     def _no_preview_retry(self) -> ScoreConfig:
@@ -84,9 +87,19 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                          keep_image_bytes=config.keep_image_bytes, previous=previous)
     log(f"iqray score: {len(shards)} shards in {config.input}; {len(done)} already committed, "
         f"{len(todo)} to score; model {spec.name} ({metadata['score_mode']})")
+    from_cache = []
+    if config.cache and todo and not config.keep_image_bytes and not preview:
+        from iqray.pipeline.rescore import cached_shards, rescore_from_cache
+
+        from_cache = cached_shards(todo, config.cache, storage, spec)
+        todo = [s for s in todo if s not in from_cache]
+        if from_cache:
+            rescore_from_cache(from_cache, config.cache, storage, spec, writer, summary)
+            log(f"{len(from_cache)} shards rescored from the embedding cache {config.cache}")
     if todo:
         execute(config, ray, spec, Scorer, todo, key_columns, writer, summary,
                 keep_image_bytes=config.keep_image_bytes)
+    todo = todo + from_cache
     summary.shards_scored = len(todo)
     summary.outputs = writer.committed
     summary.wall_s = time.perf_counter() - started

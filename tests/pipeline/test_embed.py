@@ -86,3 +86,30 @@ def test_missing_entries_are_named(tmp_path):
     coarse, fine = cache.load_images(["sha-1"])
     assert coarse.dtype == np.float32 and coarse.tolist() == [[1, 1, 1, 1]]
     assert cache.image_keys() == {"sha-1"}
+
+
+def test_score_with_a_cache_rescores_without_reading_images(ray_local, tmp_path, sample,
+                                                            reference_model):
+    import shutil
+
+    from pipeline_data import read_output
+
+    from iqray.pipeline.score import ScoreConfig, run_score
+
+    images = tmp_path / "images"
+    shutil.copytree(SAMPLE / "images", images)
+    shutil.copy(SAMPLE / "prompts.csv", tmp_path / "prompts.csv")
+    columns = dict(input=str(tmp_path / "prompts.csv"), image_path_column="name",
+                   image_root=str(images), key_columns=["name"], progress=False)
+    embed(cache=str(tmp_path / "cache"), **columns)
+    shutil.rmtree(images)  # from here on, reading any image would fail
+
+    summary = run_score(ScoreConfig(output=str(tmp_path / "out"), cache=str(tmp_path / "cache"),
+                                    **columns), log=lambda *a: None)
+    assert summary.rows == summary.ok == 32 and "heads (from cache)" in summary.stage_busy_s
+    out = read_output(None, summary.outputs)
+    assert out["name"].to_pylist() == sample[0]
+    # fp16 storage: close to the fp32 forward, within the cache's measured error.
+    expected = reference_model.score(sample[1], sample[2])
+    np.testing.assert_allclose(out["quality"].to_numpy(), expected["quality"], atol=2e-3)
+    np.testing.assert_allclose(out["alignment"].to_numpy(), expected["alignment"], atol=2e-3)

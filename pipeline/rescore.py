@@ -1,0 +1,74 @@
+"""Re-scoring from the embedding cache: a new head over an already-embedded dataset costs only
+the heads. Shards whose row index in the cache matches the input file (same fingerprint, same
+towers) are scored from cached embeddings without reading a single image."""
+
+from __future__ import annotations
+
+import posixpath
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import iqray.model
+from iqray.pipeline.embed_cache import EmbeddingCache
+from iqray.pipeline.execution import RunSummary
+from iqray.pipeline.readers import Shard
+from iqray.pipeline.scoring import ModelSpec
+from iqray.pipeline.storage import StorageConfig
+from iqray.pipeline.writer import ShardWriter, read_output_metadata
+
+
+def cached_shards(shards: list[Shard], cache_url: str, storage: StorageConfig,
+                  spec: ModelSpec) -> list[Shard]:
+    cache = EmbeddingCache(cache_url, storage)
+    if cache.manifest is None or cache.manifest["tower_identity"] != spec.tower_identity:
+        return []  # another model's towers: the images have to be read
+    fs, root = storage.filesystem(cache.index_url())
+    usable = []
+    for shard in shards:
+        meta = read_output_metadata(fs, posixpath.join(root, shard.output_name))
+        if meta and meta.get("input_fingerprint") == shard.fingerprint and \
+                meta.get("tower_identity") == spec.tower_identity and meta.get("complete"):
+            usable.append(shard)
+    return usable
+
+
+def rescore_from_cache(shards: list[Shard], cache_url: str, storage: StorageConfig,
+                       spec: ModelSpec, writer: ShardWriter, summary: RunSummary) -> None:
+    cache = EmbeddingCache(cache_url, storage)
+    fs, root = storage.filesystem(cache.index_url())
+    with tempfile.TemporaryDirectory(prefix="iqray-model-") as folder:
+        model = iqray.model.load(spec.materialise(Path(folder)), device="cpu",
+                                 allow_download=False)
+    started = time.perf_counter()
+    for shard in shards:
+        with fs.open(posixpath.join(root, shard.output_name), "rb") as handle:
+            index = pq.read_table(handle)
+        ok = pc.equal(index["status"], "ok").to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(ok)
+        quality = np.full(index.num_rows, np.nan, np.float32)
+        alignment = np.full(index.num_rows, np.nan, np.float32)
+        truncated = np.zeros(index.num_rows, bool)
+        if rows.size:
+            shas = [index["image_sha256"][int(i)].as_py() for i in rows]
+            prompts = [index["prompt"][int(i)].as_py() for i in rows]
+            model.prime_prompt_cache(cache.load_prompts({p for p in prompts if p}))
+            coarse, fine = cache.load_images(shas)
+            scores = model.score_embeddings(coarse, fine, prompts)
+            quality[rows] = scores["quality"]
+            alignment[rows] = scores["alignment"]
+            truncated[rows] = scores["prompt_truncated"]
+        table = index.append_column("quality", pa.array(quality)) \
+            .append_column("alignment", pa.array(alignment)) \
+            .append_column("prompt_truncated", pa.array(truncated)) \
+            .append_column("_shard", pa.array([shard.index] * index.num_rows, pa.int64())) \
+            .append_column("_shard_end", pa.array([index.num_rows] * index.num_rows, pa.int64()))
+        writer.add(table)
+        summary.rows += index.num_rows
+        summary.ok += int(ok.sum())
+    summary.stage_busy_s["heads (from cache)"] = round(time.perf_counter() - started, 3)
