@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +46,10 @@ class TrainConfig(LabelledDataConfig, TrainSettings):
         "rows are ever read")
     output: str = Field(default="runs/train", description="checkpoint directory to write")
     repeats: int = Field(default=1, gt=0, description="seeds to train; reports mean +- std")
+    towers: Literal["frozen", "finetune"] = Field(
+        default="frozen", description="frozen: heads from cached embeddings; finetune: towers "
+        "and heads end to end from images (small towers trained from scratch)")
+    tower_lr: float = Field(default=3e-4, gt=0, description="learning rate of the towers")
     quality_range: tuple[float, float] | None = Field(
         default=None, description="MOS scale of quality (default: min/max of train)")
     alignment_range: tuple[float, float] | None = Field(
@@ -67,6 +72,7 @@ class Labelled:
     mos: dict[str, np.ndarray]
     groups: list[str]
     dropped: int
+    pixels: torch.Tensor | None = None  # end-to-end training only
 
 
 def read_table(url: str, storage: StorageConfig) -> pa.Table:
@@ -134,6 +140,48 @@ def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache,
                     dropped=index.num_rows - ok.num_rows)
 
 
+def image_rows(config: LabelledDataConfig, url: str, image_root: str, model) -> Labelled:
+    """Decoded uint8 crops of every readable row (end-to-end training reads images itself)."""
+    from iqray.model.preprocess import ImageDecodeError, open_image
+    from iqray.pipeline.readers import read_shard
+
+    read = config.read_config().model_copy(update={"image_root": image_root,
+                                                   "format": "auto"})
+    storage = config.storage_config()
+    (shard,) = discover_shards(url, read, storage)
+    source = read_table(url, storage)
+    crops, rows, prompts, shas, dropped = [], [], [], [], 0
+    for batch in read_shard(shard, read, storage, []):
+        for row, image, prompt in zip(batch["source_row"], batch["_image"], batch["prompt"],
+                                      strict=True):
+            try:
+                crops.append(model.transform.crop(open_image(image)))
+            except (ImageDecodeError, TypeError):
+                dropped += 1
+                continue
+            rows.append(row)
+            prompts.append(prompt)
+            shas.append(hashlib.sha256(image).hexdigest())
+    mos = {}
+    for head, column in (("quality", config.quality_column),
+                         ("alignment", config.alignment_column)):
+        values = (source[column].to_numpy(zero_copy_only=False).astype(float)
+                  if column else np.full(source.num_rows, np.nan))
+        mos[head] = values[rows]
+    labelled = Labelled(shas, prompts, mos, [""] * len(rows), dropped)
+    labelled.pixels = torch.stack(crops) if crops else None
+    return labelled
+
+
+def pixel_data(rows: Labelled, scales: dict[str, tuple[float, float]]):
+    from iqray.model.training import ImageRows
+
+    targets = {head: torch.as_tensor((rows.mos[head] - scales[head][0])
+                                     / (scales[head][1] - scales[head][0]), dtype=torch.float32)
+               for head in HEADS}
+    return ImageRows(rows.pixels, rows.prompts, targets)
+
+
 def head_data(cache: EmbeddingCache, rows: Labelled, scales: dict[str, tuple[float, float]]
               ) -> HeadData:
     coarse, fine = cache.load_images(rows.shas)
@@ -171,39 +219,50 @@ def run_train(config: TrainConfig, log=print) -> dict:
     from iqray.model.checkpoint import save_checkpoint
     from iqray.model.config import ScoreScale
     from iqray.model.metrics import mean_std
-    from iqray.model.training import fit_heads
+    from iqray.model.training import fit_end_to_end, fit_heads
 
     storage = config.storage_config()
+    image_root = config.image_root or _default_root(config.input)
+    model = iqray.model.load(config.model, device="cpu", allow_download=False)
+    settings = TrainSettings.model_validate(config.model_dump(
+        include=set(TrainSettings.model_fields)))
     with tempfile.TemporaryDirectory(prefix="iqray-train-") as workdir:
         tables = split_tables(config, storage, Path(workdir))
-        image_root = config.image_root or _default_root(config.input)
-        splits = {}
-        for split, url in tables.items():
-            cache = embed_table(config, url, image_root, log=lambda *a: None)
-            splits[split] = labelled_rows(config, url, cache)
-            log(f"{split}: {len(splits[split].shas)} rows embedded"
-                + (f", {splits[split].dropped} dropped (unreadable)"
-                   if splits[split].dropped else ""))
+        if config.towers == "finetune":
+            splits = {split: image_rows(config, url, image_root, model)
+                      for split, url in tables.items()}
+        else:
+            splits = {}
+            for split, url in tables.items():
+                cache = embed_table(config, url, image_root, log=lambda *a: None)
+                splits[split] = labelled_rows(config, url, cache)
+        for split, rows in splits.items():
+            log(f"{split}: {len(rows.shas)} rows"
+                + (f", {rows.dropped} dropped (unreadable)" if rows.dropped else ""))
     scales = {head: default_scale(splits["train"].mos[head],
                                   getattr(config, f"{head}_range"), head) for head in HEADS}
-    train = head_data(cache, splits["train"], scales)
-    val = head_data(cache, splits["val"], scales)
-
-    model = iqray.model.load(config.model, device="cpu", allow_download=False)
     model.config = model.config.model_copy(update={
         "trained": True,
         "quality_scale": ScoreScale(low=scales["quality"][0], high=scales["quality"][1]),
         "alignment_scale": ScoreScale(low=scales["alignment"][0], high=scales["alignment"][1]),
     })
-    prompts = {p for p in train.prompts + val.prompts if p}
-    model.prime_prompt_cache(cache.load_prompts(prompts))
-    settings = TrainSettings.model_validate(config.model_dump(
-        include=set(TrainSettings.model_fields)))
+    if config.towers == "finetune":
+        train, val = (pixel_data(splits[s], scales) for s in ("train", "val"))
+    else:
+        train = head_data(cache, splits["train"], scales)
+        val = head_data(cache, splits["val"], scales)
+        model.prime_prompt_cache(cache.load_prompts(
+            {p for p in train.prompts + val.prompts if p}))
     results = []
     for repeat in range(config.repeats):
         seed = config.seed + repeat
         bar = _epoch_bar(config, seed)
-        result = fit_heads(model, train, val, settings, seed=seed, on_epoch=bar.update_epoch)
+        if config.towers == "finetune":
+            result = fit_end_to_end(model, train, val, settings, seed=seed,
+                                    tower_lr=config.tower_lr, on_epoch=bar.update_epoch)
+        else:
+            result = fit_heads(model, train, val, settings, seed=seed,
+                               on_epoch=bar.update_epoch)
         bar.close()
         log(f"seed {seed}: best epoch {result.best_epoch}, val SRCC "
             + ", ".join(f"{k} {v:.3f}" for k, v in result.best_val.items()))
@@ -211,6 +270,8 @@ def run_train(config: TrainConfig, log=print) -> dict:
 
     best = max(results, key=lambda r: r.best_val["mean"])  # chosen on validation only
     model.load_state_dict(best.state, strict=False)
+    if config.towers == "finetune":
+        model.refresh_grade_text()
     summary = {head: mean_std([r.best_val[head] for r in results])
                for head in (*HEADS, "mean") if head in best.best_val}
     metrics = {"val_srcc": summary, "repeats": [
@@ -218,11 +279,11 @@ def run_train(config: TrainConfig, log=print) -> dict:
         "selected_seed": best.seed, "rows": {k: len(v.shas) for k, v in splits.items()},
         "settings": settings.model_dump()}
     output = Path(config.output)
-    save_checkpoint(model, output, metrics=metrics,
+    save_checkpoint(model, output, metrics=metrics, include_towers=config.towers == "finetune",
                     data_hash=data_hash(splits["train"], splits["val"]),
                     extra={"training": {"train": tables["train"] if config.val else config.input,
                                         "val": config.val, "split_column": config.split_column,
-                                        "cache": config.cache}})
+                                        "cache": config.cache, "towers": config.towers}})
     (output / "metrics.json").write_text(json.dumps(
         {**metrics, "history": {r.seed: r.history for r in results}}, indent=2) + "\n")
     plot_training_curves(results, output / "training_curves.png")

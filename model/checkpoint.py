@@ -55,17 +55,37 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def save_checkpoint(model, directory: str | os.PathLike, *, metrics: dict | None = None,
-                    data_hash: str | None = None, extra: dict | None = None) -> Path:
-    """Write ``model``'s trainable parameters and config to ``directory`` (created)."""
+                    data_hash: str | None = None, extra: dict | None = None,
+                    include_towers: bool = False) -> Path:
+    """Write ``model``'s trainable parameters and config to ``directory`` (created).
+
+    ``include_towers`` also writes the towers' weights (``towers/coarse.safetensors``: image
+    + text; ``towers/fine.safetensors``: image side only) and points the config at them: for
+    towers trained here, which no pretrained tag can name.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    model_config = model.config
+    if include_towers:
+        updates = {}
+        for role, module, prefix in (("coarse", model.coarse, ""),
+                                     ("fine", model.fine_visual, "visual.")):
+            relative = f"towers/{role}.safetensors"
+            state = {prefix + k: v.detach().cpu().contiguous()
+                     for k, v in module.state_dict().items()}
+            (directory / "towers").mkdir(exist_ok=True)
+            tmp = directory / "towers" / f".{role}.tmp"
+            save_file(state, str(tmp), metadata={"format": "pt", "producer": "iqray"})
+            os.replace(tmp, directory / relative)
+            updates[role] = getattr(model_config, role).model_copy(update={"pretrained": relative})
+        model_config = model_config.model_copy(update=updates)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "iqray_version": iqray_version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model.config.model_dump(mode="json"),
+        "model": model_config.model_dump(mode="json"),
         "trainable_parameters": {k: list(v.shape) for k, v in tensors.items()},
         "metrics": metrics or {},
         "data_hash": data_hash,

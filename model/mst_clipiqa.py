@@ -104,10 +104,13 @@ class QualityHead(nn.Module):
     def num_grades(self) -> int:
         return int(self.grade_values.numel())
 
-    def forward(self, image_embedding: torch.Tensor) -> torch.Tensor:
-        """Expected grade in [1, num_grades]."""
+    def forward(self, image_embedding: torch.Tensor,
+                grade_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Expected grade in [1, num_grades]. ``grade_text`` overrides the stored prompts'
+        embeddings (a text tower being trained computes them live)."""
+        grade_text = self.grade_text if grade_text is None else F.normalize(grade_text, dim=-1)
         scale = self.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        logits = scale * F.normalize(image_embedding, dim=-1) @ self.grade_text.T
+        logits = scale * F.normalize(image_embedding, dim=-1) @ grade_text.T
         return logits.softmax(dim=-1) @ self.grade_values
 
 
@@ -161,11 +164,7 @@ class MSTClipIQA(nn.Module):
                 raise ValueError(f"{name} tower embeds to {out}-d, heads expect {dim}-d "
                                  "(heads.embed_dim)")
         self.fusion = GatedFusion(dim, config.heads.fusion_hidden)
-        grade_prompts = [config.heads.quality_template.format(g)
-                         for g in config.heads.quality_grades]
-        with torch.no_grad():
-            grade_text = self._encode_text_tokens(self._tokenize(grade_prompts)[0])[1]
-        self.quality_head = QualityHead(grade_text, float(coarse.logit_scale.exp()))
+        self.quality_head = QualityHead(self._grade_text(), float(coarse.logit_scale.exp()))
         self.alignment_head = AlignmentHead(dim, config.heads.attn_heads,
                                             config.heads.align_mlp_hidden)
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, bool]] = (
@@ -191,8 +190,9 @@ class MSTClipIQA(nn.Module):
 
     def train(self, mode: bool = True) -> MSTClipIQA:
         super().train(mode)
-        for tower in self.towers():  # frozen towers stay in eval mode (no dropout, fixed norms)
-            tower.eval()
+        if not getattr(self, "_towers_trainable", False):
+            for tower in self.towers():  # frozen towers stay in eval mode (fixed norms, no dropout)
+                tower.eval()
         return self
 
     # -- introspection --------------------------------------------------------------------
@@ -214,8 +214,32 @@ class MSTClipIQA(nn.Module):
         return {"trainable": trainable, "frozen": frozen}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        """Parameters of the fusion and heads: what a checkpoint's model.safetensors holds
+        (tower weights, trained or not, travel as tower files)."""
+        names = {n for n, _ in self.named_parameters()
+                 if n.startswith(("fusion.", "quality_head.", "alignment_head."))}
         return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def _grade_text(self) -> torch.Tensor:
+        """Pooled text embeddings of the graded quality prompts."""
+        prompts = [self.config.heads.quality_template.format(g)
+                   for g in self.config.heads.quality_grades]
+        return self._encode_text_tokens(self._tokenize(prompts)[0])[1]
+
+    def refresh_grade_text(self) -> None:
+        """Recompute the stored grade-prompt embeddings (after the text tower changed)."""
+        with torch.no_grad():
+            self.quality_head.grade_text = F.normalize(self._grade_text(), dim=-1)
+        self.clear_prompt_cache()
+
+    def set_towers_trainable(self, trainable: bool) -> None:
+        """Unfreeze (or freeze again) both towers, for training small towers end to end."""
+        self._towers_trainable = trainable
+        for tower in self.towers():
+            tower.requires_grad_(trainable)
+        if not trainable:
+            self.refresh_grade_text()
+        self.train(self.training)
 
     @property
     def score_range(self) -> dict[str, ScoreSpec]:
@@ -319,15 +343,24 @@ class MSTClipIQA(nn.Module):
                                      torch.as_tensor(pooled, dtype=torch.float32,
                                                      device=self.device), bool(truncated)))
 
-    def encode_prompts(self, prompts: Sequence[str | None]) -> PromptBatch:
-        """Prompt features for a batch; each distinct prompt is encoded once (LRU cached)."""
+    def encode_prompts(self, prompts: Sequence[str | None], grad: bool = False) -> PromptBatch:
+        """Prompt features for a batch; each distinct prompt is encoded once (LRU cached).
+
+        ``grad=True`` (training the text tower) bypasses the cache and keeps the graph."""
         present = [_clean_prompt(p) for p in prompts]
         distinct = list(dict.fromkeys(p for p in present if p is not None))
-        features = self.prompt_features(distinct)
+        if grad and distinct:
+            ids, lengths, cut = self._tokenize(distinct)
+            tokens, pooled = self._encode_text_tokens(ids)
+            features = {p: (tokens[i, : lengths[i]], pooled[i], cut[i])
+                        for i, p in enumerate(distinct)}
+        else:
+            features = self.prompt_features(distinct)
 
         dim = self.config.heads.embed_dim
         longest = max((features[p][0].shape[0] for p in distinct), default=1)
         batch = len(prompts)
+        # Rows are written into padded tensors; the copies carry gradients when grad=True.
         tokens = torch.zeros(batch, longest, dim, device=self.device)
         pad_mask = torch.ones(batch, longest, dtype=torch.bool, device=self.device)
         pooled = torch.zeros(batch, dim, device=self.device)
@@ -376,7 +409,8 @@ class MSTClipIQA(nn.Module):
             alignment = cosine.clamp(min=0)  # CLIPScore / 2.5
         else:
             fused, _ = self.fusion(coarse, fine)
-            grade = self.quality_head(fused)
+            live = getattr(self, "_towers_trainable", False) and torch.is_grad_enabled()
+            grade = self.quality_head(fused, self._grade_text() if live else None)
             alignment = self.alignment_head(fused, prompts)
         quality = (grade - 1) / (self.quality_head.num_grades - 1)
         alignment = torch.where(prompts.has_prompt, alignment,
@@ -405,6 +439,24 @@ class MSTClipIQA(nn.Module):
         self.fusion.to(self.device)
         self.quality_head.to(self.device)
         self.alignment_head.to(self.device)
+
+    def reset_towers(self, seed: int) -> None:
+        """Re-initialise random-init towers from ``seed`` (towers trained from scratch)."""
+        from iqray.model.weights import create_tower
+
+        for role in ("coarse", "fine"):
+            tower = getattr(self.config, role)
+            if tower.pretrained is not None:
+                raise ValueError(f"{role} tower has pretrained weights ({tower.pretrained}); "
+                                 "only random-init towers are re-initialised")
+            fresh = create_tower(tower.model_copy(update={"init_seed": tower.init_seed
+                                                          + 1000 * seed}))
+            fresh.to(self.device)
+            if role == "coarse":
+                self.coarse.load_state_dict(fresh.state_dict())
+            else:
+                self.fine_visual.load_state_dict(fresh.visual.state_dict())
+        self.refresh_grade_text()
 
     @torch.inference_mode()
     def score_embeddings(self, coarse, fine, prompts: Sequence[str | None],

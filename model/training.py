@@ -110,14 +110,91 @@ def validation_srcc(model: MSTClipIQA, data: HeadData) -> dict[str, float]:
     return scores
 
 
+@dataclass
+class ImageRows:
+    """Rows for end-to-end training: uint8 crops at the towers' input size, prompts, targets."""
+
+    pixels: torch.Tensor
+    prompts: list[str | None]
+    targets: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, index: torch.Tensor) -> ImageRows:
+        rows = index.tolist()
+        return ImageRows(self.pixels[index], [self.prompts[i] for i in rows],
+                         {k: v[index] for k, v in self.targets.items()})
+
+
 def fit_heads(model: MSTClipIQA, train: HeadData, val: HeadData, settings: TrainSettings,
               seed: int, on_epoch: Callable[[dict[str, float]], None] | None = None
               ) -> TrainResult:
-    """Train fresh heads (seeded) on ``train``; keep the epoch with the best val SRCC."""
+    """Train fresh heads (seeded) on cached embeddings; keep the best val-SRCC epoch."""
     model.config = model.config.model_copy(update={"trained": True})
     model.reset_heads(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": settings.lr}]
+
+    def forward(batch: HeadData) -> dict[str, torch.Tensor]:
+        return model.forward_heads(batch.coarse, batch.fine, model.encode_prompts(batch.prompts))
+
+    return _fit(model, train, val, settings, seed, params, forward,
+                lambda: validation_srcc(model, val), model.trainable_state_dict, on_epoch)
+
+
+def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
+                   settings: TrainSettings, seed: int, tower_lr: float,
+                   on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+    """Train towers and heads together; random-init towers are re-initialised from ``seed``
+    (small towers from scratch), the text tower learns too, images are flipped at random."""
+    model.config = model.config.model_copy(update={"trained": True})
+    if model.config.coarse.pretrained is None and model.config.fine.pretrained is None:
+        model.reset_towers(seed)  # from scratch: each repeat gets its own towers
+    model.reset_heads(seed)
+    model.set_towers_trainable(True)
+    tower_params = [p for t in model.towers() for p in t.parameters()]
+    head_params = [p for n, p in model.named_parameters()
+                   if n in model.trainable_state_dict()]
+    params = [{"params": tower_params, "lr": tower_lr},
+              {"params": head_params, "lr": settings.lr}]
+    flips = torch.Generator().manual_seed(seed + 1)
+
+    def forward(batch: ImageRows) -> dict[str, torch.Tensor]:
+        pixels = batch.pixels
+        flip = torch.rand(len(batch), generator=flips) < 0.5
+        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        coarse, fine = model.encode_images(model.transform.normalize(pixels))
+        return model.forward_heads(coarse, fine, model.encode_prompts(batch.prompts, grad=True))
+
+    def validate() -> dict[str, float]:
+        model.eval()
+        with torch.inference_mode():
+            coarse, fine = [], []
+            for start in range(0, len(val), 128):
+                c, f = model.encode_images(model.transform.normalize(
+                    val.pixels[start : start + 128]))
+                coarse.append(c)
+                fine.append(f)
+        model.refresh_grade_text()
+        data = HeadData(torch.cat(coarse), torch.cat(fine), val.prompts, val.targets)
+        return validation_srcc(model, data)
+
+    def state() -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    try:
+        result = _fit(model, train, val, settings, seed, params, forward, validate, state,
+                      on_epoch)
+    finally:
+        model.set_towers_trainable(False)
+    return result
+
+
+def _fit(model: MSTClipIQA, train, val, settings: TrainSettings, seed: int, params: list,
+         forward: Callable, validate: Callable[[], dict[str, float]],
+         state: Callable[[], dict[str, torch.Tensor]],
+         on_epoch: Callable[[dict[str, float]], None] | None) -> TrainResult:
+    optimiser = torch.optim.AdamW(params, weight_decay=settings.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train) / settings.train_batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimiser, T_max=settings.epochs * steps_per_epoch)
@@ -130,8 +207,7 @@ def fit_heads(model: MSTClipIQA, train: HeadData, val: HeadData, settings: Train
         losses = []
         for start in range(0, len(train), settings.train_batch_size):
             batch = train.subset(order[start : start + settings.train_batch_size])
-            pred = model.forward_heads(batch.coarse, batch.fine,
-                                       model.encode_prompts(batch.prompts))
+            pred = forward(batch)
             loss = sum(weights[h] * head_loss(pred[h], batch.targets[h].to(model.device),
                                               settings.margin, settings.rank_weight)
                        for h in HEADS if weights[h] > 0)
@@ -140,7 +216,7 @@ def fit_heads(model: MSTClipIQA, train: HeadData, val: HeadData, settings: Train
             optimiser.step()
             schedule.step()
             losses.append(float(loss.detach()))
-        val_scores = validation_srcc(model, val)
+        val_scores = validate()
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                   **{f"val_srcc_{k}": v for k, v in val_scores.items()}}
         result.history.append(record)
@@ -148,7 +224,7 @@ def fit_heads(model: MSTClipIQA, train: HeadData, val: HeadData, settings: Train
             on_epoch(record)
         if val_scores["mean"] > result.best_val["mean"]:
             result.best_epoch, result.best_val = epoch, val_scores
-            result.state = copy.deepcopy(model.trainable_state_dict())
+            result.state = copy.deepcopy(state())
     model.load_state_dict(result.state, strict=False)
     model.eval()
     return result

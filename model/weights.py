@@ -223,7 +223,7 @@ def create_tower(
             model = open_clip.create_model(tower.model_name, pretrained=None,
                                            force_quick_gelu=quick_gelu)
         try:
-            open_clip.load_checkpoint(model, str(weights), strict=True)
+            _load_tower_file(model, weights)
         except Exception as exc:
             raise ValueError(
                 f"tower {tower.model_name}: weights in {weights} do not fit this model: {exc}"
@@ -247,3 +247,19 @@ def _quiet_random_init_warning() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(drop)
+
+
+def _load_tower_file(model: torch.nn.Module, path: Path) -> None:
+    """Full open_clip weights, or a vision-only file (``visual.*``) for a tower whose text
+    side is never used (MST-CLIPIQA's fine tower)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    if keys and all(k.startswith("visual.") for k in keys):
+        from safetensors.torch import load_file
+
+        state = {k[len("visual."):]: v for k, v in load_file(str(path)).items()}
+        model.visual.load_state_dict(state, strict=True)
+    else:
+        open_clip.load_checkpoint(model, str(path), strict=True)

@@ -22,7 +22,7 @@ import torch
 import iqray.model
 from iqray.model.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
 from iqray.model.config import MSTConfig, load_preset, preset_names
-from iqray.model.weights import resolve_tower_weights
+from iqray.model.weights import looks_like_path, resolve_tower_weights
 from iqray.pipeline.decode import is_missing, restore_nulls
 from iqray.pipeline.storage import StorageConfig
 
@@ -65,7 +65,7 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
     if name in preset_names():
         config = load_preset(name)
         raw: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
-        base_dir = None
+        base_dir = remote_dir = None
     else:
         fs, path = storage.filesystem(name)
         config_path = path if path.endswith(".json") else path.rstrip("/") + "/" + CONFIG_NAME
@@ -79,16 +79,23 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
         if fs.exists(weights_path):
             files[WEIGHTS_NAME] = fs.cat_file(weights_path)
         base_dir = config_path.rsplit("/", 1)[0] if "://" not in name else None
+        remote_dir = config_path.rsplit("/", 1)[0] if "://" in name else None
     towers = {}
     original_pretrained = {}
     for role in ("coarse", "fine"):
         tower = getattr(config, role)
         original_pretrained[role] = tower.pretrained
-        path = resolve_tower_weights(tower, cache_dir=cache_dir, base_dir=base_dir)
-        if path is not None:
-            staged_name = f"towers/{role}.safetensors"
-            files[staged_name] = path.read_bytes()
+        staged_name = f"towers/{role}.safetensors"
+        if base_dir is None and remote_dir and tower.pretrained and looks_like_path(
+                tower.pretrained) and not tower.pretrained.startswith(("/", "~")):
+            # Towers shipped inside a checkpoint on object storage: fetch them beside it.
+            files[staged_name] = fs.cat_file(remote_dir + "/" + tower.pretrained)
             tower = tower.model_copy(update={"pretrained": staged_name})
+        else:
+            path = resolve_tower_weights(tower, cache_dir=cache_dir, base_dir=base_dir)
+            if path is not None:
+                files[staged_name] = path.read_bytes()
+                tower = tower.model_copy(update={"pretrained": staged_name})
         towers[role] = tower
     config = config.model_copy(update=towers)
     raw = {**raw, "model": config.model_dump(mode="json")}

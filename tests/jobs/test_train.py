@@ -129,3 +129,37 @@ def test_train_needs_exactly_one_way_to_split(tmp_path):
         TrainConfig(input="a.csv", cache=str(tmp_path))
     with pytest.raises(ValueError, match="either --val"):
         TrainConfig(input="a.csv", val="b.csv", split_column="split", cache=str(tmp_path))
+
+
+def test_finetune_trains_small_towers_end_to_end_and_ships_them(ray_local, tmp_path, sample,
+                                                                 sample_rows):
+    from pipeline_data import SAMPLE, read_output
+
+    from iqray.pipeline.score import ScoreConfig, run_score
+
+    config = TrainConfig(input=str(SAMPLE / "prompts.csv"), val=str(SAMPLE / "prompts.csv"),
+                         image_root=str(SAMPLE / "images"), towers="finetune", epochs=2,
+                         train_batch_size=16, output=str(tmp_path / "run"), progress=False,
+                         cache=str(tmp_path / "unused-cache"), **SAMPLE_COLUMNS)
+    run_train(config, log=lambda *a: None)
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["coarse"]["pretrained"] == "towers/coarse.safetensors"
+    assert not (tmp_path / "unused-cache").exists()  # end to end: no embedding cache
+    trained = iqray.model.load(run)
+    untrained = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    before = dict(untrained.coarse.named_parameters())
+    unchanged = [n for n, p in trained.coarse.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == ["logit_scale"]  # CLIP's own logit scale is unused; all else trained
+    size = sum(p.stat().st_size for p in run.rglob("*.safetensors"))
+    assert size < 25 * 2**20
+
+    # The shipped towers travel through the pipeline too.
+    summary = run_score(ScoreConfig(input=str(SAMPLE), output=str(tmp_path / "out"),
+                                    model=str(run), progress=False), log=lambda *a: None)
+    out = read_output(None, summary.outputs)
+    by_name = {r["name"]: r for r in sample_rows}
+    names = [k.removeprefix("images/") for k in out["key"].to_pylist()]
+    expected = trained.score([by_name[n]["path"] for n in names],
+                             [by_name[n]["prompt"] for n in names])
+    np.testing.assert_allclose(out["quality"].to_numpy(), expected["quality"], atol=1e-5)

@@ -166,3 +166,29 @@ def test_random_init_towers_are_reproducible_from_their_seed():
     a = create_tower(TowerConfig(model_name="iqray-tiny-ViT-32", init_seed=5))
     b = create_tower(TowerConfig(model_name="iqray-tiny-ViT-32", init_seed=5))
     torch.testing.assert_close(a.state_dict(), b.state_dict())
+
+
+def test_a_checkpoint_can_carry_towers_trained_here(tmp_path, make_trained_model, sample_rows):
+    model = make_trained_model(seed=3)
+    with torch.no_grad():  # towers that no pretrained tag or seed reproduces
+        for tower in model.towers():
+            for param in tower.parameters():
+                param.mul_(1.01).add_(0.001)
+    model.refresh_grade_text()  # the text tower changed: so did the graded prompts' embeddings
+    directory = iqray.model.save_checkpoint(model, tmp_path / "ckpt", include_towers=True)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model"]["coarse"]["pretrained"] == "towers/coarse.safetensors"
+    assert config["model"]["fine"]["pretrained"] == "towers/fine.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "towers" / "fine.safetensors"), "pt") as handle:
+        assert all(k.startswith("visual.") for k in handle.keys())  # no unused text tower
+    loaded = iqray.model.load(directory)
+    images = [r["path"] for r in sample_rows[:3]]
+    prompts = [r["prompt"] for r in sample_rows[:3]]
+    for key in ("quality", "alignment"):
+        np.testing.assert_array_equal(loaded.score(images, prompts)[key],
+                                      model.score(images, prompts)[key])
+    reseeded = make_trained_model(seed=3)
+    assert not np.array_equal(reseeded.score(images, prompts)["quality"],
+                              model.score(images, prompts)["quality"])
