@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
@@ -43,100 +46,52 @@ def run_info(config: InfoConfig) -> int:
     return 0
 
 
-def run_score_job(config) -> int:
-    import logging
+@dataclass(frozen=True)
+class Job:
+    """A subcommand: where its config and runner live (imported only when it runs, so
+    `iqray --help` stays fast), one line of help, and fields that may be given bare."""
 
-    import ray.data  # noqa: F401  (configures its loggers on import; adjust them after)
+    module: str
+    config: str
+    runner: str
+    help: str
+    positionals: tuple[str, ...] = ()
+    uses_ray: bool = True
 
-    from iqray.pipeline.execution import ErrorBudgetExceeded
-    from iqray.pipeline.score import run_score
+    def config_class(self) -> type[BaseModel]:
+        return getattr(importlib.import_module(self.module), self.config)
 
-    # Ray Data's per-operator INFO lines drown the summary a user reads; warnings stay.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    try:
-        run_score(config)
-    except ErrorBudgetExceeded as exc:
-        print(f"iqray score: aborted: {exc}", file=sys.stderr)
-        return 3
-    return 0
+    def run(self, config: BaseModel) -> int:
+        if self.uses_ray:
+            import ray.data  # noqa: F401  (configures its loggers on import; adjust them after)
 
+            # Ray Data's per-operator INFO lines drown the summary a user reads.
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+        from iqray.pipeline.execution import ErrorBudgetExceeded
 
-def run_embed_job(config) -> int:
-    import logging
-
-    import ray.data  # noqa: F401
-
-    from iqray.pipeline.embed import run_embed
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    run_embed(config)
-    return 0
-
-
-def run_train_job(config) -> int:
-    import logging
-
-    import ray.data  # noqa: F401
-
-    from iqray.jobs.train import run_train
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    run_train(config)
-    return 0
+        try:
+            result = getattr(importlib.import_module(self.module), self.runner)(config)
+        except ErrorBudgetExceeded as exc:
+            print(f"iqray: aborted: {exc}", file=sys.stderr)
+            return 3
+        return result if isinstance(result, int) else 0
 
 
-def run_eval_job(config) -> int:
-    import logging
-
-    import ray.data  # noqa: F401
-
-    from iqray.jobs.evaluate import run_eval
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    run_eval(config)
-    return 0
-
-
-def _eval_config():
-    from iqray.jobs.evaluate import EvalConfig
-
-    return EvalConfig
-
-
-def _train_config():
-    from iqray.jobs.train import TrainConfig
-
-    return TrainConfig
-
-
-def _embed_config():
-    from iqray.pipeline.embed import EmbedConfig
-
-    return EmbedConfig
-
-
-def _score_config():
-    from iqray.pipeline.score import ScoreConfig
-
-    return ScoreConfig
-
-
-# name -> (config class factory, runner, one-line help, positional fields).
-JOBS: dict[str, tuple[Callable[[], type[BaseModel]], Callable[[BaseModel], int], str,
-                      tuple[str, ...]]] = {
-    "score": (_score_config, run_score_job,
-              "score images from Parquet/WebDataset/folders (local, S3, GCS) into Parquet",
-              ("input", "output")),
-    "embed": (_embed_config, run_embed_job,
-              "cache the frozen towers' embeddings of a dataset (for train/eval/re-scoring)",
-              ("input",)),
-    "train": (_train_config, run_train_job,
-              "train the fusion and heads on human ratings (embeddings cached)", ("input",)),
-    "eval": (_eval_config, run_eval_job,
-             "SRCC/KRCC/PLCC of a checkpoint on labelled data, per group, with baselines",
-             ("input",)),
-    "info": (lambda: InfoConfig, run_info,
-             "describe a model: towers, weights, parameters, outputs", ()),
+JOBS: dict[str, Job] = {
+    "score": Job("iqray.pipeline.score", "ScoreConfig", "run_score",
+                 "score images from Parquet/CSV/WebDataset/folders (local, S3, GCS) into Parquet",
+                 ("input", "output")),
+    "embed": Job("iqray.pipeline.embed", "EmbedConfig", "run_embed",
+                 "cache the frozen towers' embeddings of a dataset (for train/eval/re-scoring)",
+                 ("input",)),
+    "train": Job("iqray.jobs.train", "TrainConfig", "run_train",
+                 "train the fusion and heads (or small towers end to end) on human ratings",
+                 ("input",)),
+    "eval": Job("iqray.jobs.evaluate", "EvalConfig", "run_eval",
+                "SRCC/KRCC/PLCC of a checkpoint on labelled data, per group, with baselines",
+                ("input",)),
+    "info": Job("iqray.jobs.cli", "InfoConfig", "run_info",
+                "describe a model: towers, weights, parameters, outputs", uses_ray=False),
 }
 
 
@@ -149,22 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"iqray {iqray_version()}")
     sub = parser.add_subparsers(dest="job", metavar="JOB", required=True)
-    for name, (config_factory, _, help_text, positionals) in JOBS.items():
-        config_cls = config_factory()
-        job_parser = sub.add_parser(name, help=help_text, description=config_cls.__doc__)
-        add_config_flags(job_parser, config_cls, positionals)
+    for name, job in JOBS.items():
+        config_cls = job.config_class()
+        job_parser = sub.add_parser(name, help=job.help, description=config_cls.__doc__)
+        add_config_flags(job_parser, config_cls, job.positionals)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config_factory, runner, _, _ = JOBS[args.job]
+    job = JOBS[args.job]
     try:
-        config = build_config(config_factory(), args)
+        config = build_config(job.config_class(), args)
     except ConfigError as exc:
         parser.exit(2, f"iqray {args.job}: {exc}\n")
-    return runner(config)
+    return job.run(config)
 
 
 if __name__ == "__main__":

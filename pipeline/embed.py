@@ -9,8 +9,6 @@ images already in the cache are not embedded again, wherever they came from.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -51,11 +49,7 @@ class EmbedConfig(RunConfig):
         default="float16", description="storage precision of cached embeddings")
 
     def index_hash(self, tower_identity: str) -> str:
-        relevant = self.model_dump(include={"format", "image_column", "image_path_column",
-                                            "prompt_column", "key_columns", "folder_chunk_size",
-                                            "image_root", "max_pixels", "dtype"})
-        relevant["tower_identity"] = tower_identity
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        return self.options_hash(tower_identity, {"image_root", "dtype"})
 
 
 class Embedder(ModelStage):

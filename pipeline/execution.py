@@ -11,6 +11,7 @@ the driver loop that streams rows into a job's sink.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -18,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +65,18 @@ class RunConfig(ReadConfig, StorageConfig):
     object_store_memory: int | None = Field(default=None, gt=0,
                                             description="object store bytes for local Ray")
     prompt_cache_size: int = Field(default=4096, gt=0, description="prompts cached per actor")
+
+    # Options that change which rows are read and how: outputs made under other values are
+    # not interchangeable, so resume must not reuse them.
+    READ_OPTIONS: ClassVar[frozenset[str]] = frozenset({
+        "format", "image_column", "image_path_column", "prompt_column", "key_columns",
+        "folder_chunk_size", "max_pixels"})
+
+    def options_hash(self, identity: str, extra: set[str] = frozenset()) -> str:
+        """Short hash of the reading options (plus ``extra`` fields) and an identity."""
+        relevant = self.model_dump(include=set(self.READ_OPTIONS) | set(extra))
+        relevant["identity"] = identity
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def read_config(self) -> ReadConfig:
         return ReadConfig.model_validate(self.model_dump(include=set(ReadConfig.model_fields)))

@@ -7,8 +7,6 @@ shard's Parquet when its last row arrives.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tempfile
 import time
 
@@ -49,11 +47,7 @@ class ScoreConfig(RunConfig):
 
     def scoring_hash(self, model_identity: str) -> str:
         """What makes two outputs interchangeable: the scorer and how rows are read."""
-        relevant = self.model_dump(include={"format", "image_column", "image_path_column",
-                                            "prompt_column", "key_columns", "folder_chunk_size",
-                                            "keep_prompt", "keep_image_bytes", "max_pixels"})
-        relevant["model_identity"] = model_identity
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        return self.options_hash(model_identity, {"keep_prompt", "keep_image_bytes"})
 
 
 def run_score(config: ScoreConfig, log=print) -> RunSummary:
