@@ -13,7 +13,6 @@ The frozen towers are not copied: the config names where their weights come from
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -44,14 +43,6 @@ def iqray_version() -> str:
         return version("iqray")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(model, directory: str | os.PathLike, *, metrics: dict | None = None,

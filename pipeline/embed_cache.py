@@ -86,14 +86,6 @@ class EmbeddingCache:
                           "embed_dim": embed_dim, "dtype": dtype, "fp16_max_abs_error": 0.0}
         self._write_manifest()
 
-    def require(self, tower_identity: str) -> None:
-        if self.manifest is None:
-            raise FileNotFoundError(f"{self.url}: no embedding cache here (run `iqray embed`)")
-        if self.manifest["tower_identity"] != tower_identity:
-            raise EmbeddingCacheMismatch(
-                f"{self.url} holds embeddings of towers {self.manifest['towers']}, not of this "
-                "model's towers")
-
     def record_error(self, max_abs_error: float) -> None:
         manifest = self.manifest
         if manifest is not None and max_abs_error > manifest.get("fp16_max_abs_error", 0.0):
