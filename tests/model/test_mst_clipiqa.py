@@ -195,3 +195,12 @@ def test_uint8_crops_score_like_the_full_transform(zero_shot_model, sample_rows)
     assert crops.dtype == torch.uint8 and crops.shape == (3, 3, 224, 224)
     np.testing.assert_allclose(zero_shot_model.score(crops)["quality"],
                                zero_shot_model.score(paths)["quality"], atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["mst-clipiqa-tiny-random", "mst-clipiqa-small-scratch"])
+def test_offline_presets_build_and_score(preset, sample_rows):
+    model = iqray.model.load(preset)
+    assert model.parameter_counts()["trainable"] == 2_036_867  # same heads on every tower
+    scores = model.score([r["path"] for r in sample_rows[:2]], [r["prompt"] for r in
+                                                                 sample_rows[:2]])
+    assert np.isfinite(scores["quality"]).all() and np.isfinite(scores["alignment"]).all()
