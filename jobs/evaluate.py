@@ -84,7 +84,7 @@ def run_eval(config: EvalConfig, log=print) -> dict:
     model.prime_prompt_cache(cache.load_prompts({p for p in labelled.prompts if p}))
     data = head_data(cache, labelled, {h: (0.0, 1.0) for h in HEADS})
     scores = model.score_embeddings(data.coarse, data.fine, labelled.prompts)
-    rows = _source_rows(config, cache, labelled)
+    rows = labelled.rows
     groups = groups_for(config, rows)
     report: dict = {"model": config.model, "data": config.input, "rows": len(rows),
                     "mode": model.mode, "heads": {}}
@@ -116,17 +116,6 @@ def run_eval(config: EvalConfig, log=print) -> dict:
             + (f"; baselines SRCC: {base}" if base else ""))
     log(f"wrote {output}/eval.json and scatter.png")
     return report
-
-
-def _source_rows(config: EvalConfig, cache, labelled) -> list[int]:
-    import pyarrow.compute as pc
-
-    from iqray.pipeline.embed import index_table
-    from iqray.pipeline.readers import discover_shards
-
-    (shard,) = discover_shards(config.input, config.read_config(), config.storage_config())
-    index = index_table(cache, [shard.output_name])
-    return index.filter(pc.equal(index["status"], "ok"))["source_row"].to_pylist()
 
 
 def plot_scatter(scores, mos, groups, report, path: Path) -> None:

@@ -70,7 +70,7 @@ class Labelled:
     shas: list[str]
     prompts: list[str | None]
     mos: dict[str, np.ndarray]
-    groups: list[str]
+    rows: list[int]  # source rows of the table, in the order above
     dropped: int
     pixels: torch.Tensor | None = None  # end-to-end training only
 
@@ -113,8 +113,7 @@ def embed_table(config: LabelledDataConfig, url: str, image_root: str | None,
     return EmbeddingCache(config.cache, config.storage_config())
 
 
-def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache,
-                  group_column: str | None = None) -> Labelled:
+def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache) -> Labelled:
     storage = config.storage_config()
     (shard,) = discover_shards(url, config.read_config(), storage)
     index = index_table(cache, [shard.output_name])
@@ -132,11 +131,7 @@ def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache,
                              f"{', '.join(source.column_names)}")
         values = source[column].to_numpy(zero_copy_only=False).astype(float)
         mos[head] = values[rows]
-    groups = [""] * len(rows)
-    if group_column is not None and group_column in source.column_names:
-        values = source[group_column].to_pylist()
-        groups = [str(values[r]) for r in rows]
-    return Labelled(ok["image_sha256"].to_pylist(), ok["prompt"].to_pylist(), mos, groups,
+    return Labelled(ok["image_sha256"].to_pylist(), ok["prompt"].to_pylist(), mos, rows,
                     dropped=index.num_rows - ok.num_rows)
 
 
@@ -168,7 +163,7 @@ def image_rows(config: LabelledDataConfig, url: str, image_root: str, model) -> 
         values = (source[column].to_numpy(zero_copy_only=False).astype(float)
                   if column else np.full(source.num_rows, np.nan))
         mos[head] = values[rows]
-    labelled = Labelled(shas, prompts, mos, [""] * len(rows), dropped)
+    labelled = Labelled(shas, prompts, mos, rows, dropped)
     labelled.pixels = torch.stack(crops) if crops else None
     return labelled
 
