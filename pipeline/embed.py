@@ -192,7 +192,7 @@ def run_embed(config: EmbedConfig, log=print) -> RunSummary:
         execute(config, ray, spec, Embedder, todo, key_columns, sink, summary,
                 stage_kwargs={"known": [ray.put(known)], "dtype": config.dtype})
     summary.shards_scored = len(todo)
-    summary.outputs = writer.committed
+    summary.outputs = sorted(writer.committed)  # commit order depends on timing
     index = index_table(cache, [s.output_name for s in shards])
     prompts = {p for p in index["prompt"].to_pylist() if p}
     new_prompts = embed_prompts(cache, spec, prompts)

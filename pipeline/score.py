@@ -95,7 +95,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                 keep_image_bytes=config.keep_image_bytes)
     todo = todo + from_cache
     summary.shards_scored = len(todo)
-    summary.outputs = writer.committed
+    summary.outputs = sorted(writer.committed)  # commit order depends on timing
     summary.wall_s = time.perf_counter() - started
     if not preview:
         writer.write_success({"summary": summary.as_dict(), "model": spec.name})
