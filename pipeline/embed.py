@@ -9,9 +9,7 @@ images already in the cache are not embedded again, wherever they came from.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +19,6 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
-import iqray.model
 from iqray.model.checkpoint import iqray_version
 from iqray.pipeline.embed_cache import EmbeddingCache
 from iqray.pipeline.execution import RunConfig, RunSummary, ensure_ray, execute
@@ -135,9 +132,7 @@ def embed_prompts(cache: EmbeddingCache, spec: ModelSpec, prompts: set[str]) -> 
     missing = sorted(prompts - cache.prompt_keys())
     if not missing:
         return 0
-    with tempfile.TemporaryDirectory(prefix="iqray-model-") as folder:
-        model = iqray.model.load(spec.materialise(Path(folder)), device="cpu",
-                                 allow_download=False)
+    model = spec.load("cpu")
     for start in range(0, len(missing), PROMPT_CHUNK):
         chunk = missing[start : start + PROMPT_CHUNK]
         features = model.prompt_features(chunk)

@@ -5,16 +5,13 @@ towers) are scored from cached embeddings without reading a single image."""
 from __future__ import annotations
 
 import posixpath
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-import iqray.model
 from iqray.pipeline.embed_cache import EmbeddingCache
 from iqray.pipeline.execution import RunSummary
 from iqray.pipeline.readers import Shard
@@ -42,9 +39,7 @@ def rescore_from_cache(shards: list[Shard], cache_url: str, storage: StorageConf
                        spec: ModelSpec, writer: ShardWriter, summary: RunSummary) -> None:
     cache = EmbeddingCache(cache_url, storage)
     fs, root = storage.filesystem(cache.index_url())
-    with tempfile.TemporaryDirectory(prefix="iqray-model-") as folder:
-        model = iqray.model.load(spec.materialise(Path(folder)), device="cpu",
-                                 allow_download=False)
+    model = spec.load("cpu")
     started = time.perf_counter()
     for shard in shards:
         with fs.open(posixpath.join(root, shard.output_name), "rb") as handle:

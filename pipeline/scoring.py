@@ -53,6 +53,12 @@ class ModelSpec:
         config_path.write_text(json.dumps(self.raw_config))
         return config_path
 
+    def load(self, device: str = "cpu", prompt_cache_size: int = 4096):
+        """The model, built from the staged files (read into memory; the temp dir goes)."""
+        with tempfile.TemporaryDirectory(prefix="iqray-model-") as folder:
+            return iqray.model.load(self.materialise(Path(folder)), device=device,
+                                    prompt_cache_size=prompt_cache_size, allow_download=False)
+
 
 def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] | None = None,
                 cache_dir: str | None = None) -> ModelSpec:
@@ -158,10 +164,7 @@ class ModelStage:
                  prompt_cache_size: int = 4096):
         if threads:
             torch.set_num_threads(threads)
-        self._tmp = tempfile.TemporaryDirectory(prefix="iqray-model-")
-        config_path = spec.materialise(Path(self._tmp.name))
-        self.model = iqray.model.load(config_path, device=device,
-                                      prompt_cache_size=prompt_cache_size, allow_download=False)
+        self.model = spec.load(device, prompt_cache_size)
         self.pin = self.model.device.type == "cuda"
 
     def pixels(self, batch: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
