@@ -4,13 +4,12 @@ trivial baselines (Laplacian-variance sharpness, file size) on the same rows."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
-from iqray.jobs.train import LabelledDataConfig, embed_table, head_data, labelled_rows, read_table
+from iqray.jobs.train import LabelledDataConfig, embed_table, groups_for, head_data, labelled_rows
 from iqray.model.training import HEADS
 
 
@@ -18,10 +17,6 @@ class EvalConfig(LabelledDataConfig):
     """`iqray eval`: SRCC/KRCC/PLCC (raw and logistic) of a checkpoint on labelled data."""
 
     output: str = Field(default="runs/eval", description="folder for eval.json and scatter.png")
-    group_column: str | None = Field(default=None, description="column to break results down by")
-    group_pattern: str | None = Field(
-        default=None, description="regex on the image name whose first group is the group "
-        "(e.g. '^([^_]+)_' for AGIQA-3K's generator)")
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap samples for the SRCC CI")
     baselines: bool = Field(default=True, description="also score Laplacian variance, file size")
 
@@ -51,26 +46,6 @@ def baseline_scores(config: EvalConfig, rows: list[int]) -> dict[str, np.ndarray
             "file_size": np.array([size.get(r, np.nan) for r in rows])}
 
 
-def groups_for(config: EvalConfig, rows: list[int]) -> list[str]:
-    if config.group_column is not None:
-        values = read_table(config.input, config.storage_config())[config.group_column]
-        return [str(values[r].as_py()) for r in rows]
-    if config.group_pattern is not None:
-        table = read_table(config.input, config.storage_config())
-        column = config.image_path_column or (config.key_columns or [None])[0]
-        if column is None or column not in table.column_names:
-            raise ValueError("--group-pattern needs --image-path-column or --key-columns to "
-                             "name the images")
-        pattern = re.compile(config.group_pattern)
-        names = table[column].to_pylist()
-        groups = []
-        for r in rows:
-            match = pattern.search(Path(str(names[r])).name)
-            groups.append(match.group(1) if match and match.groups() else "other")
-        return groups
-    return ["all"] * len(rows)
-
-
 def run_eval(config: EvalConfig, log=print) -> dict:
     import iqray.model
     from iqray.model.metrics import agreement, bootstrap_srcc_ci
@@ -85,7 +60,7 @@ def run_eval(config: EvalConfig, log=print) -> dict:
     data = head_data(cache, labelled, {h: (0.0, 1.0) for h in HEADS})
     scores = model.score_embeddings(data.coarse, data.fine, labelled.prompts)
     rows = labelled.rows
-    groups = groups_for(config, rows)
+    groups = groups_for(config, config.input, rows)
     report: dict = {"model": config.model, "data": config.input, "rows": len(rows),
                     "mode": model.mode, "heads": {}}
     baselines = baseline_scores(config.model_copy(update={"image_root": image_root}), rows) \

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,11 @@ class LabelledDataConfig(EmbedConfig):
     alignment_column: str | None = Field(default="mos_align",
                                          description="alignment MOS column")
     progress: bool = Field(default=True, description="show progress bars")
+    group_column: str | None = Field(default=None, description="column naming each row's group")
+    group_pattern: str | None = Field(
+        default=None, description="regex on the image name whose first group is the group "
+        "(e.g. '^([^_]+)_' for AGIQA-3K's generator); eval breaks results down by it, train "
+        "uses it for the auxiliary loss (--group-weight)")
 
 
 class TrainConfig(LabelledDataConfig, TrainSettings):
@@ -50,6 +56,8 @@ class TrainConfig(LabelledDataConfig, TrainSettings):
         default="frozen", description="frozen: heads from cached embeddings; finetune: towers "
         "and heads end to end from images (small towers trained from scratch)")
     tower_lr: float = Field(default=3e-4, gt=0, description="learning rate of the towers")
+    weights_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="dtype the checkpoint stores (float16 halves it)")
     quality_range: tuple[float, float] | None = Field(
         default=None, description="MOS scale of quality (default: min/max of train)")
     alignment_range: tuple[float, float] | None = Field(
@@ -73,6 +81,30 @@ class Labelled:
     rows: list[int]  # source rows of the table, in the order above
     dropped: int
     pixels: torch.Tensor | None = None  # end-to-end training only
+
+
+def groups_for(config: LabelledDataConfig, url: str, rows: list[int]) -> list[str]:
+    """Each row's group (column, or a regex on the image name); 'all' when neither is set."""
+    if config.group_column is not None:
+        table = read_table(url, config.storage_config())
+        if config.group_column not in table.column_names:
+            raise ValueError(f"{url}: no group column {config.group_column!r}")
+        values = table[config.group_column]
+        return [str(values[r].as_py()) for r in rows]
+    if config.group_pattern is not None:
+        table = read_table(url, config.storage_config())
+        column = config.image_path_column or (config.key_columns or [None])[0]
+        if column is None or column not in table.column_names:
+            raise ValueError("--group-pattern needs --image-path-column or --key-columns to "
+                             "name the images")
+        pattern = re.compile(config.group_pattern)
+        names = table[column].to_pylist()
+        groups = []
+        for r in rows:
+            match = pattern.search(Path(str(names[r])).name)
+            groups.append(match.group(1) if match and match.groups() else "other")
+        return groups
+    return ["all"] * len(rows)
 
 
 def read_table(url: str, storage: StorageConfig) -> pa.Table:
@@ -234,6 +266,8 @@ def run_train(config: TrainConfig, log=print) -> dict:
         for split, rows in splits.items():
             log(f"{split}: {len(rows.shas)} rows"
                 + (f", {rows.dropped} dropped (unreadable)" if rows.dropped else ""))
+        train_groups = (groups_for(config, tables["train"], splits["train"].rows)
+                        if config.group_weight > 0 else None)
     scales = {head: default_scale(splits["train"].mos[head],
                                   getattr(config, f"{head}_range"), head) for head in HEADS}
     model.config = model.config.model_copy(update={
@@ -248,6 +282,10 @@ def run_train(config: TrainConfig, log=print) -> dict:
         val = head_data(cache, splits["val"], scales)
         model.prime_prompt_cache(cache.load_prompts(
             {p for p in train.prompts + val.prompts if p}))
+    if train_groups is not None:  # auxiliary labels come from the training rows only
+        group_names = sorted(set(train_groups))
+        train.groups = torch.as_tensor([group_names.index(n) for n in train_groups])
+        log(f"auxiliary groups ({len(group_names)}): {', '.join(group_names)}")
     results = []
     for repeat in range(config.repeats):
         seed = config.seed + repeat
@@ -275,6 +313,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
         "settings": settings.model_dump()}
     output = Path(config.output)
     save_checkpoint(model, output, metrics=metrics, include_towers=config.towers == "finetune",
+                    weights_dtype=config.weights_dtype,
                     data_hash=data_hash(splits["train"], splits["val"]),
                     extra={"training": {"train": tables["train"] if config.val else config.input,
                                         "val": config.val, "split_column": config.split_column,

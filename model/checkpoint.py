@@ -47,13 +47,23 @@ def iqray_version() -> str:
 
 def save_checkpoint(model, directory: str | os.PathLike, *, metrics: dict | None = None,
                     data_hash: str | None = None, extra: dict | None = None,
-                    include_towers: bool = False) -> Path:
+                    include_towers: bool = False, weights_dtype: str = "float32") -> Path:
     """Write ``model``'s trainable parameters and config to ``directory`` (created).
 
     ``include_towers`` also writes the towers' weights (``towers/coarse.safetensors``: image
     + text; ``towers/fine.safetensors``: image side only) and points the config at them: for
-    towers trained here, which no pretrained tag can name.
+    towers trained here, which no pretrained tag can name. ``weights_dtype="float16"`` halves
+    the files (floating tensors only; loading casts back to the model's dtype).
     """
+    if weights_dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"weights_dtype must be float32, float16 or bfloat16, "
+                         f"got {weights_dtype!r}")
+    store_dtype = getattr(torch, weights_dtype)
+
+    def stored(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().cpu()
+        return (tensor.to(store_dtype) if tensor.is_floating_point() else tensor).contiguous()
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model_config = model.config
@@ -62,15 +72,14 @@ def save_checkpoint(model, directory: str | os.PathLike, *, metrics: dict | None
         for role, module, prefix in (("coarse", model.coarse, ""),
                                      ("fine", model.fine_visual, "visual.")):
             relative = f"towers/{role}.safetensors"
-            state = {prefix + k: v.detach().cpu().contiguous()
-                     for k, v in module.state_dict().items()}
+            state = {prefix + k: stored(v) for k, v in module.state_dict().items()}
             (directory / "towers").mkdir(exist_ok=True)
             tmp = directory / "towers" / f".{role}.tmp"
             save_file(state, str(tmp), metadata={"format": "pt", "producer": "iqray"})
             os.replace(tmp, directory / relative)
             updates[role] = getattr(model_config, role).model_copy(update={"pretrained": relative})
         model_config = model_config.model_copy(update=updates)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    tensors = {k: stored(v) for k, v in model.trainable_state_dict().items()}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -30,6 +30,10 @@ class TowerConfig(_Strict):
         ),
     )
     init_seed: int = Field(default=0, description="Seed for random init when pretrained is None.")
+    image_size: int | None = Field(
+        default=None, gt=0,
+        description="Input size in px when it differs from the open_clip config's (small "
+        "towers trained from scratch at a lower resolution); None keeps the config's.")
 
 
 class HeadsConfig(_Strict):

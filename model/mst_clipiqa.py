@@ -396,10 +396,13 @@ class MSTClipIQA(nn.Module):
 
     # -- heads (trainable) ----------------------------------------------------------------
     def forward_heads(self, coarse: torch.Tensor, fine: torch.Tensor,
-                      prompts: PromptBatch) -> dict[str, torch.Tensor]:
+                      prompts: PromptBatch, group_classifier: nn.Module | None = None
+                      ) -> dict[str, torch.Tensor]:
         """Normalised predictions in [0, 1] for quality and alignment (what the loss sees).
 
         Works from tower embeddings, so training and re-scoring can run from a cache.
+        ``group_classifier`` (training only) adds ``group_logits`` computed from the fused
+        embedding.
         """
         coarse = F.normalize(coarse.to(self.device).float(), dim=-1)
         fine = F.normalize(fine.to(self.device).float(), dim=-1)
@@ -415,7 +418,10 @@ class MSTClipIQA(nn.Module):
         quality = (grade - 1) / (self.quality_head.num_grades - 1)
         alignment = torch.where(prompts.has_prompt, alignment,
                                 torch.full_like(alignment, float("nan")))
-        return {"quality": quality, "alignment": alignment}
+        out = {"quality": quality, "alignment": alignment}
+        if group_classifier is not None:
+            out["group_logits"] = group_classifier(coarse if self.zero_shot else fused)
+        return out
 
     def to_score_scale(self, normalised: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         spec = self.score_range

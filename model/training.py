@@ -5,6 +5,12 @@ over every pair in the batch whose MOS differ (the higher-rated image must be pr
 least ``margin`` higher). Heads are weighted; rows without a target for a head (no prompt,
 no alignment MOS) do not count for that head. AdamW with a cosine schedule; the epoch kept is
 the one with the best validation SRCC -- validation data only, never a test split.
+
+Optional auxiliary loss (``group_weight`` > 0): a training-only linear classifier predicts
+each training row's group (e.g. the generator read from the file name) from the fused
+embedding. Small towers trained from scratch learn "which generator made this" slowly from
+MOS alone, and on AGIQA-3K the generator explains much of the MOS; the classifier is thrown
+away after training and never sees validation labels.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ class TrainSettings(BaseModel):
     alignment_weight: float = Field(default=1.0, ge=0,
                                     description="weight of the alignment head")
     seed: int = Field(default=0, description="seed of the first repeat")
+    group_weight: float = Field(
+        default=0.0, ge=0, description="weight of the auxiliary group-classification loss "
+        "(needs --group-column or --group-pattern; 0 = off)")
 
 
 @dataclass
@@ -47,6 +56,7 @@ class HeadData:
     fine: torch.Tensor
     prompts: list[str | None]
     targets: dict[str, torch.Tensor]
+    groups: torch.Tensor | None = None  # int64 class per row (auxiliary loss), -1 = none
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -54,7 +64,8 @@ class HeadData:
     def subset(self, index: torch.Tensor) -> HeadData:
         rows = index.tolist()
         return HeadData(self.coarse[index], self.fine[index], [self.prompts[i] for i in rows],
-                        {k: v[index] for k, v in self.targets.items()})
+                        {k: v[index] for k, v in self.targets.items()},
+                        None if self.groups is None else self.groups[index])
 
 
 @dataclass
@@ -117,6 +128,7 @@ class ImageRows:
     pixels: torch.Tensor
     prompts: list[str | None]
     targets: dict[str, torch.Tensor]
+    groups: torch.Tensor | None = None  # int64 class per row (auxiliary loss), -1 = none
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -124,7 +136,22 @@ class ImageRows:
     def subset(self, index: torch.Tensor) -> ImageRows:
         rows = index.tolist()
         return ImageRows(self.pixels[index], [self.prompts[i] for i in rows],
-                         {k: v[index] for k, v in self.targets.items()})
+                         {k: v[index] for k, v in self.targets.items()},
+                         None if self.groups is None else self.groups[index])
+
+
+def group_classifier(model: MSTClipIQA, train, settings: TrainSettings, seed: int
+                     ) -> torch.nn.Linear | None:
+    """The training-only auxiliary classifier, or None when the loss is off."""
+    if settings.group_weight == 0:
+        return None
+    if train.groups is None or int(train.groups.max()) < 1:
+        raise ValueError("group_weight > 0 needs at least two groups in the training rows "
+                         "(--group-column or --group-pattern)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        return torch.nn.Linear(model.config.heads.embed_dim, int(train.groups.max()) + 1).to(
+            model.device)
 
 
 def fit_heads(model: MSTClipIQA, train: HeadData, val: HeadData, settings: TrainSettings,
@@ -133,10 +160,13 @@ def fit_heads(model: MSTClipIQA, train: HeadData, val: HeadData, settings: Train
     """Train fresh heads (seeded) on cached embeddings; keep the best val-SRCC epoch."""
     model.config = model.config.model_copy(update={"trained": True})
     model.reset_heads(seed)
-    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": settings.lr}]
+    classifier = group_classifier(model, train, settings, seed)
+    params = [{"params": [p for p in model.parameters() if p.requires_grad]
+               + _params(classifier), "lr": settings.lr}]
 
     def forward(batch: HeadData) -> dict[str, torch.Tensor]:
-        return model.forward_heads(batch.coarse, batch.fine, model.encode_prompts(batch.prompts))
+        return model.forward_heads(batch.coarse, batch.fine, model.encode_prompts(batch.prompts),
+                                   group_classifier=classifier)
 
     return _fit(model, train, val, settings, seed, params, forward,
                 lambda: validation_srcc(model, val), model.trainable_state_dict, on_epoch)
@@ -151,10 +181,11 @@ def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
     if model.config.coarse.pretrained is None and model.config.fine.pretrained is None:
         model.reset_towers(seed)  # from scratch: each repeat gets its own towers
     model.reset_heads(seed)
+    classifier = group_classifier(model, train, settings, seed)
     model.set_towers_trainable(True)
     tower_params = [p for t in model.towers() for p in t.parameters()]
     head_params = [p for n, p in model.named_parameters()
-                   if n in model.trainable_state_dict()]
+                   if n in model.trainable_state_dict()] + _params(classifier)
     params = [{"params": tower_params, "lr": tower_lr},
               {"params": head_params, "lr": settings.lr}]
     flips = torch.Generator().manual_seed(seed + 1)
@@ -164,7 +195,8 @@ def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
         flip = torch.rand(len(batch), generator=flips) < 0.5
         pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
         coarse, fine = model.encode_images(model.transform.normalize(pixels))
-        return model.forward_heads(coarse, fine, model.encode_prompts(batch.prompts, grad=True))
+        return model.forward_heads(coarse, fine, model.encode_prompts(batch.prompts, grad=True),
+                                   group_classifier=classifier)
 
     def validate() -> dict[str, float]:
         model.eval()
@@ -190,6 +222,10 @@ def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
     return result
 
 
+def _params(module: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    return [] if module is None else list(module.parameters())
+
+
 def _fit(model: MSTClipIQA, train, val, settings: TrainSettings, seed: int, params: list,
          forward: Callable, validate: Callable[[], dict[str, float]],
          state: Callable[[], dict[str, torch.Tensor]],
@@ -211,6 +247,9 @@ def _fit(model: MSTClipIQA, train, val, settings: TrainSettings, seed: int, para
             loss = sum(weights[h] * head_loss(pred[h], batch.targets[h].to(model.device),
                                               settings.margin, settings.rank_weight)
                        for h in HEADS if weights[h] > 0)
+            if "group_logits" in pred:
+                loss = loss + settings.group_weight * torch.nn.functional.cross_entropy(
+                    pred["group_logits"], batch.groups.to(model.device), ignore_index=-1)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

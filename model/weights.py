@@ -217,11 +217,13 @@ def create_tower(
         with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
             torch.manual_seed(tower.init_seed)
             model = open_clip.create_model(tower.model_name, pretrained=None,
-                                           force_quick_gelu=quick_gelu)
+                                           force_quick_gelu=quick_gelu,
+                                           force_image_size=tower.image_size)
     else:
         with _quiet_random_init_warning():  # weights are loaded right below
             model = open_clip.create_model(tower.model_name, pretrained=None,
-                                           force_quick_gelu=quick_gelu)
+                                           force_quick_gelu=quick_gelu,
+                                           force_image_size=tower.image_size)
         try:
             _load_tower_file(model, weights)
         except Exception as exc:

@@ -71,6 +71,23 @@ def test_training_lowers_the_loss_and_keeps_the_best_validation_epoch(sample):
     assert [h["train_loss"] for h in again.history] == losses
 
 
+def test_the_auxiliary_group_loss_shapes_training_and_needs_train_groups_only(sample):
+    model = iqray.model.load("mst-clipiqa-tiny-random")
+    train = sample_head_data(model, sample, range(0, 24))
+    val = sample_head_data(model, sample, range(24, 32))  # no groups: never needed
+    settings = TrainSettings(epochs=3, train_batch_size=8, lr=3e-3, group_weight=1.0)
+    with pytest.raises(ValueError, match="at least two groups"):
+        fit_heads(model, train, val, settings, seed=0)
+    train.groups = torch.arange(24) % 3
+    with_groups = fit_heads(model, train, val, settings, seed=0)
+    without = fit_heads(model, train, val, settings.model_copy(update={"group_weight": 0.0}),
+                        seed=0)
+    # The cross-entropy term is part of the loss, and it moves the heads.
+    assert with_groups.history[0]["train_loss"] > without.history[0]["train_loss"] + 0.5
+    assert not torch.equal(with_groups.state["fusion.hidden.weight"],
+                           without.state["fusion.hidden.weight"])
+
+
 def write_split_table(tmp_path, sample):
     """train/val/test rows in one table; the test rows' images exist and are unique, so
     reading them would put them in the cache."""
@@ -140,8 +157,11 @@ def test_finetune_trains_small_towers_end_to_end_and_ships_them(ray_local, tmp_p
     config = TrainConfig(input=str(SAMPLE / "prompts.csv"), val=str(SAMPLE / "prompts.csv"),
                          image_root=str(SAMPLE / "images"), towers="finetune", epochs=2,
                          train_batch_size=16, output=str(tmp_path / "run"), progress=False,
-                         cache=str(tmp_path / "unused-cache"), **SAMPLE_COLUMNS)
-    run_train(config, log=lambda *a: None)
+                         cache=str(tmp_path / "unused-cache"), group_pattern=r"^([^_]+)_",
+                         group_weight=0.5, **SAMPLE_COLUMNS)
+    lines = []
+    run_train(config, log=lines.append)
+    assert any(line.startswith("auxiliary groups (") for line in lines)
     run = tmp_path / "run"
     saved = json.loads((run / "config.json").read_text())
     assert saved["model"]["coarse"]["pretrained"] == "towers/coarse.safetensors"

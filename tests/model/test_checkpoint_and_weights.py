@@ -192,3 +192,42 @@ def test_a_checkpoint_can_carry_towers_trained_here(tmp_path, make_trained_model
     reseeded = make_trained_model(seed=3)
     assert not np.array_equal(reseeded.score(images, prompts)["quality"],
                               model.score(images, prompts)["quality"])
+
+
+def test_float16_checkpoints_are_half_the_size_and_score_alike(tmp_path, make_trained_model,
+                                                               sample_rows):
+    model = make_trained_model(seed=4)
+    full = iqray.model.save_checkpoint(model, tmp_path / "fp32", include_towers=True)
+    half = iqray.model.save_checkpoint(model, tmp_path / "fp16", include_towers=True,
+                                       weights_dtype="float16")
+
+    def size(directory):
+        return sum(p.stat().st_size for p in directory.rglob("*.safetensors"))
+
+    assert size(half) < 0.55 * size(full)
+    loaded = iqray.model.load(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())  # cast back on load
+    images = [r["path"] for r in sample_rows[:6]]
+    prompts = [r["prompt"] for r in sample_rows[:6]]
+    for key in ("quality", "alignment"):
+        np.testing.assert_allclose(loaded.score(images, prompts)[key],
+                                   model.score(images, prompts)[key], atol=2e-2)
+    with pytest.raises(ValueError, match="weights_dtype"):
+        iqray.model.save_checkpoint(model, tmp_path / "x", weights_dtype="int8")
+
+
+def test_a_tower_can_run_at_a_smaller_input_size(tmp_path, sample_rows):
+    from iqray.model.config import MSTConfig
+    from iqray.model.mst_clipiqa import MSTClipIQA
+
+    preset = iqray.model.load("mst-clipiqa-tiny-random").config.model_dump()
+    for role in ("coarse", "fine"):
+        preset[role]["image_size"] = 96
+    config = MSTConfig.model_validate({**preset, "image_size": 96})
+    model = MSTClipIQA.from_config(config)
+    assert model.transform.load(sample_rows[0]["path"]).shape == (3, 96, 96)
+    scores = model.score([r["path"] for r in sample_rows[:2]],
+                         [r["prompt"] for r in sample_rows[:2]])
+    assert np.isfinite(scores["quality"]).all()
+    with pytest.raises(ValueError, match="96 px input, config says image_size=224"):
+        MSTClipIQA.from_config(config.model_copy(update={"image_size": 224}))
