@@ -70,6 +70,11 @@ class MSTConfig(_Strict):
     coarse: TowerConfig
     fine: TowerConfig
     image_size: int = 224
+    fine_resize: int | None = Field(
+        default=None, gt=0,
+        description="None: both towers see the whole image at image_size. A size: the fine "
+        "tower sees the centre image_size crop of the image resized to this (detail at a "
+        "higher resolution), the coarse tower still the whole image.")
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
     trained: bool = Field(
         default=False,

@@ -155,7 +155,8 @@ class MSTClipIQA(nn.Module):
         self.fine_visual = fine.visual  # the fine model's text tower is never used
         self.tokenizer = tokenizer
         self.context_length = int(coarse.positional_embedding.shape[0])
-        self.transform = ImageTransform(config.image_size, tuple(mean), tuple(std))
+        self.transform = ImageTransform(config.image_size, tuple(mean), tuple(std),
+                                        config.fine_resize)
 
         dim = config.heads.embed_dim
         for name, tower in (("coarse", coarse), ("fine", fine)):
@@ -267,11 +268,19 @@ class MSTClipIQA(nn.Module):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled, projected image embeddings of both towers, float32, not normalised."""
+        """Pooled, projected image embeddings of both towers, float32, not normalised.
+
+        ``pixels`` has 3 channels (one view for both towers) or 6 (coarse view, fine view).
+        """
         pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.shape[1] != self.transform.channels:
+            raise ValueError(f"expected {self.transform.channels}-channel input from this "
+                             f"model's transform, got {pixels.shape[1]}")
+        coarse_view, fine_view = (pixels, pixels) if pixels.shape[1] == 3 else \
+            (pixels[:, :3], pixels[:, 3:])
         with self._autocast():
-            coarse = self.coarse.encode_image(pixels)
-            fine = self.fine_visual(pixels)
+            coarse = self.coarse.encode_image(coarse_view)
+            fine = self.fine_visual(fine_view)
         return coarse.float(), fine.float()
 
     def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[int], list[bool]]:

@@ -89,28 +89,45 @@ def _open_encoded(fp: Any, where: str, max_pixels: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Eval transform: PIL RGB image -> float32 tensor (3, size, size)."""
+    """Eval transform: PIL RGB image -> float32 tensor (3, size, size).
+
+    With ``fine_resize`` set the output has 6 channels: the coarse view (whole image resized
+    to ``size``) and the fine view (centre ``size`` crop of the image resized to
+    ``fine_resize``, i.e. detail at a higher resolution: blur, noise, upscaling artefacts).
+    """
 
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    fine_resize: int | None = None
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.fine_resize is None else 6
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.crop(image))
 
     def crop(self, image: Image.Image) -> torch.Tensor:
-        """Resize + centre crop, kept as uint8 (3, size, size).
+        """Resize + centre crop, kept as uint8 (channels, size, size).
 
         The pipeline ships this between its decode and model stages: 4x smaller than the
         float tensor, so decoded images do not flood the object store.
         """
-        image = TF.resize(image, self.size, interpolation=InterpolationMode.BICUBIC)
-        return TF.pil_to_tensor(TF.center_crop(image, [self.size, self.size]))
+        views = [self._view(image, self.size)]
+        if self.fine_resize is not None:
+            views.append(self._view(image, self.fine_resize))
+        return torch.cat(views) if len(views) > 1 else views[0]
+
+    def _view(self, image: Image.Image, resize: int) -> torch.Tensor:
+        resized = TF.resize(image, resize, interpolation=InterpolationMode.BICUBIC)
+        return TF.pil_to_tensor(TF.center_crop(resized, [self.size, self.size]))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (..., 3, H, W) -> float32 with the towers' mean/std."""
+        """uint8 (..., channels, H, W) -> float32 with the towers' mean/std."""
         pixels = TF.to_dtype(pixels, torch.float32, scale=True)
-        return TF.normalize(pixels, list(self.mean), list(self.std))
+        repeat = pixels.shape[-3] // 3
+        return TF.normalize(pixels, list(self.mean) * repeat, list(self.std) * repeat)
 
     def load(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         return self(open_image(source, max_pixels=max_pixels))

@@ -68,11 +68,13 @@ def row_label(batch: dict[str, Any], i: int) -> str:
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
-                 timeout_s: float | None, keep_image_bytes: bool) -> dict[str, np.ndarray]:
+                 timeout_s: float | None, keep_image_bytes: bool,
+                 fine_resize: int | None = None) -> dict[str, np.ndarray]:
     started = time.perf_counter()
     count = len(batch["source_row"])
-    crop = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).crop
-    pixels = np.zeros((count, 3, image_size, image_size), np.uint8)
+    transform = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), fine_resize)
+    crop = transform.crop
+    pixels = np.zeros((count, transform.channels, image_size, image_size), np.uint8)
     # Content hash of the encoded bytes: exact-duplicate detection and embedding-cache key.
     batch["image_sha256"] = np.array(
         [hashlib.sha256(b).hexdigest() if isinstance(b, bytes) else None

@@ -228,7 +228,9 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
     ds = ds.map_batches(decode_batch, batch_size=config.decode_batch_size,
                         num_cpus=DECODE_TASK_CPUS, memory=DECODE_TASK_MEMORY,
                         batch_format="numpy",
-                        fn_kwargs={"image_size": image_size, "max_pixels": config.max_pixels,
+                        fn_kwargs={"image_size": image_size,
+                                   "fine_resize": spec.config.fine_resize,
+                                   "max_pixels": config.max_pixels,
                                    "timeout_s": config.decode_timeout_s,
                                    "keep_image_bytes": keep_image_bytes})
     ds = ds.map_batches(

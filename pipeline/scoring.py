@@ -108,6 +108,8 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
 
     tower_digest = hashlib.sha256()
     tower_names: dict[str, Any] = {"image_size": config.image_size}
+    if config.fine_resize is not None:  # absent otherwise: existing caches keep their identity
+        tower_names["fine_resize"] = config.fine_resize
     for role in ("coarse", "fine"):
         staged_name = f"towers/{role}.safetensors"
         described: dict[str, Any] = {"model_name": towers[role].model_name,

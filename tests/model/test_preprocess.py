@@ -69,3 +69,33 @@ def test_transform_resizes_the_short_side_and_centre_crops():
     assert pixels[:, :, 5:45].min() > 0.95
     normalised = ImageTransform(50, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(Image.fromarray(array))
     torch.testing.assert_close(normalised, (pixels - 0.5) / 0.25)
+
+
+def test_a_fine_view_crops_detail_at_a_higher_resolution():
+    # A 200 px checkerboard of 2 px squares: the coarse view (whole image at 50 px) blurs it
+    # to grey, the fine view (centre 50 px of the image resized to 200) keeps full contrast.
+    yy, xx = np.mgrid[0:200, 0:200]
+    array = np.repeat((((yy // 2 + xx // 2) % 2) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    transform = ImageTransform(50, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), fine_resize=200)
+    crop = transform.crop(Image.fromarray(array))
+    assert transform.channels == 6 and crop.shape == (6, 50, 50) and crop.dtype == torch.uint8
+    coarse, fine = crop[:3].float(), crop[3:].float()
+    assert coarse.std() < 40 and fine.std() > 120
+    torch.testing.assert_close(fine, torch.from_numpy(array[75:125, 75:125]).permute(2, 0, 1)
+                               .float())
+    normalised = transform.normalize(crop)
+    torch.testing.assert_close(normalised[3:], (fine / 255 - 0.5) / 0.25)
+
+
+def test_two_view_models_feed_each_tower_its_own_view(sample_rows):
+    import iqray.model
+
+    model = iqray.model.load("mst-clipiqa-small-scratch")
+    pixels = model.transform.load(sample_rows[0]["path"])[None]
+    coarse, fine = model.encode_images(pixels)
+    with torch.inference_mode():
+        assert torch.allclose(coarse, model.coarse.encode_image(pixels[:, :3]))
+        assert torch.allclose(fine, model.fine_visual(pixels[:, 3:]))
+        assert not torch.allclose(fine, model.fine_visual(pixels[:, :3]))
+    with pytest.raises(ValueError, match="expected 6-channel input"):
+        model.encode_images(pixels[:, :3])
