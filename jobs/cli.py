@@ -74,6 +74,9 @@ class Job:
         except ErrorBudgetExceeded as exc:
             print(f"iqray: aborted: {exc}", file=sys.stderr)
             return 3
+        except (ValueError, FileNotFoundError) as exc:  # bad input or config: say what, no trace
+            print(f"iqray: error: {exc}", file=sys.stderr)
+            return 2
         return result if isinstance(result, int) else 0
 
 
@@ -90,6 +93,10 @@ JOBS: dict[str, Job] = {
     "eval": Job("iqray.jobs.evaluate", "EvalConfig", "run_eval",
                 "SRCC/KRCC/PLCC of a checkpoint on labelled data, per group, with baselines",
                 ("input",)),
+    "filter": Job("iqray.jobs.filter", "FilterConfig", "run_filter",
+                  "keep the scored rows that pass rules (expression, top fraction per group, "
+                  "duplicates); optionally copy them out of the source dataset",
+                  ("input", "output"), uses_ray=False),
     "info": Job("iqray.jobs.cli", "InfoConfig", "run_info",
                 "describe a model: towers, weights, parameters, outputs", uses_ray=False),
 }

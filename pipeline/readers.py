@@ -430,32 +430,44 @@ def read_bytes(url: str, storage: StorageConfig) -> bytes:
         return handle.read()
 
 
+def iter_tar_samples(handle) -> Iterator[tuple[str, dict[str, bytes], list[tarfile.TarInfo]]]:
+    """WebDataset samples of a tar stream in order: (key, {extension: bytes}, members).
+
+    A sample is a run of consecutive files sharing a key (path up to the first dot of the
+    name); the sample's index in this sequence is its ``source_row``.
+    """
+    current: str | None = None
+    sample: dict[str, bytes] = {}
+    members: list[tarfile.TarInfo] = []
+    with tarfile.open(fileobj=handle, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, base = posixpath.split(member.name)
+            if "." not in base:
+                continue
+            key = posixpath.join(directory, base.split(".", 1)[0])
+            ext = base.split(".", 1)[1].lower()
+            if key != current and current is not None:
+                yield current, sample, members
+                sample, members = {}, []
+            current = key
+            data = tar.extractfile(member)
+            sample[ext] = data.read() if data is not None else b""
+            members.append(member)
+    if current is not None:
+        yield current, sample, members
+
+
 def _tar_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
               key_columns: list[str]) -> Iterator[tuple]:
     fs, path = storage.filesystem(shard.url)
     row = 0
-    current: str | None = None
-    sample: dict[str, bytes] = {}
     try:
-        with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                directory, base = posixpath.split(member.name)
-                if "." not in base:
-                    continue
-                key = posixpath.join(directory, base.split(".", 1)[0])
-                ext = base.split(".", 1)[1].lower()
-                if key != current and current is not None:
-                    yield _tar_sample(shard, row, current, sample, read, key_columns)
-                    row += 1
-                    sample = {}
-                current = key
-                data = tar.extractfile(member)
-                sample[ext] = data.read() if data is not None else b""
-        if current is not None:
-            yield _tar_sample(shard, row, current, sample, read, key_columns)
-            row += 1
+        with fs.open(path, "rb") as handle:
+            for key, sample, _ in iter_tar_samples(handle):
+                yield _tar_sample(shard, row, key, sample, read, key_columns)
+                row += 1
     except Exception as exc:
         yield _read_error(shard, row, exc, key_columns)
 

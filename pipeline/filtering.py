@@ -1,0 +1,233 @@
+"""Filter rules over score tables: errors, expressions, duplicates, top fractions per group.
+
+Rules run in a fixed order and each row records the first rule that dropped it (``reason``):
+
+1. ``error``           -- rows whose scoring failed (unless ``keep_errors``);
+2. ``where``           -- rows failing the ``--where`` expression;
+3. ``duplicate``       -- same image bytes (sha256) as a better-scored row;
+4. ``near_duplicate``  -- embedding cosine >= threshold to a better-scored kept row;
+5. ``below_top``       -- outside the top ``keep_top`` fraction of its group by ``by``.
+
+Duplicates keep the best-scored copy (ties: the smallest key), so reruns agree. Quantiles
+count the rows still in play after rules 1-4, within each group of ``per`` (or globally).
+
+Relative columns make a threshold chosen once keep its meaning: per-prompt rank and
+percentile, dataset percentile, and a z-score against the reference set stored with the
+model (its own scores on its training data), which does not move when this batch does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from iqray.pipeline.score_tables import SCORE_COLUMNS, ExpressionError, compile_where
+
+REASONS = ("error", "where", "duplicate", "near_duplicate", "below_top")
+
+
+class FilterRules(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    where: str | None = Field(default=None, description="row condition, e.g. "
+                              "\"quality >= 3.5 and alignment >= 0.6\"")
+    keep_top: float | None = Field(default=None, gt=0, le=1,
+                                   description="keep this top fraction by --by (per group)")
+    by: str = Field(default="quality", description="score column that ranks rows (quantiles, "
+                    "which duplicate survives)")
+    per: str | None = Field(default=None, description="group column for --keep-top and "
+                            "--dedupe-scope group (e.g. prompt, or a key column like model)")
+    per_pattern: str | None = Field(default=None, description="regex on the key whose first "
+                                    "group is the group (instead of --per)")
+    keep_errors: bool = Field(default=False, description="keep rows whose scoring failed")
+    dedupe: Literal["none", "exact", "near"] = Field(
+        default="none", description="drop exact duplicates (same bytes), or also near "
+        "duplicates (embedding cosine >= --near-threshold; needs --embeddings)")
+    near_threshold: float = Field(default=0.95, gt=0, le=1,
+                                  description="cosine at or above which images are near "
+                                  "duplicates")
+    dedupe_scope: Literal["global", "group"] = Field(
+        default="global", description="compare duplicates across the dataset or within groups")
+    embeddings: str | None = Field(default=None, description="embedding cache (`iqray embed`) "
+                                   "holding the images, for --dedupe near")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FilterRules:
+        if self.per and self.per_pattern:
+            raise ValueError("give --per or --per-pattern, not both")
+        if self.dedupe == "near" and not self.embeddings:
+            raise ValueError("--dedupe near needs --embeddings (an `iqray embed` cache)")
+        if self.per_pattern:
+            try:
+                if re.compile(self.per_pattern).groups < 1:
+                    raise ValueError(f"--per-pattern {self.per_pattern!r} has no (group)")
+            except re.error as exc:
+                raise ValueError(f"--per-pattern {self.per_pattern!r}: {exc}") from exc
+        return self
+
+
+def check_rules(rules: FilterRules, schema: pa.Schema) -> None:
+    """Every column a rule names exists and the expression is a condition: before any work."""
+    columns = schema.names
+    for flag, column in (("--by", rules.by), ("--per", rules.per)):
+        if column is not None and column not in columns:
+            raise ExpressionError(f"{flag} {column!r}: no such column; columns: "
+                                  f"{', '.join(columns)}")
+    by_type = schema.field(rules.by).type
+    if not (pa.types.is_floating(by_type) or pa.types.is_integer(by_type)):
+        raise ExpressionError(f"--by {rules.by!r} is not numeric")
+    if rules.where:
+        expression = compile_where(rules.where, columns)
+        try:
+            schema.empty_table().filter(expression)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError) as exc:
+            raise ExpressionError(f"--where {rules.where!r}: {exc}") from exc
+
+
+def group_labels(table: pa.Table, rules: FilterRules) -> np.ndarray:
+    if rules.per:
+        return np.array([str(v) for v in table[rules.per].to_pylist()], dtype=object)
+    if rules.per_pattern:
+        pattern = re.compile(rules.per_pattern)
+        labels = []
+        for key in table["key"].to_pylist():
+            match = pattern.search(str(key))
+            labels.append(match.group(1) if match else "other")
+        return np.array(labels, dtype=object)
+    return np.full(table.num_rows, "all", dtype=object)
+
+
+def add_relative_columns(table: pa.Table, reference: dict | None = None) -> pa.Table:
+    """Per score column: prompt rank (1 = best) and percentile, dataset percentile, and the
+    z-score against the model's reference set. Percentiles are mid-rank fractions in [0, 1]
+    (1 = best) over rows with a score; error rows get nulls."""
+    frame = pd.DataFrame({"prompt": table["prompt"].to_pandas() if "prompt" in
+                          table.column_names else pd.Series([None] * table.num_rows)})
+    for column in SCORE_COLUMNS:
+        if column not in table.column_names:
+            continue
+        values = pd.Series(table[column].to_numpy(zero_copy_only=False), dtype="float64")
+        if "status" in table.column_names:
+            values[np.array(table["status"].to_pylist()) != "ok"] = np.nan
+        frame[column] = values
+        by_prompt = frame.groupby("prompt", dropna=True)[column]
+        prompt_rank = by_prompt.rank(method="min", ascending=False)
+        prompt_count = by_prompt.transform("count")
+        prompt_mid = by_prompt.rank(method="average", ascending=True)
+        extra = {
+            f"{column}_prompt_rank": _int_or_null(prompt_rank),
+            f"{column}_prompt_percentile": _fraction(prompt_mid, prompt_count),
+            f"{column}_percentile": _fraction(values.rank(method="average"),
+                                              pd.Series(values.count(), index=values.index)),
+        }
+        stats = (reference or {}).get(column)
+        if stats and stats.get("std"):
+            extra[f"{column}_z"] = pa.array((values - stats["mean"]) / stats["std"],
+                                            pa.float64(), from_pandas=True)
+        for name, array in extra.items():
+            if name in table.column_names:
+                table = table.drop_columns([name])
+            table = table.append_column(name, array)
+    return table
+
+
+def _int_or_null(values: pd.Series) -> pa.Array:
+    return pa.array([None if math.isnan(v) else int(v) for v in values], pa.int32())
+
+
+def _fraction(mid_rank: pd.Series, count: pd.Series) -> pa.Array:
+    # Mid-rank percentile: the lowest of n is 0, the highest 1, a lone row 1.
+    fraction = np.where(count > 1, (mid_rank - 1) / (count - 1).clip(lower=1), 1.0)
+    fraction = np.where(np.isnan(mid_rank), np.nan, fraction)
+    return pa.array(fraction, pa.float64(), from_pandas=True)
+
+
+def apply_rules(table: pa.Table, rules: FilterRules, embeddings=None) -> tuple[pa.Table, dict]:
+    """``table`` plus ``keep``, ``reason`` and ``duplicate_of`` columns, and counts.
+
+    ``embeddings(shas) -> (n, d) array`` supplies image embeddings for near duplicates.
+    """
+    check_rules(rules, table.schema)
+    n = table.num_rows
+    reason = np.full(n, None, dtype=object)
+    duplicate_of = np.full(n, None, dtype=object)
+    groups = group_labels(table, rules)
+    keys = np.array([str(k) for k in table["key"].to_pylist()], dtype=object) \
+        if "key" in table.column_names else np.arange(n).astype(str).astype(object)
+    score = table[rules.by].to_numpy(zero_copy_only=False).astype(float)
+    ok = np.array(table["status"].to_pylist()) == "ok" if "status" in table.column_names \
+        else np.ones(n, bool)
+
+    if not rules.keep_errors:
+        reason[~ok] = "error"
+    if rules.where:
+        mask = _evaluate(table, rules.where)
+        reason[(reason == None) & ~mask] = "where"  # noqa: E711
+    # Best first: higher score, then smaller key, so the survivor never depends on order.
+    order = np.lexsort((keys, -np.nan_to_num(score, nan=-np.inf)))
+    scope = groups if rules.dedupe_scope == "group" else np.full(n, "all", dtype=object)
+    if rules.dedupe in ("exact", "near") and "image_sha256" in table.column_names:
+        shas = np.array(table["image_sha256"].to_pylist(), dtype=object)
+        first: dict[tuple, str] = {}
+        for i in order:
+            if reason[i] is not None or shas[i] is None:
+                continue
+            seen = first.setdefault((scope[i], shas[i]), keys[i])
+            if seen != keys[i]:
+                reason[i], duplicate_of[i] = "duplicate", seen
+    if rules.dedupe == "near":
+        live = [i for i in order if reason[i] is None]
+        shas = table["image_sha256"].to_pylist()
+        vectors = np.asarray(embeddings([shas[i] for i in live]), np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+        for label in dict.fromkeys(scope[live]):
+            members = [j for j, i in enumerate(live) if scope[i] == label]
+            kept: list[int] = []
+            for j in members:
+                if kept:
+                    similar = vectors[kept] @ vectors[j]
+                    best = int(np.argmax(similar))
+                    if similar[best] >= rules.near_threshold:
+                        reason[live[j]] = "near_duplicate"
+                        duplicate_of[live[j]] = keys[live[kept[best]]]
+                        continue
+                kept.append(j)
+    if rules.keep_top is not None:
+        for label in dict.fromkeys(groups):
+            members = [i for i in order if groups[i] == label and reason[i] is None]
+            keep = math.ceil(rules.keep_top * len(members) - 1e-9)  # 0.3 * 10 is 3.0000000000000004
+            for i in members[keep:]:
+                reason[i] = "below_top"
+
+    keep = np.array([r is None for r in reason])
+    result = table.append_column("keep", pa.array(keep)).append_column(
+        "reason", pa.array(reason.tolist(), pa.string())).append_column(
+        "duplicate_of", pa.array(duplicate_of.tolist(), pa.string()))
+    counts = {"rows": n, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
+              "dropped_by_rule": {r: c for r, c in Counter(reason[~keep]).items()},
+              "groups": {}}
+    for label in sorted(set(groups)):
+        member = groups == label
+        counts["groups"][label] = {
+            "kept": int(keep[member].sum()), "dropped": int((~keep[member]).sum()),
+            "dropped_by_rule": dict(Counter(reason[member & ~keep]))}
+    return result, counts
+
+
+def _evaluate(table: pa.Table, where: str) -> np.ndarray:
+    """Boolean mask of rows for which ``where`` holds (null counts as not holding)."""
+    import pyarrow.dataset as pads
+
+    indexed = table.append_column("__row", pa.array(np.arange(table.num_rows)))
+    passed = pads.dataset(indexed).to_table(filter=compile_where(where, table.column_names),
+                                            columns=["__row"])
+    mask = np.zeros(table.num_rows, bool)
+    mask[passed["__row"].to_numpy()] = True
+    return mask
