@@ -97,6 +97,10 @@ JOBS: dict[str, Job] = {
                   "keep the scored rows that pass rules (expression, top fraction per group, "
                   "duplicates); optionally copy them out of the source dataset",
                   ("input", "output"), uses_ray=False),
+    "preferences": Job("iqray.jobs.preferences", "PreferencesConfig", "run_preferences",
+                       "pair images of one prompt into DPO / reward-model / regression "
+                       "datasets (Parquet + dataset card)", ("input", "output"),
+                       uses_ray=False),
     "info": Job("iqray.jobs.cli", "InfoConfig", "run_info",
                 "describe a model: towers, weights, parameters, outputs", uses_ray=False),
 }

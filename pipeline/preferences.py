@@ -1,0 +1,236 @@
+"""Preference data from scores: pairs of images of the same prompt, judged by iqray.
+
+Pairing (within each prompt, over rows scored ``ok``):
+
+- ``best_vs_worst``: the best and the worst image of each prompt;
+- ``margin``: every pair whose score gap is at least ``margin``;
+- ``top_bottom``: each of the top ``k`` against each of the bottom ``k``.
+
+Every strategy drops pairs whose gap is below ``margin`` (ties and near-ties carry no
+preference). Candidates are taken strongest gap first, and an image joins at most
+``max_uses`` pairs; equal gaps are ordered by a seeded shuffle, so a seed gives one output.
+The train/val split is by prompt (a seeded hash), so no prompt is on both sides.
+
+The score to rank by is quality, alignment, or ``mix``: a weighted mean of the two dataset
+percentiles (the raw scales differ, percentiles do not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import defaultdict
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from iqray.pipeline.readers import ReadConfig, discover_shards, read_bytes, read_shard
+from iqray.pipeline.storage import StorageConfig
+
+Strategy = Literal["best_vs_worst", "margin", "top_bottom"]
+
+
+class PairRules(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Strategy = Field(default="best_vs_worst", description="how images of a prompt "
+                               "are paired")
+    rank_by: Literal["quality", "alignment", "mix"] = Field(
+        default="quality", description="score that decides the winner")
+    quality_weight: float = Field(default=0.5, ge=0, le=1, description="--rank-by mix: weight "
+                                  "of the quality percentile (alignment gets the rest)")
+    margin: float = Field(default=0.1, ge=0, description="smallest score gap of a pair "
+                          "(in --rank-by units; near-ties below it are dropped)")
+    top_k: int = Field(default=2, gt=0, description="--strategy top_bottom: images per side")
+    max_uses: int = Field(default=3, gt=0, description="most pairs one image may join")
+    val_fraction: float = Field(default=0.1, ge=0, lt=1,
+                                description="fraction of prompts held out as the val split")
+    seed: int = Field(default=0, description="seed of tie order, side order and the split")
+
+    @model_validator(mode="after")
+    def _mix(self) -> PairRules:
+        if self.rank_by == "mix" and self.margin > 1:
+            raise ValueError("--rank-by mix ranks by percentiles in [0, 1]: --margin must "
+                             "be at most 1")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: int  # row index into the score table
+    rejected: int
+    gap: float
+
+
+def ranking_score(table: pa.Table, rules: PairRules) -> np.ndarray:
+    """The score pairs are ranked by; NaN for rows without one."""
+    ok = np.array(table["status"].to_pylist()) == "ok"
+
+    def column(name: str) -> np.ndarray:
+        values = table[name].to_numpy(zero_copy_only=False).astype(float)
+        values[~ok] = np.nan
+        return values
+
+    if rules.rank_by != "mix":
+        return column(rules.rank_by)
+    mixed = np.zeros(table.num_rows)
+    for name, weight in (("quality", rules.quality_weight),
+                         ("alignment", 1 - rules.quality_weight)):
+        values = column(name)
+        finite = np.isfinite(values)
+        ranks = np.full(table.num_rows, np.nan)
+        order = values[finite].argsort(kind="stable").argsort(kind="stable")
+        ranks[finite] = order / max(finite.sum() - 1, 1)
+        mixed += weight * ranks
+    return mixed
+
+
+def prompt_split(prompt: str, rules: PairRules) -> str:
+    digest = hashlib.sha256(f"{rules.seed}:{prompt}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < rules.val_fraction else "train"
+
+
+def make_pairs(table: pa.Table, rules: PairRules) -> list[Pair]:
+    """Pairs that satisfy the strategy, the margin and ``max_uses``, strongest first."""
+    score = ranking_score(table, rules)
+    by_prompt: dict[str, list[int]] = defaultdict(list)
+    for i, prompt in enumerate(table["prompt"].to_pylist()):
+        if prompt and np.isfinite(score[i]):
+            by_prompt[prompt].append(i)
+    candidates: list[Pair] = []
+    for prompt, rows in by_prompt.items():
+        rows = sorted(rows, key=lambda i: -score[i])
+        if rules.strategy == "best_vs_worst":
+            combos = [(rows[0], rows[-1])] if len(rows) > 1 else []
+        elif rules.strategy == "top_bottom":
+            k = min(rules.top_k, len(rows) // 2)
+            combos = [(a, b) for a in rows[:k] for b in rows[len(rows) - k:]]
+        else:
+            combos = [(a, b) for n, a in enumerate(rows) for b in rows[n + 1:]]
+        candidates.extend(Pair(prompt, a, b, float(score[a] - score[b])) for a, b in combos
+                          if score[a] - score[b] >= max(rules.margin, 1e-12))
+    rng = np.random.default_rng(rules.seed)
+    tiebreak = rng.permutation(len(candidates))
+    ordered = sorted(range(len(candidates)), key=lambda n: (-candidates[n].gap, tiebreak[n]))
+    uses: dict[int, int] = defaultdict(int)
+    pairs = []
+    for n in ordered:
+        pair = candidates[n]
+        if uses[pair.chosen] < rules.max_uses and uses[pair.rejected] < rules.max_uses:
+            uses[pair.chosen] += 1
+            uses[pair.rejected] += 1
+            pairs.append(pair)
+    return pairs
+
+
+def fetch_images(table: pa.Table, rows: list[int], source: str, read: ReadConfig,
+                 storage: StorageConfig) -> dict[int, bytes]:
+    """Image bytes of score rows: from an ``image`` column when the score run kept them,
+    else read back from the source dataset (only the rows asked for)."""
+    if "image" in table.column_names:
+        column = table["image"]
+        return {i: column[i].as_py() for i in rows}
+    files = table["source_file"].to_pylist()
+    numbers = table["source_row"].to_pylist()
+    wanted: dict[str, dict[int, int]] = defaultdict(dict)
+    out: dict[int, bytes] = {}
+    for i in rows:
+        if "#" not in files[i] and not files[i].lower().endswith(
+                (".parquet", ".csv", ".tsv", ".tar", ".tar.gz", ".tgz")):
+            out[i] = read_bytes(files[i], storage)  # a folder's image file
+        else:
+            wanted[files[i].split("#", 1)[0]][numbers[i]] = i
+    if wanted:
+        shards = {s.url: s for s in discover_shards(source, read, storage)}
+        for url, by_row in wanted.items():
+            if url not in shards:
+                raise FileNotFoundError(f"{url} (named by the scores) is not among the shards "
+                                        f"of {source}; pass the score run's input as --source")
+            shard = dataclasses.replace(shards[url], only_rows=sorted(by_row))
+            for batch in read_shard(shard, read, storage, []):
+                for number, image in zip(batch["source_row"], batch["_image"], strict=True):
+                    if image is not None:
+                        out[by_row[int(number)]] = image
+    missing = [i for i in rows if i not in out]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images could not be read back from {source} "
+                                f"(first: {files[missing[0]]} row {numbers[missing[0]]})")
+    return out
+
+
+FORMATS = ("dpo", "reward", "pointwise")
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def image_array(images: list[bytes], names: list[str]) -> pa.Array:
+    """The storage of a `datasets.Image` feature: {bytes, path} structs."""
+    return pa.array([{"bytes": b, "path": n} for b, n in zip(images, names, strict=True)],
+                    IMAGE_STRUCT)
+
+
+def hf_schema_metadata(table: pa.Table, image_columns: tuple[str, ...]) -> pa.Table:
+    """Attach the `datasets` feature description so `load_dataset("parquet", ...)` decodes
+    ``image_columns`` as images and keeps the other types."""
+    import json
+
+    features = {}
+    for field in table.schema:
+        if field.name in image_columns:
+            features[field.name] = {"_type": "Image"}
+        elif pa.types.is_binary(field.type):
+            features[field.name] = {"dtype": "binary", "_type": "Value"}
+        elif pa.types.is_string(field.type):
+            features[field.name] = {"dtype": "string", "_type": "Value"}
+        elif pa.types.is_floating(field.type):
+            dtype = {"halffloat": "float16", "float": "float32", "double": "float64"}
+            features[field.name] = {"dtype": dtype[str(field.type)], "_type": "Value"}
+        elif pa.types.is_integer(field.type):
+            features[field.name] = {"dtype": str(field.type), "_type": "Value"}
+        elif pa.types.is_boolean(field.type):
+            features[field.name] = {"dtype": "bool", "_type": "Value"}
+    return table.replace_schema_metadata(
+        {"huggingface": json.dumps({"info": {"features": features}})})
+
+
+def pair_table(fmt: str, pairs: list[Pair], table: pa.Table, score: np.ndarray,
+               images: dict[int, bytes], seed: int) -> pa.Table:
+    """One split of pairs in the layout ``fmt`` expects."""
+    keys = [str(k) for k in table["key"].to_pylist()]
+    if fmt == "dpo":
+        # Pick-a-Pic v2 / Diffusion-DPO: the winner is on a random side, label 1 marks it.
+        sides = np.random.default_rng(seed).random(len(pairs)) < 0.5
+        first = [p.chosen if s else p.rejected for p, s in zip(pairs, sides, strict=True)]
+        second = [p.rejected if s else p.chosen for p, s in zip(pairs, sides, strict=True)]
+        return pa.table({
+            "caption": pa.array([p.prompt for p in pairs], pa.string()),
+            "jpg_0": pa.array([images[i] for i in first], pa.binary()),
+            "jpg_1": pa.array([images[i] for i in second], pa.binary()),
+            "label_0": pa.array([1.0 if s else 0.0 for s in sides], pa.float64()),
+            "label_1": pa.array([0.0 if s else 1.0 for s in sides], pa.float64()),
+        })
+    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
+    return hf_schema_metadata(pa.table({
+        "prompt": pa.array([p.prompt for p in pairs], pa.string()),
+        "image_chosen": image_array([images[i] for i in chosen], [keys[i] for i in chosen]),
+        "image_rejected": image_array([images[i] for i in rejected],
+                                      [keys[i] for i in rejected]),
+        "score_chosen": pa.array([float(score[i]) for i in chosen], pa.float64()),
+        "score_rejected": pa.array([float(score[i]) for i in rejected], pa.float64()),
+        "key_chosen": pa.array([keys[i] for i in chosen], pa.string()),
+        "key_rejected": pa.array([keys[i] for i in rejected], pa.string()),
+    }), ("image_chosen", "image_rejected"))
+
+
+def pointwise_table(rows: list[int], table: pa.Table, score: np.ndarray,
+                    images: dict[int, bytes]) -> pa.Table:
+    prompts = table["prompt"].to_pylist()
+    keys = [str(k) for k in table["key"].to_pylist()]
+    return hf_schema_metadata(pa.table({
+        "prompt": pa.array([prompts[i] for i in rows], pa.string()),
+        "image": image_array([images[i] for i in rows], [keys[i] for i in rows]),
+        "score": pa.array([float(score[i]) for i in rows], pa.float64()),
+        "key": pa.array([keys[i] for i in rows], pa.string()),
+    }), ("image",))
