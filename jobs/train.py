@@ -81,6 +81,7 @@ class Labelled:
     rows: list[int]  # source rows of the table, in the order above
     dropped: int
     pixels: torch.Tensor | None = None  # end-to-end training only
+    fine_areas: torch.Tensor | None = None  # end-to-end training of two-view models
 
 
 def groups_for(config: LabelledDataConfig, url: str, rows: list[int]) -> list[str]:
@@ -167,8 +168,10 @@ def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache) -
                     dropped=index.num_rows - ok.num_rows)
 
 
-def image_rows(config: LabelledDataConfig, url: str, image_root: str, model) -> Labelled:
-    """Decoded uint8 crops of every readable row (end-to-end training reads images itself)."""
+def image_rows(config: LabelledDataConfig, url: str, image_root: str, model,
+               with_fine_areas: bool = False) -> Labelled:
+    """Decoded uint8 crops of every readable row (end-to-end training reads images itself);
+    ``with_fine_areas`` also keeps the area random fine crops are drawn from (train split)."""
     from iqray.model.preprocess import ImageDecodeError, open_image
     from iqray.pipeline.readers import read_shard
 
@@ -177,12 +180,16 @@ def image_rows(config: LabelledDataConfig, url: str, image_root: str, model) -> 
     storage = config.storage_config()
     (shard,) = discover_shards(url, read, storage)
     source = read_table(url, storage)
-    crops, rows, prompts, shas, dropped = [], [], [], [], 0
+    crops, areas, rows, prompts, shas, dropped = [], [], [], [], [], 0
+    two_views = model.transform.fine_resize is not None and with_fine_areas
     for batch in read_shard(shard, read, storage, []):
         for row, image, prompt in zip(batch["source_row"], batch["_image"], batch["prompt"],
                                       strict=True):
             try:
-                crops.append(model.transform.crop(open_image(image)))
+                decoded = open_image(image)
+                crops.append(model.transform.crop(decoded))
+                if two_views:
+                    areas.append(model.transform.fine_area(decoded))
             except (ImageDecodeError, TypeError):
                 dropped += 1
                 continue
@@ -197,6 +204,7 @@ def image_rows(config: LabelledDataConfig, url: str, image_root: str, model) -> 
         mos[head] = values[rows]
     labelled = Labelled(shas, prompts, mos, rows, dropped)
     labelled.pixels = torch.stack(crops) if crops else None
+    labelled.fine_areas = torch.stack(areas) if areas else None
     return labelled
 
 
@@ -206,7 +214,7 @@ def pixel_data(rows: Labelled, scales: dict[str, tuple[float, float]]):
     targets = {head: torch.as_tensor((rows.mos[head] - scales[head][0])
                                      / (scales[head][1] - scales[head][0]), dtype=torch.float32)
                for head in HEADS}
-    return ImageRows(rows.pixels, rows.prompts, targets)
+    return ImageRows(rows.pixels, rows.prompts, targets, fine_areas=rows.fine_areas)
 
 
 def head_data(cache: EmbeddingCache, rows: Labelled, scales: dict[str, tuple[float, float]]
@@ -256,7 +264,8 @@ def run_train(config: TrainConfig, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="iqray-train-") as workdir:
         tables = split_tables(config, storage, Path(workdir))
         if config.towers == "finetune":
-            splits = {split: image_rows(config, url, image_root, model)
+            splits = {split: image_rows(config, url, image_root, model,
+                                        with_fine_areas=split == "train")
                       for split, url in tables.items()}
         else:
             splits = {}

@@ -119,6 +119,14 @@ class ImageTransform:
             views.append(self._view(image, self.fine_resize))
         return torch.cat(views) if len(views) > 1 else views[0]
 
+    def fine_area(self, image: Image.Image) -> torch.Tensor:
+        """uint8 (3, fine_resize, fine_resize): the square the fine view is the centre of.
+        Training draws random ``size`` crops from it; ``crop`` takes its centre."""
+        if self.fine_resize is None:
+            raise ValueError("this transform has no fine view (fine_resize is None)")
+        resized = TF.resize(image, self.fine_resize, interpolation=InterpolationMode.BICUBIC)
+        return TF.pil_to_tensor(TF.center_crop(resized, [self.fine_resize, self.fine_resize]))
+
     def _view(self, image: Image.Image, resize: int) -> torch.Tensor:
         resized = TF.resize(image, resize, interpolation=InterpolationMode.BICUBIC)
         return TF.pil_to_tensor(TF.center_crop(resized, [self.size, self.size]))

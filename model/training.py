@@ -129,6 +129,7 @@ class ImageRows:
     prompts: list[str | None]
     targets: dict[str, torch.Tensor]
     groups: torch.Tensor | None = None  # int64 class per row (auxiliary loss), -1 = none
+    fine_areas: torch.Tensor | None = None  # two-view models: where fine crops are drawn from
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -137,7 +138,8 @@ class ImageRows:
         rows = index.tolist()
         return ImageRows(self.pixels[index], [self.prompts[i] for i in rows],
                          {k: v[index] for k, v in self.targets.items()},
-                         None if self.groups is None else self.groups[index])
+                         None if self.groups is None else self.groups[index],
+                         None if self.fine_areas is None else self.fine_areas[index])
 
 
 def group_classifier(model: MSTClipIQA, train, settings: TrainSettings, seed: int
@@ -176,7 +178,13 @@ def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
                    settings: TrainSettings, seed: int, tower_lr: float,
                    on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
     """Train towers and heads together; random-init towers are re-initialised from ``seed``
-    (small towers from scratch), the text tower learns too, images are flipped at random."""
+    (small towers from scratch), the text tower learns too, images are flipped at random.
+
+    With ``train.fine_areas`` (two-view models) each step's fine view is a random crop of the
+    image's fine area rather than its centre: blur and noise do not depend on where one
+    looks, and a 512 px area holds many 160 px crops, so the fine tower sees far more
+    distinct inputs than there are images. Validation uses the centre, as scoring does.
+    """
     model.config = model.config.model_copy(update={"trained": True})
     if model.config.coarse.pretrained is None and model.config.fine.pretrained is None:
         model.reset_towers(seed)  # from scratch: each repeat gets its own towers
@@ -192,6 +200,12 @@ def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
 
     def forward(batch: ImageRows) -> dict[str, torch.Tensor]:
         pixels = batch.pixels
+        if batch.fine_areas is not None:
+            size, area = pixels.shape[-1], batch.fine_areas.shape[-1]
+            corners = torch.randint(0, area - size + 1, (len(batch), 2), generator=flips)
+            fine = torch.stack([batch.fine_areas[i, :, y:y + size, x:x + size]
+                                for i, (y, x) in enumerate(corners.tolist())])
+            pixels = torch.cat([pixels[:, :3], fine], dim=1)
         flip = torch.rand(len(batch), generator=flips) < 0.5
         pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
         coarse, fine = model.encode_images(model.transform.normalize(pixels))

@@ -85,6 +85,12 @@ def test_a_fine_view_crops_detail_at_a_higher_resolution():
                                .float())
     normalised = transform.normalize(crop)
     torch.testing.assert_close(normalised[3:], (fine / 255 - 0.5) / 0.25)
+    # Training draws random fine crops from the fine area; its centre is the fine view.
+    area = transform.fine_area(Image.fromarray(array))
+    assert area.shape == (3, 200, 200)
+    torch.testing.assert_close(area[:, 75:125, 75:125], crop[3:])
+    with pytest.raises(ValueError, match="no fine view"):
+        ImageTransform(50, (0.5,) * 3, (0.25,) * 3).fine_area(Image.fromarray(array))
 
 
 def test_two_view_models_feed_each_tower_its_own_view(sample_rows):
