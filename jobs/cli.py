@@ -101,6 +101,9 @@ JOBS: dict[str, Job] = {
                        "pair images of one prompt into DPO / reward-model / regression "
                        "datasets (Parquet + dataset card)", ("input", "output"),
                        uses_ray=False),
+    "report": Job("iqray.jobs.report", "ReportConfig", "run_report",
+                  "a self-contained HTML report of a score run: histograms, scatter, best and "
+                  "worst images per group, errors", ("input", "output"), uses_ray=False),
     "info": Job("iqray.jobs.cli", "InfoConfig", "run_info",
                 "describe a model: towers, weights, parameters, outputs", uses_ray=False),
 }

@@ -16,7 +16,6 @@ from iqray.jobs.config import JobConfig
 from iqray.pipeline.preferences import (
     FORMATS,
     PairRules,
-    fetch_images,
     make_pairs,
     pair_table,
     pointwise_table,
@@ -49,7 +48,7 @@ class PreferencesConfig(JobConfig, PairRules, StorageConfig):
 
 
 def run_preferences(config: PreferencesConfig, log=print) -> dict:
-    from iqray.pipeline.score_tables import read_scores, score_metadata
+    from iqray.pipeline.score_tables import fetch_images, read_scores, score_metadata
 
     started = time.perf_counter()
     unknown = sorted(set(config.formats) - set(FORMATS))

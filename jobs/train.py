@@ -350,8 +350,10 @@ class _EpochBar:
 
     def update_epoch(self, record: dict) -> None:
         if self.bar is not None:
+            heads = {h[0]: record[f"val_srcc_{h}"] for h in HEADS
+                     if f"val_srcc_{h}" in record}  # q=..., a=...: each head's val SRCC
             self.bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                 val_srcc=f"{record['val_srcc_mean']:.3f}")
+                                 val_srcc="/".join(f"{k} {v:.3f}" for k, v in heads.items()))
             self.bar.update(1)
 
     def close(self) -> None:

@@ -26,9 +26,6 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from iqray.pipeline.readers import ReadConfig, discover_shards, read_bytes, read_shard
-from iqray.pipeline.storage import StorageConfig
-
 Strategy = Literal["best_vs_worst", "margin", "top_bottom"]
 
 
@@ -124,41 +121,6 @@ def make_pairs(table: pa.Table, rules: PairRules) -> list[Pair]:
             uses[pair.rejected] += 1
             pairs.append(pair)
     return pairs
-
-
-def fetch_images(table: pa.Table, rows: list[int], source: str, read: ReadConfig,
-                 storage: StorageConfig) -> dict[int, bytes]:
-    """Image bytes of score rows: from an ``image`` column when the score run kept them,
-    else read back from the source dataset (only the rows asked for)."""
-    if "image" in table.column_names:
-        column = table["image"]
-        return {i: column[i].as_py() for i in rows}
-    files = table["source_file"].to_pylist()
-    numbers = table["source_row"].to_pylist()
-    wanted: dict[str, dict[int, int]] = defaultdict(dict)
-    out: dict[int, bytes] = {}
-    for i in rows:
-        if "#" not in files[i] and not files[i].lower().endswith(
-                (".parquet", ".csv", ".tsv", ".tar", ".tar.gz", ".tgz")):
-            out[i] = read_bytes(files[i], storage)  # a folder's image file
-        else:
-            wanted[files[i].split("#", 1)[0]][numbers[i]] = i
-    if wanted:
-        shards = {s.url: s for s in discover_shards(source, read, storage)}
-        for url, by_row in wanted.items():
-            if url not in shards:
-                raise FileNotFoundError(f"{url} (named by the scores) is not among the shards "
-                                        f"of {source}; pass the score run's input as --source")
-            shard = dataclasses.replace(shards[url], only_rows=sorted(by_row))
-            for batch in read_shard(shard, read, storage, []):
-                for number, image in zip(batch["source_row"], batch["_image"], strict=True):
-                    if image is not None:
-                        out[by_row[int(number)]] = image
-    missing = [i for i in rows if i not in out]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} images could not be read back from {source} "
-                                f"(first: {files[missing[0]]} row {numbers[missing[0]]})")
-    return out
 
 
 FORMATS = ("dpo", "reward", "pointwise")

@@ -8,15 +8,18 @@ bytes per row -- so they read with pyarrow on the driver: 1M rows is ~100 MB her
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import operator
 import posixpath
+from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from iqray.pipeline.readers import ReadConfig, discover_shards, read_bytes, read_shard
 from iqray.pipeline.storage import StorageConfig, to_url
 from iqray.pipeline.writer import METADATA_KEY
 
@@ -146,3 +149,38 @@ def compile_where(text: str, columns: list[str]) -> pc.Expression:
     if not isinstance(expression, pc.Expression):
         raise ExpressionError(f"--where {text!r}: not a condition on columns")
     return expression
+
+
+def fetch_images(table: pa.Table, rows: list[int], source: str, read: ReadConfig,
+                 storage: StorageConfig) -> dict[int, bytes]:
+    """Image bytes of score rows: from an ``image`` column when the score run kept them,
+    else read back from the source dataset (only the rows asked for)."""
+    if "image" in table.column_names:
+        column = table["image"]
+        return {i: column[i].as_py() for i in rows}
+    files = table["source_file"].to_pylist()
+    numbers = table["source_row"].to_pylist()
+    wanted: dict[str, dict[int, int]] = defaultdict(dict)
+    out: dict[int, bytes] = {}
+    for i in rows:
+        if "#" not in files[i] and not files[i].lower().endswith(
+                (".parquet", ".csv", ".tsv", ".tar", ".tar.gz", ".tgz")):
+            out[i] = read_bytes(files[i], storage)  # a folder's image file
+        else:
+            wanted[files[i].split("#", 1)[0]][numbers[i]] = i
+    if wanted:
+        shards = {s.url: s for s in discover_shards(source, read, storage)}
+        for url, by_row in wanted.items():
+            if url not in shards:
+                raise FileNotFoundError(f"{url} (named by the scores) is not among the shards "
+                                        f"of {source}; pass the score run's input as --source")
+            shard = dataclasses.replace(shards[url], only_rows=sorted(by_row))
+            for batch in read_shard(shard, read, storage, []):
+                for number, image in zip(batch["source_row"], batch["_image"], strict=True):
+                    if image is not None:
+                        out[by_row[int(number)]] = image
+    missing = [i for i in rows if i not in out]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images could not be read back from {source} "
+                                f"(first: {files[missing[0]]} row {numbers[missing[0]]})")
+    return out

@@ -28,3 +28,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet -e ".[test]"
     touch "$stamp"
 fi
+# The report test renders HTML in a real browser: Debian's chromium (about 20 s to install).
+if [ "${IQRAY_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    else
+        echo "note: chromium not found and cannot be installed here (needs root + apt-get);" \
+             "the report browser test will be skipped" >&2
+    fi
+fi

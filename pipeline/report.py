@@ -1,0 +1,199 @@
+"""A self-contained HTML report of a score run: one file, no network needed to view it.
+
+Plots are matplotlib figures embedded as PNG data URIs; image grids are JPEG thumbnails
+embedded the same way. Sections (element ids): ``summary`` (counts per group), ``histograms``
+(quality and alignment, overall and per group), ``scatter`` (quality vs alignment by group),
+``grids`` (best and worst images per group with prompts and scores), ``errors`` (counts by
+kind with examples).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+SCORES = ("quality", "alignment")
+
+
+def _png(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def thumbnail(image: bytes, size: int = 160) -> str:
+    from PIL import Image
+
+    from iqray.model.preprocess import open_image
+
+    picture = open_image(image)
+    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _scores(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    values = table[name].to_numpy(zero_copy_only=False).astype(float)
+    values[np.array(table["status"].to_pylist()) != "ok"] = np.nan
+    return values
+
+
+def histograms(table: pa.Table, groups: np.ndarray) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(set(groups))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for axis, score in zip(axes, SCORES, strict=True):
+        values = _scores(table, score)
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            axis.set_title(f"{score}: no scores")
+            continue
+        bins = np.linspace(finite.min(), finite.max() + 1e-9, 25)
+        axis.hist(finite, bins=bins, color="0.8", label="all")
+        if len(names) > 1:
+            for i, name in enumerate(names):
+                member = values[(groups == name) & np.isfinite(values)]
+                axis.hist(member, bins=bins, histtype="step", linewidth=1.5,
+                          color=plt.cm.tab10(i % 10), label=name)
+        axis.set_xlabel(score)
+        axis.set_ylabel("images")
+        axis.set_title(f"{score} (n={finite.size})")
+    axes[0].legend(fontsize=7, frameon=False)
+    return _png(figure)
+
+
+def scatter(table: pa.Table, groups: np.ndarray) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality, alignment = _scores(table, "quality"), _scores(table, "alignment")
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for i, name in enumerate(sorted(set(groups))):
+        member = (groups == name) & np.isfinite(quality) & np.isfinite(alignment)
+        axis.scatter(quality[member], alignment[member], s=10, alpha=0.7,
+                     color=plt.cm.tab10(i % 10), label=name)
+    axis.set_xlabel("quality")
+    axis.set_ylabel("alignment")
+    axis.set_title("quality vs alignment")
+    if len(set(groups)) > 1:
+        axis.legend(fontsize=7, frameon=False, markerscale=2)
+    return _png(figure)
+
+
+def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
+                 grid_rows: dict[str, dict[str, list[int]]], metadata: dict,
+                 title: str) -> str:
+    """The HTML document. ``grid_rows[group]['best'|'worst']`` are row indices to show;
+    ``images`` holds their bytes."""
+    quality, alignment = _scores(table, "quality"), _scores(table, "alignment")
+    status = np.array(table["status"].to_pylist())
+    prompts = table["prompt"].to_pylist() if "prompt" in table.column_names else \
+        [None] * table.num_rows
+    keys = [str(k) for k in table["key"].to_pylist()]
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p class=meta>model <code>{html.escape(str(metadata.get('model')))}</code>, "
+             f"{table.num_rows} rows, built "
+             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by iqray report</p>"]
+
+    rows = []
+    for name in sorted(set(groups)):
+        member = groups == name
+        rows.append((name, int(member.sum()), int((status[member] == "ok").sum()),
+                     int((status[member] != "ok").sum()), _mean(quality[member]),
+                     _mean(alignment[member])))
+    rows.append(("all", table.num_rows, int((status == "ok").sum()),
+                 int((status != "ok").sum()), _mean(quality), _mean(alignment)))
+    parts.append("<section id=summary><h2>Counts</h2><table><tr><th>group</th><th>rows</th>"
+                 "<th>scored</th><th>errors</th><th>mean quality</th><th>mean alignment</th>"
+                 "</tr>" + "".join(
+                     f"<tr><td>{html.escape(n)}</td><td>{r}</td><td>{ok}</td><td>{e}</td>"
+                     f"<td>{q}</td><td>{a}</td></tr>" for n, r, ok, e, q, a in rows)
+                 + "</table></section>")
+    parts.append(f"<section id=histograms><h2>Score distributions</h2>"
+                 f"<img alt='histograms' src='{histograms(table, groups)}'></section>")
+    parts.append(f"<section id=scatter><h2>Quality vs alignment</h2>"
+                 f"<img alt='scatter' src='{scatter(table, groups)}'></section>")
+
+    grids = ["<section id=grids><h2>Best and worst images</h2>"]
+    for name, sides in grid_rows.items():
+        grids.append(f"<h3>{html.escape(name)}</h3>")
+        for side, indices in sides.items():
+            if not indices:
+                continue
+            cells = "".join(
+                f"<figure><img alt='{html.escape(keys[i])}' src='{thumbnail(images[i])}'>"
+                f"<figcaption><b>q {quality[i]:.2f}</b> · a {_fmt(alignment[i])}<br>"
+                f"{html.escape((prompts[i] or '')[:120])}<br><small>"
+                f"{html.escape(keys[i])}</small></figcaption></figure>"
+                for i in indices if i in images)
+            grids.append(f"<div class=side><h4>{side} by quality</h4><div class=grid>{cells}"
+                         "</div></div>")
+    grids.append("</section>")
+    parts.append("".join(grids))
+
+    kinds = Counter(k for k in (table["error_kind"].to_pylist() if "error_kind" in
+                                table.column_names else []) if k)
+    examples: dict[str, str] = {}
+    if "error" in table.column_names:
+        for kind, message in zip(table["error_kind"].to_pylist(), table["error"].to_pylist(),
+                                 strict=True):
+            if kind and kind not in examples:
+                examples[kind] = message or ""
+    error_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{n}</td><td><small>"
+                         f"{html.escape(examples.get(k, '')[:200])}</small></td></tr>"
+                         for k, n in kinds.most_common())
+    parts.append("<section id=errors><h2>Errors</h2>" + (
+        f"<table><tr><th>kind</th><th>rows</th><th>example</th></tr>{error_rows}</table>"
+        if kinds else "<p>No errors.</p>") + "</section>")
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}"
+             ".grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:170px;"
+             "font-size:12px}figure img{width:160px;height:auto;border-radius:4px}"
+             ".meta{color:#666}section{margin-bottom:2em}figcaption small{word-break:break-all}")
+    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+            f"<title>{html.escape(title)}</title><style>{style}</style></head><body>"
+            + "".join(parts) + "</body></html>")
+
+
+def _mean(values: np.ndarray) -> str:
+    finite = values[np.isfinite(values)]
+    return f"{finite.mean():.3f}" if finite.size else "–"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2f}" if np.isfinite(value) else "–"
+
+
+def grid_choice(table: pa.Table, groups: np.ndarray, per_side: int, max_groups: int
+                ) -> dict[str, dict[str, list[int]]]:
+    """Row indices of the best and worst ``per_side`` scored images of each group (by
+    quality), for the largest ``max_groups`` groups."""
+    quality = _scores(table, "quality")
+    sizes = Counter(groups[np.isfinite(quality)])
+    chosen: dict[str, dict[str, list[int]]] = {}
+    for name, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:max_groups]:
+        member = np.flatnonzero((groups == name) & np.isfinite(quality))
+        ordered = member[np.argsort(-quality[member], kind="stable")]
+        best = ordered[:per_side].tolist()
+        worst = [i for i in ordered[::-1][:per_side].tolist() if i not in best]
+        chosen[name] = {"best": best, "worst": worst}
+    return chosen

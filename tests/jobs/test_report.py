@@ -1,0 +1,69 @@
+"""`iqray report`: a self-contained page that a real browser renders without errors."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from pipeline_data import SAMPLE, img2dataset_table, write_parquet
+
+from iqray.jobs.cli import main
+from iqray.pipeline.score import ScoreConfig, run_score
+
+TEST_MODEL = "mst-clipiqa-tiny-random"
+SECTIONS = ("summary", "histograms", "scatter", "grids", "errors")
+
+
+def render(path):
+    """The DOM after load and the console messages of headless Chromium."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (scripts/setup.sh installs Debian's chromium)")
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+         "--v=0", "--dump-dom", f"file://{path}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    return done.stdout, console
+
+
+def test_report_of_the_sample_renders_every_section_offline(ray_local, tmp_path):
+    run_score(ScoreConfig(input=str(SAMPLE), output=str(tmp_path / "scores"), model=TEST_MODEL,
+                          progress=False), log=lambda *a: None)
+    page = tmp_path / "report.html"
+    assert main(["report", str(tmp_path / "scores"), str(page), "--per-pattern",
+                 r"^images/([^_]+)_", "--grid-size", "2"]) == 0
+    text = page.read_text()
+    # Self-contained: every image is inline, nothing is fetched.
+    assert not re.search(r"""(src|href)=['"]?(https?:|//|file:)""", text)
+    assert len(re.findall(r"src='data:image/jpeg;base64,", text)) == 5 * 2 * 2 + 2  # glide has 2
+    dom, console = render(page)
+    assert console == []
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom
+    for group in ("AttnGAN", "DALLE2", "glide", "midjourney", "sd1.5", "xl2.2"):
+        assert f"<h3>{group}</h3>" in dom
+
+
+def test_report_reads_s3_scores_and_shows_errors(ray_local, sample, s3_bucket, s3_endpoint,
+                                                 tmp_path):
+    fs, bucket = s3_bucket
+    table = img2dataset_table(sample, 0, 6)
+    jpg = table["jpg"].to_pylist()
+    jpg[2] = b"not an image"
+    table = table.set_column(table.column_names.index("jpg"), "jpg", [jpg])
+    write_parquet(fs, f"{bucket}/in/part-00000.parquet", table)
+    run_score(ScoreConfig(input=f"s3://{bucket}/in", output=f"s3://{bucket}/scores",
+                          model=TEST_MODEL, progress=False, s3_endpoint=s3_endpoint,
+                          max_error_fraction=0.5),
+              log=lambda *a: None)
+    page = tmp_path / "s3-report.html"
+    assert main(["report", f"s3://{bucket}/scores", str(page), "--s3-endpoint", s3_endpoint,
+                 "--title", "nightly run"]) == 0
+    dom, console = render(page)
+    assert console == []
+    assert "<title>nightly run</title>" in dom
+    errors = dom[dom.index('id="errors"'):]
+    assert "<td>decode</td><td>1</td>" in errors
