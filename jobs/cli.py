@@ -104,6 +104,9 @@ JOBS: dict[str, Job] = {
     "report": Job("iqray.jobs.report", "ReportConfig", "run_report",
                   "a self-contained HTML report of a score run: histograms, scatter, best and "
                   "worst images per group, errors", ("input", "output"), uses_ray=False),
+    "clean": Job("iqray.jobs.clean", "CleanConfig", "run_clean",
+                 "the nightly job: score what is new in each source, filter, write kept/"
+                 "rejected manifests and a run record (safe to rerun)"),
     "info": Job("iqray.jobs.cli", "InfoConfig", "run_info",
                 "describe a model: towers, weights, parameters, outputs", uses_ray=False),
 }

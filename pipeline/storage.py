@@ -27,9 +27,14 @@ class StorageConfig(BaseModel):
 
     def options_for(self, url: str) -> dict[str, Any]:
         protocol = url.split("://", 1)[0] if "://" in url else "file"
+        if protocol in ("gs", "gcs"):
+            return {"use_listings_cache": False}
         if protocol not in ("s3", "s3a"):
             return {}
-        options: dict[str, Any] = {}
+        # fsspec keeps one filesystem per set of options for the whole process; with its
+        # listing cache, a second job in the same process would not see objects added since
+        # the first one listed the prefix (an incremental rerun would miss new shards).
+        options: dict[str, Any] = {"use_listings_cache": False}
         endpoint = self.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
             "AWS_ENDPOINT_URL")
         if endpoint:
