@@ -314,6 +314,11 @@ def run_train(config: TrainConfig, log=print) -> dict:
     model.load_state_dict(best.state, strict=False)
     if config.towers == "finetune":
         model.refresh_grade_text()
+    from iqray.model.training import embed_rows, reference_stats
+
+    reference = reference_stats(model, embed_rows(model, train) if config.towers == "finetune"
+                                else train, name=f"train rows of {config.input}")
+    model.config = model.config.model_copy(update={"score_reference": reference})
     summary = {head: mean_std([r.best_val[head] for r in results])
                for head in (*HEADS, "mean") if head in best.best_val}
     metrics = {"val_srcc": summary, "repeats": [

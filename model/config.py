@@ -80,6 +80,10 @@ class MSTConfig(_Strict):
         default=False,
         description="False: zero-shot outputs (CLIP similarity to graded prompts, CLIPScore).",
     )
+    score_reference: dict[str, dict[str, float | int | str]] | None = Field(
+        default=None,
+        description="Per output: mean/std/n of the model's own scores on a fixed reference "
+        "set (its training rows), written by `iqray train`; z-scores are measured against it.")
     quality_scale: ScoreScale = Field(default_factory=lambda: ScoreScale(low=1.0, high=5.0))
     alignment_scale: ScoreScale = Field(default_factory=lambda: ScoreScale(low=0.0, high=1.0))
 

@@ -142,6 +142,34 @@ class ImageRows:
                          None if self.fine_areas is None else self.fine_areas[index])
 
 
+def embed_rows(model: MSTClipIQA, rows: ImageRows, batch_size: int = 128) -> HeadData:
+    """Tower embeddings of image rows (eval mode, centre views), as cached rows are."""
+    model.eval()
+    coarse, fine = [], []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            c, f = model.encode_images(model.transform.normalize(
+                rows.pixels[start : start + batch_size]))
+            coarse.append(c)
+            fine.append(f)
+    return HeadData(torch.cat(coarse), torch.cat(fine), rows.prompts, rows.targets)
+
+
+def reference_stats(model: MSTClipIQA, data: HeadData, name: str) -> dict[str, dict]:
+    """Mean and std of the model's own scores (its output scale) on a fixed set: what
+    z-scores are measured against, so a threshold keeps its meaning across batches."""
+    normalised = predict(model, data)
+    scaled = model.to_score_scale({h: torch.as_tensor(v) for h, v in normalised.items()})
+    stats = {}
+    for head, values in scaled.items():
+        values = values.numpy()
+        values = values[np.isfinite(values)]
+        if values.size >= 2:
+            stats[head] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)),
+                           "n": int(values.size), "set": name}
+    return stats
+
+
 def group_classifier(model: MSTClipIQA, train, settings: TrainSettings, seed: int
                      ) -> torch.nn.Linear | None:
     """The training-only auxiliary classifier, or None when the loss is off."""
@@ -213,17 +241,8 @@ def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
                                    group_classifier=classifier)
 
     def validate() -> dict[str, float]:
-        model.eval()
-        with torch.inference_mode():
-            coarse, fine = [], []
-            for start in range(0, len(val), 128):
-                c, f = model.encode_images(model.transform.normalize(
-                    val.pixels[start : start + 128]))
-                coarse.append(c)
-                fine.append(f)
         model.refresh_grade_text()
-        data = HeadData(torch.cat(coarse), torch.cat(fine), val.prompts, val.targets)
-        return validation_srcc(model, data)
+        return validation_srcc(model, embed_rows(model, val))
 
     def state() -> dict[str, torch.Tensor]:
         return model.state_dict()

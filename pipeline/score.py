@@ -75,6 +75,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                 "score_mode": "trained" if spec.config.trained else "zero-shot",
                 "iqray_version": iqray_version(), "config_hash": scoring_hash,
                 "scoring_hash": scoring_hash, "input": config.input,
+                "score_reference": spec.config.score_reference,
                 "key_columns": key_columns}
     writer = ShardWriter(todo, config.output, storage, metadata, complete=not preview,
                          key_columns=key_columns, keep_prompt=config.keep_prompt,

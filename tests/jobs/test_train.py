@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -133,6 +134,9 @@ def test_train_job_reads_only_train_and_val_rows_and_reports_mean_and_std(
     saved = json.loads((run / "config.json").read_text())
     assert saved["model"]["trained"] and saved["data_hash"]
     assert saved["model"]["quality_scale"] == {"low": 0.0, "high": 6.0}
+    # The reference set z-scores are measured against: the selected model on its train rows.
+    reference = saved["model"]["score_reference"]
+    assert reference["quality"]["n"] == 20 and reference["quality"]["std"] > 0
     assert json.loads((run / "metrics.json").read_text())["history"]
     with Image.open(run / "training_curves.png") as png:
         assert png.size[0] > 400
@@ -183,3 +187,14 @@ def test_finetune_trains_small_towers_end_to_end_and_ships_them(ray_local, tmp_p
     expected = trained.score([by_name[n]["path"] for n in names],
                              [by_name[n]["prompt"] for n in names])
     np.testing.assert_allclose(out["quality"].to_numpy(), expected["quality"], atol=1e-5)
+
+    # Its reference set travels with the scores: `iqray filter` adds z-scores against it.
+    from iqray.jobs.filter import FilterConfig, run_filter
+
+    run_filter(FilterConfig(input=str(tmp_path / "out"), output=str(tmp_path / "kept")),
+               log=lambda *a: None)
+    kept = pq.read_table(tmp_path / "kept" / "scores.parquet")
+    stats = trained.config.score_reference["quality"]
+    np.testing.assert_allclose(kept["quality_z"].to_numpy(),
+                               (kept["quality"].to_numpy() - stats["mean"]) / stats["std"],
+                               rtol=1e-5)
