@@ -56,6 +56,9 @@ class TrainConfig(LabelledDataConfig, TrainSettings):
         default="frozen", description="frozen: heads from cached embeddings; finetune: towers "
         "and heads end to end from images (small towers trained from scratch)")
     tower_lr: float = Field(default=3e-4, gt=0, description="learning rate of the towers")
+    fine_crops: Literal["centre", "random"] = Field(
+        default="centre", description="finetune, two-view models: train the fine tower on the "
+        "centre crop (as scored) or on random crops of the fine area")
     weights_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         default="float32", description="dtype the checkpoint stores (float16 halves it)")
     quality_range: tuple[float, float] | None = Field(
@@ -264,8 +267,9 @@ def run_train(config: TrainConfig, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="iqray-train-") as workdir:
         tables = split_tables(config, storage, Path(workdir))
         if config.towers == "finetune":
+            random_crops = config.fine_crops == "random"
             splits = {split: image_rows(config, url, image_root, model,
-                                        with_fine_areas=split == "train")
+                                        with_fine_areas=random_crops and split == "train")
                       for split, url in tables.items()}
         else:
             splits = {}

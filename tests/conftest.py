@@ -57,7 +57,7 @@ def sample():
 def reference_model():
     import iqray.model
 
-    return iqray.model.load(iqray.model.DEFAULT_MODEL)
+    return iqray.model.load("mst-clipiqa-tiny-random")
 
 
 # A real S3-compatible server (moto) on 127.0.0.1 and fresh buckets.

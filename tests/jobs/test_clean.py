@@ -6,11 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 import yaml
-from pipeline_data import img2dataset_table, write_parquet
+from pipeline_data import TEST_MODEL, img2dataset_table, write_parquet
 
 from iqray.jobs.cli import main
-
-TEST_MODEL = "mst-clipiqa-tiny-random"
 
 
 def test_nightly_clean_scores_new_shards_only_and_is_safe_to_rerun(

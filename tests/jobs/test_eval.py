@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline_data import SAMPLE
+from pipeline_data import SAMPLE, TEST_MODEL
 from scipy import ndimage, stats
 
 import iqray.model
@@ -19,7 +19,7 @@ SAMPLE_COLUMNS = dict(image_path_column="name", key_columns=["name"])
 
 @pytest.fixture()
 def trained_checkpoint(tmp_path):
-    model = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    model = iqray.model.load(TEST_MODEL)
     model.config = model.config.model_copy(update={"trained": True})
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

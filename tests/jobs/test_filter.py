@@ -8,13 +8,11 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_data import img2dataset_table, wds_members, write_parquet, write_tar
+from pipeline_data import TEST_MODEL, img2dataset_table, wds_members, write_parquet, write_tar
 
 from iqray.jobs.cli import main
 from iqray.jobs.filter import FilterConfig, run_filter
 from iqray.pipeline.score import ScoreConfig, run_score
-
-TEST_MODEL = "mst-clipiqa-tiny-random"
 
 
 def read_parquet(fs, url: str):

@@ -8,12 +8,10 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 from PIL import Image
-from pipeline_data import wds_members, write_tar
+from pipeline_data import TEST_MODEL, wds_members, write_tar
 
 from iqray.jobs.preferences import PreferencesConfig, run_preferences
 from iqray.pipeline.score import ScoreConfig, run_score
-
-TEST_MODEL = "mst-clipiqa-tiny-random"
 
 
 def test_preference_datasets_from_an_s3_score_run_load_with_datasets(

@@ -7,12 +7,11 @@ import shutil
 import subprocess
 
 import pytest
-from pipeline_data import SAMPLE, img2dataset_table, write_parquet
+from pipeline_data import SAMPLE, TEST_MODEL, img2dataset_table, write_parquet
 
 from iqray.jobs.cli import main
 from iqray.pipeline.score import ScoreConfig, run_score
 
-TEST_MODEL = "mst-clipiqa-tiny-random"
 SECTIONS = ("summary", "histograms", "scatter", "grids", "errors")
 
 

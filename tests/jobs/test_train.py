@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from pipeline_data import TEST_MODEL
 
 import iqray.model
 from iqray.jobs.train import TrainConfig, run_train
@@ -54,7 +55,7 @@ def sample_head_data(model, sample, rows, seed=0):
 
 
 def test_training_lowers_the_loss_and_keeps_the_best_validation_epoch(sample):
-    model = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    model = iqray.model.load(TEST_MODEL)
     train = sample_head_data(model, sample, range(0, 24))
     val = sample_head_data(model, sample, range(24, 32))
     settings = TrainSettings(epochs=8, train_batch_size=8, lr=3e-3)
@@ -117,7 +118,7 @@ def write_split_table(tmp_path, sample):
 def test_train_job_reads_only_train_and_val_rows_and_reports_mean_and_std(
         ray_local, tmp_path, sample):
     folder, test_images = write_split_table(tmp_path, sample)
-    config = TrainConfig(input=str(folder / "all.csv"), split_column="split",
+    config = TrainConfig(input=str(folder / "all.csv"), split_column="split", model=TEST_MODEL,
                          cache=str(tmp_path / "cache"), output=str(tmp_path / "run"),
                          epochs=3, train_batch_size=8, repeats=2, progress=False,
                          **SAMPLE_COLUMNS)
@@ -159,6 +160,7 @@ def test_finetune_trains_small_towers_end_to_end_and_ships_them(ray_local, tmp_p
     from iqray.pipeline.score import ScoreConfig, run_score
 
     config = TrainConfig(input=str(SAMPLE / "prompts.csv"), val=str(SAMPLE / "prompts.csv"),
+                         model=TEST_MODEL,
                          image_root=str(SAMPLE / "images"), towers="finetune", epochs=2,
                          train_batch_size=16, output=str(tmp_path / "run"), progress=False,
                          cache=str(tmp_path / "unused-cache"), group_pattern=r"^([^_]+)_",
@@ -171,7 +173,7 @@ def test_finetune_trains_small_towers_end_to_end_and_ships_them(ray_local, tmp_p
     assert saved["model"]["coarse"]["pretrained"] == "towers/coarse.safetensors"
     assert not (tmp_path / "unused-cache").exists()  # end to end: no embedding cache
     trained = iqray.model.load(run)
-    untrained = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    untrained = iqray.model.load(TEST_MODEL)
     before = dict(untrained.coarse.named_parameters())
     unchanged = [n for n, p in trained.coarse.named_parameters() if torch.equal(p, before[n])]
     assert unchanged == ["logit_scale"]  # CLIP's own logit scale is unused; all else trained

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pipeline_data import SAMPLE, img2dataset_table, write_parquet
+from pipeline_data import SAMPLE, TEST_MODEL, img2dataset_table, write_parquet
 
 import iqray.model
 from iqray.pipeline.embed import EmbedConfig, index_table, run_embed
@@ -14,6 +14,7 @@ from iqray.pipeline.embed_cache import EmbeddingCache, EmbeddingCacheMismatch
 
 def embed(**kwargs):
     kwargs.setdefault("progress", False)
+    kwargs.setdefault("model", TEST_MODEL)
     return run_embed(EmbedConfig(**kwargs), log=lambda *a: None)
 
 
@@ -63,14 +64,14 @@ def test_images_already_cached_are_not_embedded_again(ray_local, tmp_path, sampl
 def test_a_cache_refuses_other_towers(ray_local, tmp_path, sample):
     cache = str(tmp_path / "cache")
     embed(cache=cache, **sample_index())
-    other = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    other = iqray.model.load(TEST_MODEL)
     other.config = other.config.model_copy(update={
         "fine": other.config.fine.model_copy(update={"init_seed": 7})})
     checkpoint = iqray.model.save_checkpoint(other, tmp_path / "other-towers")
     with pytest.raises(EmbeddingCacheMismatch, match="other towers"):
         embed(cache=cache, model=str(checkpoint), **sample_index())
     # Heads alone do not change what the towers compute: a trained checkpoint shares the cache.
-    same_towers = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    same_towers = iqray.model.load(TEST_MODEL)
     same_towers.config = same_towers.config.model_copy(update={"trained": True})
     checkpoint = iqray.model.save_checkpoint(same_towers, tmp_path / "same-towers")
     assert embed(cache=cache, model=str(checkpoint), **sample_index()).shards_skipped == 1
@@ -105,7 +106,7 @@ def test_score_with_a_cache_rescores_without_reading_images(ray_local, tmp_path,
     shutil.rmtree(images)  # from here on, reading any image would fail
 
     summary = run_score(ScoreConfig(output=str(tmp_path / "out"), cache=str(tmp_path / "cache"),
-                                    **columns), log=lambda *a: None)
+                                    model=TEST_MODEL, **columns), log=lambda *a: None)
     assert summary.rows == summary.ok == 32 and "heads (from cache)" in summary.stage_busy_s
     out = read_output(None, summary.outputs)
     assert out["name"].to_pylist() == sample[0]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from pipeline_data import (
     SAMPLE,
+    TEST_MODEL,
     assert_scores_match,
     img2dataset_table,
     read_output,
@@ -25,6 +26,7 @@ from iqray.pipeline.score import ScoreConfig, run_score
 
 def score(**kwargs):
     kwargs.setdefault("progress", False)
+    kwargs.setdefault("model", TEST_MODEL)
     return run_score(ScoreConfig(**kwargs), log=lambda *a: None)
 
 
@@ -184,7 +186,7 @@ def test_a_checkpoint_on_s3_is_staged_once_and_scores_like_the_local_model(
     import iqray.model
 
     fs, bucket = s3_bucket
-    model = iqray.model.load(iqray.model.DEFAULT_MODEL)
+    model = iqray.model.load(TEST_MODEL)
     model.config = model.config.model_copy(update={"trained": True})
     with torch.no_grad():
         model.alignment_head.alpha.fill_(0.5)

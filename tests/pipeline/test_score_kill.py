@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from pipeline_data import img2dataset_table, read_output, write_parquet
+from pipeline_data import TEST_MODEL, img2dataset_table, read_output, write_parquet
 
 SHARDS, ROWS = 40, 8
 
@@ -20,7 +20,7 @@ SHARDS, ROWS = 40, 8
 def cli(inputs: Path, output: Path) -> list[str]:
     return [sys.executable, "-m", "iqray.jobs.cli", "score", str(inputs), str(output),
             "--no-progress", "--batch-size", "4", "--decode-batch-size", "4",
-            "--ray-num-cpus", "2"]
+            "--ray-num-cpus", "2", "--model", TEST_MODEL]
 
 
 def committed(output: Path) -> dict[str, int]:

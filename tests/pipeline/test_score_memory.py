@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pyarrow as pa
-from pipeline_data import write_parquet
+from pipeline_data import TEST_MODEL, write_parquet
 
 SHARDS, ROWS = 12, 50
 STORE_BYTES = 80 * 2**20
@@ -29,7 +29,7 @@ def test_a_run_whose_decoded_images_exceed_the_object_store_streams_without_spil
     run = subprocess.run(
         [sys.executable, "-m", "iqray.jobs.cli", "score", str(tmp_path / "in"),
          str(tmp_path / "out"), "--no-progress", "--ray-num-cpus", "2",
-         "--object-store-memory", str(STORE_BYTES)],
+         "--object-store-memory", str(STORE_BYTES), "--model", TEST_MODEL],
         capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "_SUCCESS").read_text())["summary"]

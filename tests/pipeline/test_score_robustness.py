@@ -10,7 +10,13 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
-from pipeline_data import assert_scores_match, img2dataset_table, read_output, write_parquet
+from pipeline_data import (
+    TEST_MODEL,
+    assert_scores_match,
+    img2dataset_table,
+    read_output,
+    write_parquet,
+)
 
 from iqray.pipeline.execution import ErrorBudgetExceeded, plan_resources
 from iqray.pipeline.score import ScoreConfig, run_score
@@ -19,6 +25,7 @@ from iqray.pipeline.scoring import split_on_oom
 
 def score(**kwargs):
     kwargs.setdefault("progress", False)
+    kwargs.setdefault("model", TEST_MODEL)
     return run_score(ScoreConfig(**kwargs), log=lambda *a: None)
 
 

@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "sample"
+# Tests run on tiny random-init towers: fast, and no download ever.
+TEST_MODEL = "mst-clipiqa-tiny-random"
 
 
 def img2dataset_table(sample, start: int, count: int) -> pa.Table:
