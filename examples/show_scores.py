@@ -36,6 +36,11 @@ def main(output: str) -> None:
     print(f"Spearman vs human MOS on this sample: quality "
           f"{spearmanr(quality, mos_q).statistic:+.3f}, alignment "
           f"{spearmanr(alignment, mos_a).statistic:+.3f}")
+    if meta["model"] == "iqray-small-agiqa3k":
+        print("NOTE: the shipped model is small and trained from scratch on AGIQA-3K's train "
+              "split, which these 32 images come from: agreement here is optimistic. On the "
+              "held-apart val prompts see the README table. Pretrained CLIP towers trained "
+              "with `iqray train` are the real thing.")
     if meta["model"] == "mst-clipiqa-tiny-random":
         print("NOTE: the default model has RANDOM-INIT tiny towers with zero-shot heads: these "
               "scores carry no meaning; they show the pipeline end to end. Use `--model "

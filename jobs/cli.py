@@ -17,8 +17,8 @@ from iqray.jobs.config import ConfigError, JobConfig, add_config_flags, build_co
 class InfoConfig(JobConfig):
     """`iqray info`: what a model is, where its weights come from, what it outputs."""
 
-    model: str = Field(default="mst-clipiqa-tiny-random",
-                       description="model preset name or checkpoint path")
+    model: str = Field(default="iqray-small-agiqa3k",
+                       description="shipped model, preset name or checkpoint path")
     device: str = Field(default="cpu", description="cpu, cuda, cuda:N or auto")
     cache_dir: str | None = Field(default=None, description="extra dir to look for weights in")
 
@@ -27,7 +27,9 @@ def run_info(config: InfoConfig) -> int:
     import iqray.model
     from iqray.model.checkpoint import iqray_version
 
-    print(f"iqray {iqray_version()}; presets: {', '.join(iqray.model.preset_names())}")
+    print(f"iqray {iqray_version()}; shipped models: "
+          f"{', '.join(iqray.model.shipped_models())}; presets: "
+          f"{', '.join(iqray.model.preset_names())}")
     model = iqray.model.load(config.model, device=config.device, cache_dir=config.cache_dir)
     counts = model.parameter_counts()
     print(f"model: {config.model} [{model.config.architecture}, {model.mode}] on {model.device}")

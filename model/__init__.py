@@ -30,6 +30,7 @@ from iqray.model.config import (
     TowerConfig,
     load_preset,
     preset_names,
+    shipped_models,
 )
 from iqray.model.mst_clipiqa import MSTClipIQA, PromptBatch, ScoreSpec
 from iqray.model.preprocess import ImageDecodeError, ImageTransform, open_image
@@ -38,13 +39,14 @@ from iqray.model.weights import UnsafeCheckpointError, WeightsNotFoundError, res
 # Tiny test/demo towers are just more open_clip model configs.
 open_clip.add_model_config(Path(__file__).parent / "configs" / "towers")
 
-DEFAULT_MODEL = "mst-clipiqa-tiny-random"
+# The trained offline model that ships in the package (AGIQA-3K, small towers from scratch).
+DEFAULT_MODEL = "iqray-small-agiqa3k"
 
 __all__ = [
     "DEFAULT_MODEL", "CheckpointError", "HeadsConfig", "ImageDecodeError", "ImageTransform",
     "MSTClipIQA", "MSTConfig", "PromptBatch", "ScoreScale", "ScoreSpec", "TowerConfig",
     "UnsafeCheckpointError", "WeightsNotFoundError", "load", "load_preset", "open_image",
-    "preset_names", "resolve_tower_weights", "resolve_device", "save_checkpoint",
+    "preset_names", "shipped_models", "resolve_tower_weights", "resolve_device", "save_checkpoint",
 ]
 
 
@@ -63,13 +65,17 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
     come from the checkpoint's ``model.safetensors`` (never a pickle).
     """
     name = str(name_or_path)
+    shipped = shipped_models()
+    if name in shipped:
+        name_or_path = name = str(shipped[name])
     if name in preset_names():
         model = MSTClipIQA.from_config(load_preset(name), cache_dir=cache_dir,
                                        allow_download=allow_download)
     else:
         path = Path(name).expanduser()
         if not path.exists() and os.sep not in name and not path.suffix:
-            raise KeyError(f"{name!r} is neither a model preset ({', '.join(preset_names())}) "
+            raise KeyError(f"{name!r} is neither a shipped model ({', '.join(shipped)}), a model "
+                           f"preset ({', '.join(preset_names())}) "
                            "nor an existing checkpoint path")
         config_path, weights_path = checkpoint_files(path)
         config, raw = read_checkpoint_config(config_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -91,6 +92,14 @@ class MSTConfig(_Strict):
 def preset_names() -> list[str]:
     folder = resources.files("iqray.model") / "configs" / "presets"
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def shipped_models() -> dict[str, Path]:
+    """Trained checkpoints that ship inside the package (name -> directory)."""
+    folder = Path(str(resources.files("iqray.model"))) / "shipped"
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
 
 
 def load_preset(name: str) -> MSTConfig:

@@ -21,7 +21,7 @@ import torch
 
 import iqray.model
 from iqray.model.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
-from iqray.model.config import MSTConfig, load_preset, preset_names
+from iqray.model.config import MSTConfig, load_preset, preset_names, shipped_models
 from iqray.model.weights import looks_like_path, resolve_tower_weights
 from iqray.pipeline.decode import is_missing, restore_nulls
 from iqray.pipeline.storage import StorageConfig
@@ -73,10 +73,12 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
         raw: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
         base_dir = remote_dir = None
     else:
-        fs, path = storage.filesystem(name)
+        location = str(shipped_models().get(name, name))  # shipped models live in the package
+        fs, path = storage.filesystem(location)
         config_path = path if path.endswith(".json") else path.rstrip("/") + "/" + CONFIG_NAME
         if not fs.exists(config_path):
-            raise FileNotFoundError(f"model {name!r} is neither a preset "
+            raise FileNotFoundError(f"model {name!r} is neither a shipped model "
+                                    f"({', '.join(shipped_models())}), a preset "
                                     f"({', '.join(preset_names())}) nor a checkpoint with "
                                     f"{CONFIG_NAME}")
         raw = json.loads(fs.cat_file(config_path))
@@ -84,8 +86,8 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
         weights_path = config_path.rsplit("/", 1)[0] + "/" + WEIGHTS_NAME
         if fs.exists(weights_path):
             files[WEIGHTS_NAME] = fs.cat_file(weights_path)
-        base_dir = config_path.rsplit("/", 1)[0] if "://" not in name else None
-        remote_dir = config_path.rsplit("/", 1)[0] if "://" in name else None
+        base_dir = config_path.rsplit("/", 1)[0] if "://" not in location else None
+        remote_dir = config_path.rsplit("/", 1)[0] if "://" in location else None
     towers = {}
     original_pretrained = {}
     for role in ("coarse", "fine"):

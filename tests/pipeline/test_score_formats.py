@@ -242,3 +242,20 @@ def test_a_csv_index_with_an_image_root(ray_local, tmp_path, sample, reference_m
     out = read_output(None, summary.outputs)
     assert out["name"].to_pylist() == names and out.num_rows == 32
     assert_scores_match(out, reference_model, images, prompts)
+
+
+def test_the_shipped_two_view_model_scores_alike_in_the_pipeline(ray_local, tmp_path, sample):
+    # Decode tasks build the 6-channel (coarse + native-detail) crops the actors feed to
+    # the towers; the pipeline must give what model.score gives.
+    import iqray.model
+
+    summary = score(input=str(SAMPLE), output=str(tmp_path / "out"),
+                    model=iqray.model.DEFAULT_MODEL)
+    table = read_output(None, summary.outputs)
+    names, images, prompts = sample
+    by_name = dict(zip(names, zip(images, prompts, strict=True), strict=True))
+    keys = [k.removeprefix("images/") for k in table["key"].to_pylist()]
+    assert_scores_match(table, iqray.model.load(iqray.model.DEFAULT_MODEL),
+                        [by_name[k][0] for k in keys], [by_name[k][1] for k in keys])
+    footer = pq.read_schema(summary.outputs[0]).metadata[b"iqray"]
+    assert json.loads(footer)["score_reference"]["quality"]["n"] == 2092
