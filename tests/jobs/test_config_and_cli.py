@@ -68,7 +68,12 @@ def test_help_lists_every_job():
 def test_info_describes_the_default_model(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "2,036,867 trainable" in out and "zero-shot" in out
+    assert "model: iqray-small-agiqa3k [mst-clipiqa, trained]" in out
+    assert "2,036,867 trainable" in out and "fine tower: iqray-small-regnetx002, weights: " \
+        "towers/fine.safetensors" in out
+    assert main(["info", "--model", "mst-clipiqa-tiny-random"]) == 0
+    out = capsys.readouterr().out
+    assert "zero-shot" in out
     assert "coarse tower: iqray-tiny-ViT-32, weights: random init (seed 0)" in out
 
 
