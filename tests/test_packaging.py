@@ -32,7 +32,12 @@ def test_the_wheel_holds_the_packages_their_data_and_the_console_script(tmp_path
     for expected in ("iqray/model/__init__.py", "iqray/model/mst_clipiqa.py",
                      "iqray/model/configs/towers/iqray-tiny-ViT-32.json",
                      "iqray/model/configs/presets/mst-clipiqa.json",
-                     "iqray/pipeline/__init__.py", "iqray/jobs/cli.py"):
+                     "iqray/pipeline/__init__.py", "iqray/jobs/cli.py",
+                     # the shipped offline model travels inside the wheel
+                     "iqray/model/shipped/iqray-small-agiqa3k/config.json",
+                     "iqray/model/shipped/iqray-small-agiqa3k/model.safetensors",
+                     "iqray/model/shipped/iqray-small-agiqa3k/towers/coarse.safetensors",
+                     "iqray/model/shipped/iqray-small-agiqa3k/towers/fine.safetensors"):
         assert expected in names
     assert not any(n.startswith(("tests/", "iqray/tests")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
