@@ -62,7 +62,7 @@ def source_slug(url: str) -> str:
 
 
 def run_clean(config: CleanConfig, log=print) -> dict:
-    from iqray.pipeline.filtering import add_relative_columns, apply_rules, check_rules
+    from iqray.pipeline.filtering import add_relative_columns, apply_rules, cache_embeddings
     from iqray.pipeline.score import ScoreConfig, run_score
     from iqray.pipeline.score_tables import read_scores, score_files, score_metadata
 
@@ -100,8 +100,8 @@ def run_clean(config: CleanConfig, log=print) -> dict:
         table = pa.concat_tables(tables, promote_options="default")
         metadata = score_metadata(record["sources"][config.sources[0]]["output"], storage)
         table = add_relative_columns(table, metadata.get("score_reference"))
-        check_rules(config.rules, table.schema)
-        result, counts = apply_rules(table, config.rules, _embeddings(config, storage))
+        result, counts = apply_rules(table, config.rules,
+                                     cache_embeddings(config.rules, storage))
         for name, rows in (("kept", result.filter(result["keep"])),
                            ("rejected", result.filter(pa.compute.invert(result["keep"])))):
             sink = io.BytesIO()
@@ -146,11 +146,3 @@ def _read_json(fs, path: str) -> dict | None:
     except FileNotFoundError:
         return None
 
-
-def _embeddings(config: CleanConfig, storage):
-    if config.rules.dedupe != "near":
-        return None
-    from iqray.pipeline.embed_cache import EmbeddingCache
-
-    cache = EmbeddingCache(config.rules.embeddings, storage)
-    return lambda shas: cache.load_images(shas)[0]

@@ -12,7 +12,12 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from iqray.jobs.config import JobConfig
-from iqray.pipeline.filtering import FilterRules, add_relative_columns, apply_rules, check_rules
+from iqray.pipeline.filtering import (
+    FilterRules,
+    add_relative_columns,
+    apply_rules,
+    cache_embeddings,
+)
 from iqray.pipeline.storage import StorageConfig, join_url, write_atomic
 
 PASS_THROUGH = ("keep", "reason", "duplicate_of")
@@ -29,10 +34,6 @@ class FilterConfig(JobConfig, FilterRules, StorageConfig):
                              "from: also write a filtered copy of its shards to OUTPUT/data")
     relative_columns: bool = Field(default=True, description="add per-prompt rank/percentile, "
                                    "dataset percentile and reference z-score columns")
-
-    def storage_config(self) -> StorageConfig:
-        return StorageConfig.model_validate(self.model_dump(include=set(
-            StorageConfig.model_fields)))
 
     def rules(self) -> FilterRules:
         return FilterRules.model_validate(self.model_dump(include=set(FilterRules.model_fields)))
@@ -54,14 +55,8 @@ def run_filter(config: FilterConfig, log=print) -> dict:
     reference = metadata.get("score_reference")
     if config.relative_columns:
         table = add_relative_columns(table, reference)
-    check_rules(rules, table.schema)  # before any work: bad columns/expressions stop here
-    embeddings = None
-    if rules.dedupe == "near":
-        from iqray.pipeline.embed_cache import EmbeddingCache
-
-        cache = EmbeddingCache(rules.embeddings, storage)
-        embeddings = lambda shas: cache.load_images(shas)[0]  # noqa: E731 (coarse stream)
-    result, counts = apply_rules(table, rules, embeddings)
+    # apply_rules checks every rule against the columns first: nothing is written before.
+    result, counts = apply_rules(table, rules, cache_embeddings(rules, storage))
     chosen = result if config.all_rows else result.filter(result["keep"])
     fs, _ = storage.filesystem(config.output)
     sink = io.BytesIO()

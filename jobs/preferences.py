@@ -39,10 +39,6 @@ class PreferencesConfig(JobConfig, PairRules, StorageConfig):
                              description="how to read --source (as for `iqray score`)")
     rows_per_file: int = Field(default=1000, gt=0, description="rows per Parquet file")
 
-    def storage_config(self) -> StorageConfig:
-        return StorageConfig.model_validate(self.model_dump(include=set(
-            StorageConfig.model_fields)))
-
     def rules(self) -> PairRules:
         return PairRules.model_validate(self.model_dump(include=set(PairRules.model_fields)))
 
@@ -59,8 +55,8 @@ def run_preferences(config: PreferencesConfig, log=print) -> dict:
     table = read_scores(config.input, storage)
     score = ranking_score(table, rules)
     pairs = make_pairs(table, rules)
-    pointwise = [i for i, p in enumerate(table["prompt"].to_pylist())
-                 if p and np.isfinite(score[i])]
+    prompts = table["prompt"].to_pylist()
+    pointwise = [i for i, p in enumerate(prompts) if p and np.isfinite(score[i])]
     needed = sorted({i for p in pairs for i in (p.chosen, p.rejected)}
                     | (set(pointwise) if "pointwise" in config.formats else set()))
     source = config.source or metadata.get("input")
@@ -74,8 +70,7 @@ def run_preferences(config: PreferencesConfig, log=print) -> dict:
         counts[fmt] = {}
         for split in ("train", "val"):
             if fmt == "pointwise":
-                rows = [i for i in pointwise if prompt_split(table["prompt"][i].as_py(),
-                                                             rules) == split]
+                rows = [i for i in pointwise if prompt_split(prompts[i], rules) == split]
                 part = pointwise_table(rows, table, score, images)
             else:
                 chosen = [p for p in pairs if prompt_split(p.prompt, rules) == split]

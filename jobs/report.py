@@ -38,8 +38,7 @@ def run_report(config: ReportConfig, log=print) -> dict:
     from iqray.pipeline.report import build_report, grid_choice
     from iqray.pipeline.score_tables import fetch_images, read_scores, score_metadata
 
-    storage = StorageConfig.model_validate(config.model_dump(include=set(
-        StorageConfig.model_fields)))
+    storage = config.storage_config()
     metadata = score_metadata(config.input, storage)
     table = read_scores(config.input, storage)
     if config.per and config.per not in table.column_names:

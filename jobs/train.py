@@ -9,14 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from pydantic import Field, model_validator
@@ -24,7 +22,8 @@ from pydantic import Field, model_validator
 from iqray.model.training import HEADS, HeadData, TrainSettings
 from iqray.pipeline.embed import EmbedConfig, index_table, run_embed
 from iqray.pipeline.embed_cache import EmbeddingCache
-from iqray.pipeline.readers import discover_shards
+from iqray.pipeline.filtering import pattern_labels
+from iqray.pipeline.readers import discover_shards, read_table
 from iqray.pipeline.storage import StorageConfig
 
 
@@ -101,23 +100,9 @@ def groups_for(config: LabelledDataConfig, url: str, rows: list[int]) -> list[st
         if column is None or column not in table.column_names:
             raise ValueError("--group-pattern needs --image-path-column or --key-columns to "
                              "name the images")
-        pattern = re.compile(config.group_pattern)
         names = table[column].to_pylist()
-        groups = []
-        for r in rows:
-            match = pattern.search(Path(str(names[r])).name)
-            groups.append(match.group(1) if match and match.groups() else "other")
-        return groups
+        return pattern_labels([Path(str(names[r])).name for r in rows], config.group_pattern)
     return ["all"] * len(rows)
-
-
-def read_table(url: str, storage: StorageConfig) -> pa.Table:
-    import pyarrow.csv as pa_csv
-    import pyarrow.parquet as pq
-
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as handle:
-        return pa_csv.read_csv(handle) if path.endswith(".csv") else pq.read_table(handle)
 
 
 def split_tables(config: TrainConfig, storage: StorageConfig, workdir: Path
@@ -257,7 +242,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
     from iqray.model.checkpoint import save_checkpoint
     from iqray.model.config import ScoreScale
     from iqray.model.metrics import mean_std
-    from iqray.model.training import fit_end_to_end, fit_heads
+    from iqray.model.training import embed_rows, fit_end_to_end, fit_heads, reference_stats
 
     storage = config.storage_config()
     image_root = config.image_root or _default_root(config.input)
@@ -318,8 +303,6 @@ def run_train(config: TrainConfig, log=print) -> dict:
     model.load_state_dict(best.state, strict=False)
     if config.towers == "finetune":
         model.refresh_grade_text()
-    from iqray.model.training import embed_rows, reference_stats
-
     reference = reference_stats(model, embed_rows(model, train) if config.towers == "finetune"
                                 else train, name=f"train rows of {config.input}")
     model.config = model.config.model_copy(update={"score_reference": reference})

@@ -81,10 +81,6 @@ class RunConfig(ReadConfig, StorageConfig):
     def read_config(self) -> ReadConfig:
         return ReadConfig.model_validate(self.model_dump(include=set(ReadConfig.model_fields)))
 
-    def storage_config(self) -> StorageConfig:
-        return StorageConfig.model_validate(
-            self.model_dump(include=set(StorageConfig.model_fields)))
-
 
 class Sink(Protocol):
     def add(self, table: pa.Table) -> Any: ...

@@ -28,9 +28,12 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from iqray.pipeline.score_tables import SCORE_COLUMNS, ExpressionError, compile_where
-
-REASONS = ("error", "where", "duplicate", "near_duplicate", "below_top")
+from iqray.pipeline.score_tables import (
+    SCORE_COLUMNS,
+    ExpressionError,
+    compile_where,
+    score_values,
+)
 
 
 class FilterRules(BaseModel):
@@ -73,6 +76,17 @@ class FilterRules(BaseModel):
         return self
 
 
+def cache_embeddings(rules: FilterRules, storage):
+    """``shas -> (n, d)`` coarse embeddings from the rules' embedding cache, for
+    ``--dedupe near``; None when no rule needs them."""
+    if rules.dedupe != "near":
+        return None
+    from iqray.pipeline.embed_cache import EmbeddingCache
+
+    cache = EmbeddingCache(rules.embeddings, storage)
+    return lambda shas: cache.load_images(shas)[0]
+
+
 def check_rules(rules: FilterRules, schema: pa.Schema) -> None:
     """Every column a rule names exists and the expression is a condition: before any work."""
     columns = schema.names
@@ -91,16 +105,23 @@ def check_rules(rules: FilterRules, schema: pa.Schema) -> None:
             raise ExpressionError(f"--where {rules.where!r}: {exc}") from exc
 
 
+def pattern_labels(values: list[str], pattern: str) -> list[str]:
+    """The first group of ``pattern`` in each value (e.g. the generator in a file name);
+    'other' where it does not match."""
+    compiled = re.compile(pattern)
+    labels = []
+    for value in values:
+        match = compiled.search(value)
+        labels.append(match.group(1) if match and match.groups() else "other")
+    return labels
+
+
 def group_labels(table: pa.Table, rules: FilterRules) -> np.ndarray:
     if rules.per:
         return np.array([str(v) for v in table[rules.per].to_pylist()], dtype=object)
     if rules.per_pattern:
-        pattern = re.compile(rules.per_pattern)
-        labels = []
-        for key in table["key"].to_pylist():
-            match = pattern.search(str(key))
-            labels.append(match.group(1) if match else "other")
-        return np.array(labels, dtype=object)
+        keys = [str(k) for k in table["key"].to_pylist()]
+        return np.array(pattern_labels(keys, rules.per_pattern), dtype=object)
     return np.full(table.num_rows, "all", dtype=object)
 
 
@@ -113,9 +134,7 @@ def add_relative_columns(table: pa.Table, reference: dict | None = None) -> pa.T
     for column in SCORE_COLUMNS:
         if column not in table.column_names:
             continue
-        values = pd.Series(table[column].to_numpy(zero_copy_only=False), dtype="float64")
-        if "status" in table.column_names:
-            values[np.array(table["status"].to_pylist()) != "ok"] = np.nan
+        values = pd.Series(score_values(table, column))
         frame[column] = values
         by_prompt = frame.groupby("prompt", dropna=True)[column]
         prompt_rank = by_prompt.rank(method="min", ascending=False)

@@ -5,7 +5,7 @@ that file), so the copy needs no key matching:
 
 - Parquet shards -> the same file with only the chosen rows, every original column kept,
   the score columns appended;
-- CSV/TSV index shards -> Parquet of the chosen index rows (image paths as in the source);
+- CSV index shards -> Parquet of the chosen index rows (image paths as in the source);
 - WebDataset tars -> a tar with only the chosen samples, every member byte-identical, plus a
   ``<key>.iqray.json`` member with the scores;
 - folders of images -> one Parquet with the image bytes, prompt and scores.
@@ -24,14 +24,10 @@ import tarfile
 from collections import defaultdict
 
 import pyarrow as pa
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from iqray.pipeline.readers import iter_tar_samples, read_bytes
+from iqray.pipeline.readers import iter_tar_samples, read_bytes, read_table, source_file_kind
 from iqray.pipeline.storage import StorageConfig, join_url, write_atomic
-
-TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def relative_to(url: str, root: str) -> str:
@@ -50,16 +46,16 @@ def join_to_source(chosen: pa.Table, source_root: str, output: str,
     by_file: dict[str, list[int]] = defaultdict(list)
     files = chosen["source_file"].to_pylist()
     for i, source_file in enumerate(files):
-        by_file[source_file.split("#", 1)[0]].append(i)
+        by_file[source_file].append(i)
     written, images = [], []
     for source_file, indices in sorted(by_file.items()):
         rows = chosen.take(pa.array(indices))
-        lower = source_file.lower()
+        kind = source_file_kind(source_file)
         relative = relative_to(source_file, source_root)
-        if lower.endswith(TABLE_SUFFIXES):
+        if kind == "table":
             target = join_url(output, posixpath.splitext(relative)[0] + ".parquet")
             _write_table_rows(source_file, rows, target, storage, score_columns)
-        elif lower.endswith(TAR_SUFFIXES):
+        elif kind == "webdataset":
             target = join_url(output, relative)
             _write_tar_samples(source_file, rows, target, storage, score_columns)
         else:  # a folder's image file
@@ -73,18 +69,9 @@ def join_to_source(chosen: pa.Table, source_root: str, output: str,
     return written
 
 
-def _read_source_table(url: str, storage: StorageConfig) -> pa.Table:
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as handle:
-        if url.lower().endswith(".parquet"):
-            return pq.read_table(handle)
-        delimiter = "\t" if url.lower().endswith(".tsv") else ","
-        return pa_csv.read_csv(handle, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
-
-
 def _write_table_rows(source_file: str, rows: pa.Table, target: str, storage: StorageConfig,
                       score_columns: list[str]) -> None:
-    source = _read_source_table(source_file, storage)
+    source = read_table(source_file, storage)
     order = rows["source_row"].to_pylist()
     table = source.take(pa.array(order))
     for column in score_columns:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections import defaultdict
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from iqray.pipeline.score_tables import score_values
 
 Strategy = Literal["best_vs_worst", "margin", "top_bottom"]
 
@@ -64,19 +67,12 @@ class Pair:
 
 def ranking_score(table: pa.Table, rules: PairRules) -> np.ndarray:
     """The score pairs are ranked by; NaN for rows without one."""
-    ok = np.array(table["status"].to_pylist()) == "ok"
-
-    def column(name: str) -> np.ndarray:
-        values = table[name].to_numpy(zero_copy_only=False).astype(float)
-        values[~ok] = np.nan
-        return values
-
     if rules.rank_by != "mix":
-        return column(rules.rank_by)
+        return score_values(table, rules.rank_by)
     mixed = np.zeros(table.num_rows)
     for name, weight in (("quality", rules.quality_weight),
                          ("alignment", 1 - rules.quality_weight)):
-        values = column(name)
+        values = score_values(table, name)
         finite = np.isfinite(values)
         ranks = np.full(table.num_rows, np.nan)
         order = values[finite].argsort(kind="stable").argsort(kind="stable")
@@ -136,8 +132,6 @@ def image_array(images: list[bytes], names: list[str]) -> pa.Array:
 def hf_schema_metadata(table: pa.Table, image_columns: tuple[str, ...]) -> pa.Table:
     """Attach the `datasets` feature description so `load_dataset("parquet", ...)` decodes
     ``image_columns`` as images and keeps the other types."""
-    import json
-
     features = {}
     for field in table.schema:
         if field.name in image_columns:

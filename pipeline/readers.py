@@ -313,6 +313,21 @@ def _read_error(shard: Shard, row: int, exc: Exception, key_columns: list[str]):
     return (shard.url, row, None, None, {k: None for k in key_columns}, message, "shard_read")
 
 
+def read_table(url: str, storage: StorageConfig) -> pa.Table:
+    """A whole CSV or Parquet table (labelled-data tables, source shards to copy rows from)."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as handle:
+        return pa_csv.read_csv(handle) if path.endswith(".csv") else pq.read_table(handle)
+
+
+def source_file_kind(source_file: str) -> Literal["table", "webdataset", "image"]:
+    """What a score row's ``source_file`` names: a Parquet/CSV shard, a tar shard, or (folder
+    inputs) the image file itself."""
+    if source_file.endswith((".parquet", ".csv")):
+        return "table"
+    return "webdataset" if source_file.endswith(".tar") else "image"
+
+
 def table_columns(fs, path: str) -> list[str]:
     with fs.open(path, "rb") as handle:
         if path.endswith(".csv"):

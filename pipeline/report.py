@@ -18,6 +18,8 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
+from iqray.pipeline.score_tables import score_values
+
 SCORES = ("quality", "alignment")
 
 
@@ -42,14 +44,6 @@ def thumbnail(image: bytes, size: int = 160) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _scores(table: pa.Table, name: str) -> np.ndarray:
-    if name not in table.column_names:
-        return np.full(table.num_rows, np.nan)
-    values = table[name].to_numpy(zero_copy_only=False).astype(float)
-    values[np.array(table["status"].to_pylist()) != "ok"] = np.nan
-    return values
-
-
 def histograms(table: pa.Table, groups: np.ndarray) -> str:
     import matplotlib
 
@@ -59,7 +53,7 @@ def histograms(table: pa.Table, groups: np.ndarray) -> str:
     names = sorted(set(groups))
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for axis, score in zip(axes, SCORES, strict=True):
-        values = _scores(table, score)
+        values = score_values(table, score)
         finite = values[np.isfinite(values)]
         if finite.size == 0:
             axis.set_title(f"{score}: no scores")
@@ -84,7 +78,7 @@ def scatter(table: pa.Table, groups: np.ndarray) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    quality, alignment = _scores(table, "quality"), _scores(table, "alignment")
+    quality, alignment = score_values(table, "quality"), score_values(table, "alignment")
     figure, axis = plt.subplots(figsize=(6, 4.5))
     for i, name in enumerate(sorted(set(groups))):
         member = (groups == name) & np.isfinite(quality) & np.isfinite(alignment)
@@ -103,7 +97,7 @@ def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
                  title: str) -> str:
     """The HTML document. ``grid_rows[group]['best'|'worst']`` are row indices to show;
     ``images`` holds their bytes."""
-    quality, alignment = _scores(table, "quality"), _scores(table, "alignment")
+    quality, alignment = score_values(table, "quality"), score_values(table, "alignment")
     status = np.array(table["status"].to_pylist())
     prompts = table["prompt"].to_pylist() if "prompt" in table.column_names else \
         [None] * table.num_rows
@@ -187,7 +181,7 @@ def grid_choice(table: pa.Table, groups: np.ndarray, per_side: int, max_groups: 
                 ) -> dict[str, dict[str, list[int]]]:
     """Row indices of the best and worst ``per_side`` scored images of each group (by
     quality), for the largest ``max_groups`` groups."""
-    quality = _scores(table, "quality")
+    quality = score_values(table, "quality")
     sizes = Counter(groups[np.isfinite(quality)])
     chosen: dict[str, dict[str, list[int]]] = {}
     for name, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:max_groups]:

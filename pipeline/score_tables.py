@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import operator
 import posixpath
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iqray.pipeline.readers import ReadConfig, discover_shards, read_bytes, read_shard
+from iqray.pipeline.readers import (
+    ReadConfig,
+    discover_shards,
+    read_bytes,
+    read_shard,
+    source_file_kind,
+)
 from iqray.pipeline.storage import StorageConfig, to_url
-from iqray.pipeline.writer import METADATA_KEY
+from iqray.pipeline.writer import read_output_metadata
 
 SCORE_COLUMNS = ("quality", "alignment")
 
@@ -47,6 +53,17 @@ def score_files(url: str, storage: StorageConfig) -> list[str]:
     return [to_url(fs, p, url) for p in paths]
 
 
+def score_values(table: pa.Table, name: str) -> np.ndarray:
+    """A score column as float64, NaN where the row was not scored (status != ok) and
+    everywhere when the column is absent."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    values = table[name].to_numpy(zero_copy_only=False).astype(float)
+    if "status" in table.column_names:
+        values[np.array(table["status"].to_pylist()) != "ok"] = np.nan
+    return values
+
+
 def read_scores(url: str, storage: StorageConfig, columns: list[str] | None = None
                 ) -> pa.Table:
     """All rows of a score run as one table (schema metadata dropped)."""
@@ -60,11 +77,8 @@ def read_scores(url: str, storage: StorageConfig, columns: list[str] | None = No
 
 def score_metadata(url: str, storage: StorageConfig) -> dict[str, Any]:
     """Footer metadata of a run's first file: model, model identity, input, key columns."""
-    first = score_files(url, storage)[0]
-    fs, path = storage.filesystem(first)
-    with fs.open(path, "rb") as handle:
-        raw = (pq.read_schema(handle).metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    fs, path = storage.filesystem(score_files(url, storage)[0])
+    return read_output_metadata(fs, path) or {}
 
 
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
@@ -163,11 +177,10 @@ def fetch_images(table: pa.Table, rows: list[int], source: str, read: ReadConfig
     wanted: dict[str, dict[int, int]] = defaultdict(dict)
     out: dict[int, bytes] = {}
     for i in rows:
-        if "#" not in files[i] and not files[i].lower().endswith(
-                (".parquet", ".csv", ".tsv", ".tar", ".tar.gz", ".tgz")):
-            out[i] = read_bytes(files[i], storage)  # a folder's image file
+        if source_file_kind(files[i]) == "image":
+            out[i] = read_bytes(files[i], storage)  # a folder input: the file is the image
         else:
-            wanted[files[i].split("#", 1)[0]][numbers[i]] = i
+            wanted[files[i]][numbers[i]] = i
     if wanted:
         shards = {s.url: s for s in discover_shards(source, read, storage)}
         for url, by_row in wanted.items():

@@ -43,6 +43,12 @@ class StorageConfig(BaseModel):
             options["anon"] = True
         return options
 
+    def storage_config(self) -> StorageConfig:
+        """Just the storage settings of a job config that extends this class (plain data
+        for Ray tasks and helpers)."""
+        return StorageConfig.model_validate(
+            self.model_dump(include=set(StorageConfig.model_fields)))
+
     def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         """(filesystem, path without protocol) for ``url``."""
         return url_to_fs(url, **self.options_for(url))
