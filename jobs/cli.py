@@ -35,7 +35,7 @@ def run_info(config: InfoConfig) -> int:
     print(f"model: {config.model} [{model.config.architecture}, {model.mode}] on {model.device}")
     if model.config.description:
         print(f"  {model.config.description}")
-    for role in ("coarse", "fine"):
+    for role in model.config.tower_roles:
         tower = getattr(model.config, role)
         source = tower.pretrained or f"random init (seed {tower.init_seed})"
         print(f"  {role} tower: {tower.model_name}, weights: {source}")

@@ -23,8 +23,11 @@ from iqray.model.checkpoint import (
     read_checkpoint_config,
     save_checkpoint,
 )
+from iqray.model.bpclip import BPCLIP, LevelFeatures
 from iqray.model.config import (
+    BPCLIPConfig,
     HeadsConfig,
+    ModelConfig,
     MSTConfig,
     ScoreScale,
     TowerConfig,
@@ -43,7 +46,7 @@ open_clip.add_model_config(Path(__file__).parent / "configs" / "towers")
 DEFAULT_MODEL = "iqray-small-agiqa3k"
 
 __all__ = [
-    "DEFAULT_MODEL", "CheckpointError", "HeadsConfig", "ImageDecodeError", "ImageTransform",
+    "BPCLIP", "BPCLIPConfig", "LevelFeatures", "ModelConfig", "DEFAULT_MODEL", "CheckpointError", "HeadsConfig", "ImageDecodeError", "ImageTransform",
     "MSTClipIQA", "MSTConfig", "PromptBatch", "ScoreScale", "ScoreSpec", "TowerConfig",
     "UnsafeCheckpointError", "WeightsNotFoundError", "load", "load_preset", "open_image",
     "preset_names", "shipped_models", "resolve_tower_weights", "resolve_device", "save_checkpoint",
@@ -56,21 +59,41 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def with_mode(config: ModelConfig, mode: str | None) -> ModelConfig:
+    """``config`` in BPCLIP mode ``mode`` ('nr'/'fr'; None keeps it). A trained checkpoint
+    keeps the mode it was trained in; MST-CLIPIQA has no full-reference mode."""
+    if mode is None or mode == getattr(config, "mode", "nr"):
+        return config
+    if not isinstance(config, BPCLIPConfig):
+        raise ValueError(f"mode {mode!r}: only bpclip models have a full-reference mode")
+    if config.trained:
+        raise ValueError(f"this checkpoint was trained in mode {config.mode!r}; it cannot "
+                         f"score in mode {mode!r}")
+    return config.model_copy(update={"mode": mode})
+
+
+def build(config: ModelConfig, **kwargs) -> MSTClipIQA | BPCLIP:
+    """The module a config describes (towers resolved as in :mod:`iqray.model.weights`)."""
+    cls = BPCLIP if isinstance(config, BPCLIPConfig) else MSTClipIQA
+    return cls.from_config(config, **kwargs)
+
+
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
          cache_dir: str | os.PathLike | None = None, allow_download: bool | None = None,
-         prompt_cache_size: int = 2048) -> MSTClipIQA:
+         prompt_cache_size: int = 2048, mode: str | None = None) -> MSTClipIQA | BPCLIP:
     """Build a scoring model from a preset name or a checkpoint (directory, weights or config).
 
     Tower weights resolve as documented in :mod:`iqray.model.weights`; trained head weights
-    come from the checkpoint's ``model.safetensors`` (never a pickle).
+    come from the checkpoint's ``model.safetensors`` (never a pickle). ``mode`` ('nr'/'fr')
+    picks BPCLIP's no-/full-reference mode for an untrained preset.
     """
     name = str(name_or_path)
     shipped = shipped_models()
     if name in shipped:
         name_or_path = name = str(shipped[name])
     if name in preset_names():
-        model = MSTClipIQA.from_config(load_preset(name), cache_dir=cache_dir,
-                                       allow_download=allow_download)
+        model = build(with_mode(load_preset(name), mode), cache_dir=cache_dir,
+                      allow_download=allow_download)
     else:
         path = Path(name).expanduser()
         if not path.exists() and os.sep not in name and not path.suffix:
@@ -82,9 +105,10 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
         if config.trained and weights_path is None:
             raise CheckpointError(f"{config_path} says the heads are trained but there is no "
                                   "model.safetensors beside it")
-        model = MSTClipIQA.from_config(config, cache_dir=cache_dir, base_dir=config_path.parent,
-                                       allow_download=allow_download)
+        model = build(with_mode(config, mode), cache_dir=cache_dir,
+                      base_dir=config_path.parent, allow_download=allow_download)
         if weights_path is not None:
             load_trainable(model, weights_path, raw.get("trainable_parameters"))
-    model.prompt_cache_size = prompt_cache_size
+    if isinstance(model, MSTClipIQA):
+        model.prompt_cache_size = prompt_cache_size
     return model.to(resolve_device(device)).eval()

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from iqray.model.config import MSTConfig
+from iqray.model.config import ModelConfig, parse_model_config
 from iqray.model.weights import refuse_pickle
 
 FORMAT = "iqray-checkpoint"
@@ -129,7 +129,7 @@ def checkpoint_files(path: str | os.PathLike) -> tuple[Path, Path | None]:
                           f"{CONFIG_NAME})")
 
 
-def read_checkpoint_config(config_path: Path) -> tuple[MSTConfig, dict[str, Any]]:
+def read_checkpoint_config(config_path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     try:
         raw = json.loads(config_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -145,8 +145,11 @@ def read_checkpoint_config(config_path: Path) -> tuple[MSTConfig, dict[str, Any]
         model_raw = raw.get("model")
     else:
         model_raw = raw  # a bare model config (no trained weights)
+    if not isinstance(model_raw, dict):
+        raise CheckpointError(f"{config_path}: no model config (expected a JSON object under "
+                              "'model')")
     try:
-        return MSTConfig.model_validate(model_raw), raw
+        return parse_model_config(model_raw), raw
     except ValidationError as exc:
         raise CheckpointError(f"{config_path}: model config is invalid:\n{exc}") from exc
 

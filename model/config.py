@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -88,6 +88,93 @@ class MSTConfig(_Strict):
     quality_scale: ScoreScale = Field(default_factory=lambda: ScoreScale(low=1.0, high=5.0))
     alignment_scale: ScoreScale = Field(default_factory=lambda: ScoreScale(low=0.0, high=1.0))
 
+    @property
+    def tower_roles(self) -> tuple[str, ...]:
+        return ("coarse", "fine")
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["quality", "alignment"]
+
+
+# BPCLIP's text side: 20 antonym pairs (40 adjectives) in 6 dimensions, (good, bad) each.
+# The paper names the dimensions but not the words; these are ours (see iqray.model.bpclip).
+DEFAULT_ADJECTIVE_PAIRS: dict[str, list[tuple[str, str]]] = {
+    "sharpness": [("sharp", "blurry"), ("crisp", "fuzzy"), ("detailed", "smeared"),
+                  ("focused", "unfocused")],
+    "noise_free": [("clean", "noisy"), ("smooth", "grainy"), ("pristine", "compressed"),
+              ("clear", "pixelated")],
+    "color": [("colorful", "dull"), ("natural-colored", "discolored"), ("vivid", "faded")],
+    "exposure": [("bright", "dark"), ("well-lit", "underexposed"),
+                 ("balanced", "overexposed")],
+    "structure": [("high-contrast", "low-contrast"), ("coherent", "deformed"),
+                  ("realistic", "distorted")],
+    "aesthetics": [("good", "bad"), ("beautiful", "ugly"), ("high-quality", "low-quality")],
+}
+
+
+class BPCLIPHeadsConfig(_Strict):
+    """Shapes of BPCLIP's trainable part (gated local pooling, bottom-up attention)."""
+
+    width: int = Field(default=256, gt=0, description="common width d of all levels")
+    gate_hidden: int = Field(default=64, gt=0, description="bottleneck of each level's gate")
+    attn_heads: int = Field(default=4, gt=0)
+    mlp_ratio: float = Field(default=2.0, gt=0)
+    adjective_pairs: dict[str, list[tuple[str, str]]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_ADJECTIVE_PAIRS.items()},
+        description="dimension -> (positive, negative) adjective pairs")
+    adjective_template: str = "a {} photo."
+
+    @model_validator(mode="after")
+    def _pairs(self) -> BPCLIPHeadsConfig:
+        if not self.adjective_pairs or any(not v for v in self.adjective_pairs.values()):
+            raise ValueError("adjective_pairs needs at least one pair in every dimension")
+        return self
+
+
+class BPCLIPConfig(_Strict):
+    """BPCLIP (arXiv 2506.17969): one frozen tower read at several depths, fused bottom-up."""
+
+    architecture: Literal["bpclip"] = "bpclip"
+    description: str = ""
+    backbone: TowerConfig
+    image_size: int = 224
+    depths: list[str] | None = Field(
+        default=None, description="where to read features, shallow to deep: module names of "
+        "the tower's visual side (e.g. 'layer1'..'layer4' for open_clip ResNets, "
+        "'transformer.resblocks.5' for ViTs, 'trunk.s1'.. for timm towers); None = the "
+        "tower's four stages (ViT: four evenly spaced blocks)")
+    mode: Literal["nr", "fr"] = Field(
+        default="nr", description="nr: no-reference; fr: full-reference (a reference image "
+        "per row, gated by |F_dist - F_ref|)")
+    heads: BPCLIPHeadsConfig = Field(default_factory=BPCLIPHeadsConfig)
+    trained: bool = Field(default=False, description="False: zero-shot (CLIP embedding vs "
+                          "the antonym pairs, equal weights)")
+    score_reference: dict[str, dict[str, float | int | str]] | None = None
+    quality_scale: ScoreScale = Field(default_factory=lambda: ScoreScale(low=0.0, high=1.0))
+
+    @property
+    def tower_roles(self) -> tuple[str, ...]:
+        return ("backbone",)
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["quality", *self.heads.adjective_pairs]
+
+    @property
+    def fine_resize(self) -> None:  # one view; the pipeline asks every model
+        return None
+
+
+ModelConfig = MSTConfig | BPCLIPConfig
+
+
+def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
+    """The config class its ``architecture`` names (MST-CLIPIQA when absent: older files)."""
+    if raw.get("architecture", "mst-clipiqa") == "bpclip":
+        return BPCLIPConfig.model_validate(raw)
+    return MSTConfig.model_validate(raw)
+
 
 def preset_names() -> list[str]:
     folder = resources.files("iqray.model") / "configs" / "presets"
@@ -102,8 +189,8 @@ def shipped_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
 
 
-def load_preset(name: str) -> MSTConfig:
+def load_preset(name: str) -> ModelConfig:
     path = resources.files("iqray.model") / "configs" / "presets" / f"{name}.json"
     if not path.is_file():
         raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(preset_names())}")
-    return MSTConfig.model_validate(json.loads(path.read_text()))
+    return parse_model_config(json.loads(path.read_text()))

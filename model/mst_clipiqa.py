@@ -209,6 +209,10 @@ class MSTClipIQA(nn.Module):
     def device(self) -> torch.device:
         return self.fusion.gate.weight.device
 
+    @property
+    def output_names(self) -> list[str]:
+        return ["quality", "alignment"]
+
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)

@@ -69,12 +69,16 @@ def row_label(batch: dict[str, Any], i: int) -> str:
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
                  timeout_s: float | None, keep_image_bytes: bool,
-                 fine_resize: int | None = None) -> dict[str, np.ndarray]:
+                 fine_resize: int | None = None, references: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """Crops of every readable row; with ``references`` (full-reference models) each row's
+    reference is cropped the same way and follows its image in the channel axis."""
     started = time.perf_counter()
     count = len(batch["source_row"])
     transform = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), fine_resize)
     crop = transform.crop
-    pixels = np.zeros((count, transform.channels, image_size, image_size), np.uint8)
+    channels = transform.channels * (2 if references else 1)
+    pixels = np.zeros((count, channels, image_size, image_size), np.uint8)
     # Content hash of the encoded bytes: exact-duplicate detection and embedding-cache key.
     batch["image_sha256"] = np.array(
         [hashlib.sha256(b).hexdigest() if isinstance(b, bytes) else None
@@ -86,16 +90,28 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
             continue
         try:
             with time_limit(timeout_s):
-                pixels[i] = crop(open_image(batch["_image"][i], max_pixels=max_pixels)).numpy()
+                pixels[i, :transform.channels] = crop(
+                    open_image(batch["_image"][i], max_pixels=max_pixels)).numpy()
         except ImageDecodeError as exc:
             errors[i], kinds[i] = f"{row_label(batch, i)}: {exc}", "decode"
+            continue
         except DecodeTimeout as exc:
             errors[i], kinds[i] = f"{row_label(batch, i)}: {exc}", "timeout"
+            continue
+        if references:
+            try:
+                with time_limit(timeout_s):
+                    pixels[i, transform.channels:] = crop(
+                        open_image(batch["_reference"][i], max_pixels=max_pixels)).numpy()
+            except (ImageDecodeError, DecodeTimeout) as exc:
+                errors[i] = f"{row_label(batch, i)}: reference: {exc}"
+                kinds[i] = "reference_decode"
     batch["pixels"] = pixels
     batch["_error"] = np.array(errors, dtype=object)
     batch["_error_kind"] = np.array(kinds, dtype=object)
     if keep_image_bytes:
         batch["image"] = batch["_image"]
     del batch["_image"]
+    batch.pop("_reference", None)
     batch["_decode_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
     return batch

@@ -167,6 +167,10 @@ def run_embed(config: EmbedConfig, log=print) -> RunSummary:
     key_columns = key_columns_for(shards, read, storage)
     ray = ensure_ray(config)
     spec = stage_model(config.model, storage, put=ray.put)
+    if spec.config.architecture != "mst-clipiqa":
+        raise ValueError(f"iqray embed caches MST-CLIPIQA tower embeddings; "
+                         f"{spec.config.architecture} has none to cache (its training keeps "
+                         "frozen level features in memory)")
     cache = EmbeddingCache(config.cache, storage)
     dim = spec.config.heads.embed_dim
     cache.bind(spec.tower_identity, spec.towers, dim, config.dtype)

@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +28,7 @@ from pydantic import Field
 
 import iqray.model
 from iqray.model.preprocess import DEFAULT_MAX_PIXELS
-from iqray.pipeline.readers import ReadConfig, Shard, read_shard
+from iqray.pipeline.readers import ReadConfig, Shard, read_shard, wants_references
 from iqray.pipeline.storage import StorageConfig
 
 READ_TASK_CPUS = 0.25
@@ -65,16 +65,22 @@ class RunConfig(ReadConfig, StorageConfig):
     object_store_memory: int | None = Field(default=None, gt=0,
                                             description="object store bytes for local Ray")
     prompt_cache_size: int = Field(default=4096, gt=0, description="prompts cached per actor")
+    mode: Literal["nr", "fr"] | None = Field(
+        default=None, description="bpclip: no-reference or full-reference (needs "
+        "--reference-column or --reference-template); default: the model's own")
 
     # Options that change which rows are read and how: outputs made under other values are
     # not interchangeable, so resume must not reuse them.
     READ_OPTIONS: ClassVar[frozenset[str]] = frozenset({
         "format", "image_column", "image_path_column", "prompt_column", "key_columns",
-        "folder_chunk_size", "max_pixels"})
+        "folder_chunk_size", "max_pixels", "reference_column", "reference_template"})
 
     def options_hash(self, identity: str, extra: set[str] = frozenset()) -> str:
         """Short hash of the reading options (plus ``extra`` fields) and an identity."""
         relevant = self.model_dump(include=set(self.READ_OPTIONS) | set(extra))
+        for unset in ("reference_column", "reference_template"):  # absent: older hashes hold
+            if relevant.get(unset) is None:
+                relevant.pop(unset, None)
         relevant["identity"] = identity
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -225,6 +231,7 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
                         num_cpus=DECODE_TASK_CPUS, memory=DECODE_TASK_MEMORY,
                         batch_format="numpy",
                         fn_kwargs={"image_size": image_size,
+                                   "references": wants_references(read),
                                    "fine_resize": spec.config.fine_resize,
                                    "max_pixels": config.max_pixels,
                                    "timeout_s": config.decode_timeout_s,

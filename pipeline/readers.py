@@ -65,6 +65,13 @@ class ReadConfig(BaseModel):
     folder_chunk_size: int = Field(default=1000, gt=0,
                                    description="folder input: images per shard")
     read_batch_rows: int = Field(default=64, gt=0, description="rows per batch out of a reader")
+    reference_column: str | None = Field(
+        default=None, description="full-reference models: column with the reference image "
+        "(bytes, or a path/URL resolved like image paths)")
+    reference_template: str | None = Field(
+        default=None, description="full-reference models: reference path per row, from "
+        "{name} (image file name), {stem} (name without extension) or {key}; relative to "
+        "--image-root or the input's folder, e.g. 'refs/{stem}.png'")
     sample: float | None = Field(default=None, gt=0, le=1,
                                  description="keep this fraction of rows (deterministic)")
     seed: int = Field(default=0, description="seed of --sample")
@@ -89,10 +96,11 @@ class RowBuffer:
 
     key_columns: list[str]
     columns: dict[str, list[Any]] = field(default_factory=dict)
+    references: bool = False
 
     def __post_init__(self) -> None:
         names = ["source_file", "source_row", "prompt", "_image", "_error", "_error_kind",
-                 *self.key_columns]
+                 *self.key_columns] + (["_reference"] if self.references else [])
         self.columns = {name: [] for name in names}
 
     def __len__(self) -> int:
@@ -268,7 +276,8 @@ def read_shard(shard: Shard, read: ReadConfig, storage: StorageConfig,
     writer knows when it holds the whole shard. An empty shard yields nothing; the writer
     commits an empty output for it once the run has finished.
     """
-    buffer = RowBuffer(key_columns)
+    references = wants_references(read)
+    buffer = RowBuffer(key_columns, references=references)
     wanted = set(shard.only_rows) if shard.only_rows is not None else None
     emitted = 0
     clock = [time.perf_counter()]
@@ -282,6 +291,8 @@ def read_shard(shard: Shard, read: ReadConfig, storage: StorageConfig,
             continue
         if wanted is None and not keep_row(shard.url, number, read):
             continue
+        if references:
+            row = with_reference(row, shard, read, storage)
         buffer.add(*row)
         emitted += 1
         if len(buffer) >= read.read_batch_rows:
@@ -295,6 +306,47 @@ def read_shard(shard: Shard, read: ReadConfig, storage: StorageConfig,
     last = held if held is not None else rest
     if last["source_row"]:
         yield _finish(last, shard, emitted, clock)
+
+
+def wants_references(read: ReadConfig) -> bool:
+    return read.reference_column is not None or read.reference_template is not None
+
+
+def with_reference(row: tuple, shard: Shard, read: ReadConfig, storage: StorageConfig
+                   ) -> tuple:
+    """The row with its reference image's bytes in ``keys['_reference']``, or an error row.
+
+    Producers leave ``_reference_ref`` (the reference column's value) and ``_name`` (the
+    image's name, for the template) in the row's keys."""
+    source_file, number, image, prompt, keys, error, kind = row
+    keys = dict(keys)
+    ref = keys.pop("_reference_ref", None)
+    name = keys.pop("_name", None)
+    if error is not None:
+        return (source_file, number, image, prompt, keys, error, kind)
+    if isinstance(ref, dict):  # Hugging Face Image feature
+        ref = ref.get("bytes") or ref.get("path")
+    if ref is None and read.reference_template is not None and name is not None:
+        base = posixpath.basename(str(name))
+        ref = read.reference_template.format(name=base, stem=posixpath.splitext(base)[0],
+                                             key=keys.get("key", name))
+    where = f"{source_file} row {number}"
+    if ref is None or ref == "":
+        return (source_file, number, image, prompt, keys,
+                f"{where}: no reference image", "missing_reference")
+    if isinstance(ref, str):
+        try:
+            ref = read_bytes(resolve_ref(shard.url, ref, read.image_root), storage)
+        except Exception as exc:
+            return (source_file, number, image, prompt, keys,
+                    f"{where}: cannot read reference {ref}: {type(exc).__name__}: {exc}",
+                    "read_reference")
+    if not isinstance(ref, bytes | bytearray):
+        return (source_file, number, image, prompt, keys,
+                f"{where}: reference column holds {type(ref).__name__}, not bytes or a path",
+                "bad_type")
+    keys["_reference"] = bytes(ref)
+    return (source_file, number, image, prompt, keys, None, None)
 
 
 def _finish(columns: dict[str, list[Any]], shard: Shard, end: int, clock: list[float]
@@ -356,7 +408,11 @@ def _table_batches(handle, path: str, batch_rows: int, read: ReadConfig, where: 
         columns = parquet.schema_arrow.names
         batches = None
     image_col, path_col, prompt_col = column_roles(columns, read, where)
-    wanted = [c for c in dict.fromkeys([image_col, path_col, prompt_col, *key_columns])
+    if read.reference_column is not None and read.reference_column not in columns:
+        raise ValueError(f"{where}: no reference column {read.reference_column!r}; columns: "
+                         f"{', '.join(columns)}")
+    wanted = [c for c in dict.fromkeys([image_col, path_col, prompt_col, *key_columns,
+                                        read.reference_column])
               if c is not None and c in columns]
     if batches is None:
         batches = parquet.iter_batches(batch_size=batch_rows, columns=wanted)
@@ -399,6 +455,10 @@ def _table_row(shard: Shard, row: int, record: dict, image_col: str | None,
                path_col: str | None, prompt_col: str | None, key_columns: list[str],
                read: ReadConfig, storage: StorageConfig) -> tuple:
     keys = {k: record.get(k) for k in key_columns}
+    if read.reference_column is not None:
+        keys["_reference_ref"] = record.get(read.reference_column)
+    if path_col is not None:
+        keys["_name"] = record.get(path_col)
     prompt = record.get(prompt_col) if prompt_col else None
     prompt = prompt if isinstance(prompt, str) else None
     image, ref = None, None
@@ -492,6 +552,7 @@ def _tar_sample(shard: Shard, row: int, key: str, sample: dict[str, bytes], read
     keys = {k: None for k in key_columns}
     if "key" in keys:
         keys["key"] = key
+    keys["_name"] = key
     prompt = None
     if read.prompt_column and read.prompt_column in sample:
         prompt = sample[read.prompt_column].decode("utf-8", "replace")
@@ -526,6 +587,7 @@ def _folder_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
         keys = {k: None for k in key_columns}
         if "key" in keys:
             keys["key"] = name
+        keys["_name"] = name
         prompt = (shard.prompts or {}).get(name)
         try:
             image = read_bytes(url, storage)

@@ -19,8 +19,8 @@ from iqray.pipeline.execution import (
     ensure_ray,
     execute,
 )
-from iqray.pipeline.readers import Shard, discover_shards, key_columns_for
-from iqray.pipeline.writer import ShardWriter, plan_resume
+from iqray.pipeline.readers import Shard, discover_shards, key_columns_for, wants_references
+from iqray.pipeline.writer import ShardWriter, plan_resume, score_schema
 
 
 class ScoreConfig(RunConfig):
@@ -61,7 +61,16 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
     ray = ensure_ray(config)
     from iqray.pipeline.scoring import Scorer, stage_model
 
-    spec = stage_model(config.model, storage, put=ray.put)
+    spec = stage_model(config.model, storage, put=ray.put, mode=config.mode)
+    fr = getattr(spec.config, "mode", "nr") == "fr"
+    if fr != wants_references(read):
+        raise ValueError("a full-reference model needs --reference-column or "
+                         "--reference-template" if fr else "--reference-column/"
+                         "--reference-template given, but the model is not full-reference "
+                         "(--mode fr, bpclip only)")
+    if config.cache and spec.config.architecture != "mst-clipiqa":
+        raise ValueError(f"--cache holds MST-CLIPIQA tower embeddings; "
+                         f"{spec.config.architecture} scores from images")
     scoring_hash = config.scoring_hash(spec.identity)
     preview = config.limit is not None or config.sample is not None
     if preview:
@@ -76,10 +85,14 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                 "iqray_version": iqray_version(), "config_hash": scoring_hash,
                 "scoring_hash": scoring_hash, "input": config.input,
                 "score_reference": spec.config.score_reference,
+                "architecture": spec.config.architecture,
+                "outputs": spec.config.output_names,
                 "key_columns": key_columns}
     writer = ShardWriter(todo, config.output, storage, metadata, complete=not preview,
                          key_columns=key_columns, keep_prompt=config.keep_prompt,
-                         keep_image_bytes=config.keep_image_bytes, previous=previous)
+                         keep_image_bytes=config.keep_image_bytes, previous=previous,
+                         schema=score_schema(spec.config.output_names,
+                                             spec.config.architecture == "mst-clipiqa"))
     log(f"iqray score: {len(shards)} shards in {config.input}; {len(done)} already committed, "
         f"{len(todo)} to score; model {spec.name} ({metadata['score_mode']})")
     from_cache = []

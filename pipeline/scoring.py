@@ -21,7 +21,13 @@ import torch
 
 import iqray.model
 from iqray.model.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
-from iqray.model.config import MSTConfig, load_preset, preset_names, shipped_models
+from iqray.model.config import (
+    ModelConfig,
+    load_preset,
+    parse_model_config,
+    preset_names,
+    shipped_models,
+)
 from iqray.model.weights import looks_like_path, resolve_tower_weights
 from iqray.pipeline.decode import is_missing, restore_nulls
 from iqray.pipeline.storage import StorageConfig
@@ -32,7 +38,7 @@ class ModelSpec:
     """Everything an actor needs to build the model, with no file access of its own."""
 
     name: str  # what the user asked for (preset name or checkpoint URL)
-    config: MSTConfig
+    config: ModelConfig
     identity: str  # sha256 over config + weights: names the exact scorer in output metadata
     checkpoint_sha256: str | None = None  # of the trained heads' model.safetensors
     tower_identity: str = ""  # sha256 over tower configs + weights + input size: what the
@@ -61,10 +67,11 @@ class ModelSpec:
 
 
 def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] | None = None,
-                cache_dir: str | None = None) -> ModelSpec:
+                cache_dir: str | None = None, mode: str | None = None) -> ModelSpec:
     """Read a model's config and weight files once (driver side) into a :class:`ModelSpec`.
 
     ``put`` (``ray.put``) turns file bytes into object refs; without it bytes travel inline.
+    ``mode`` picks BPCLIP's nr/fr mode (see :func:`iqray.model.with_mode`).
     """
     put = put or (lambda data: data)
     files: dict[str, bytes] = {}
@@ -82,15 +89,16 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
                                     f"({', '.join(preset_names())}) nor a checkpoint with "
                                     f"{CONFIG_NAME}")
         raw = json.loads(fs.cat_file(config_path))
-        config = MSTConfig.model_validate(raw.get("model", raw))
+        config = parse_model_config(raw.get("model", raw))
         weights_path = config_path.rsplit("/", 1)[0] + "/" + WEIGHTS_NAME
         if fs.exists(weights_path):
             files[WEIGHTS_NAME] = fs.cat_file(weights_path)
         base_dir = config_path.rsplit("/", 1)[0] if "://" not in location else None
         remote_dir = config_path.rsplit("/", 1)[0] if "://" in location else None
+    config = iqray.model.with_mode(config, mode)
     towers = {}
     original_pretrained = {}
-    for role in ("coarse", "fine"):
+    for role in config.tower_roles:
         tower = getattr(config, role)
         original_pretrained[role] = tower.pretrained
         staged_name = f"towers/{role}.safetensors"
@@ -112,7 +120,7 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
     tower_names: dict[str, Any] = {"image_size": config.image_size}
     if config.fine_resize is not None:  # absent otherwise: existing caches keep their identity
         tower_names["fine_resize"] = config.fine_resize
-    for role in ("coarse", "fine"):
+    for role in config.tower_roles:
         staged_name = f"towers/{role}.safetensors"
         described: dict[str, Any] = {"model_name": towers[role].model_name,
                                      "pretrained": original_pretrained[role]}
@@ -188,31 +196,31 @@ class ModelStage:
         batch["error"] = _strings(batch.pop("_error"))
         batch["error_kind"] = _strings(batch.pop("_error_kind"))
         batch["_model_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
-        restore_nulls(batch, skip=SCORE_NUMBERS)
+        restore_nulls(batch, skip=SCORE_NUMBERS | set(getattr(self.model, "output_names", ())))
         return batch
 
 
 class Scorer(ModelStage):
-    """Quality and alignment for every decodable row."""
+    """The model's outputs (``model.output_names``) for every decodable row."""
 
     def _score(self, pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:
         return self.model.score(pixels, prompts, batch_size=max(len(prompts), 1))
 
     def process(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
         count = len(ok)
-        quality = np.full(count, np.nan, np.float32)
-        alignment = np.full(count, np.nan, np.float32)
+        outputs = {name: np.full(count, np.nan, np.float32) for name in self.model.output_names}
         truncated = np.zeros(count, bool)
         index = np.flatnonzero(ok)
         if index.size:
             prompts = [_prompt(batch["prompt"][i]) for i in index]
             scores = split_on_oom(self._score, self.pixels(batch, index), prompts)
-            quality[index] = scores["quality"]
-            alignment[index] = scores["alignment"]
-            truncated[index] = scores["prompt_truncated"]
-        batch["quality"] = quality
-        batch["alignment"] = alignment
-        batch["prompt_truncated"] = truncated
+            for name, values in outputs.items():
+                values[index] = scores[name]
+            if "prompt_truncated" in scores:
+                truncated[index] = scores["prompt_truncated"]
+        batch.update(outputs)
+        if hasattr(self.model, "encode_prompts"):  # prompt-aware models report truncation
+            batch["prompt_truncated"] = truncated
 
 
 def _strings(values: np.ndarray) -> np.ndarray:

@@ -43,6 +43,21 @@ SCORE_COLUMNS = {
 }
 
 
+def score_schema(output_names: list[str], prompt_truncated: bool = True
+                 ) -> dict[str, pa.DataType]:
+    """SCORE_COLUMNS with the model's own outputs in place of quality/alignment (BPCLIP:
+    quality and one column per quality dimension, no prompt columns of its own)."""
+    schema = {}
+    for name, kind in SCORE_COLUMNS.items():
+        if name == "quality":
+            schema.update({o: pa.float32() for o in output_names})
+        elif name == "alignment" or (name == "prompt_truncated" and not prompt_truncated):
+            continue
+        else:
+            schema[name] = kind
+    return schema
+
+
 @dataclass
 class ShardState:
     tables: list[pa.Table]
