@@ -109,6 +109,10 @@ JOBS: dict[str, Job] = {
     "clean": Job("iqray.jobs.clean", "CleanConfig", "run_clean",
                  "the nightly job: score what is new in each source, filter, write kept/"
                  "rejected manifests and a run record (safe to rerun)"),
+    "make-fr": Job("iqray.jobs.make_fr", "MakeFRConfig", "run_make_fr",
+                   "build a full-reference training set: graded synthetic distortions of clean "
+                   "images (5 kinds x 5 levels), split by source image", ("input", "output"),
+                   uses_ray=False),
     "info": Job("iqray.jobs.cli", "InfoConfig", "run_info",
                 "describe a model: towers, weights, parameters, outputs", uses_ray=False),
 }

@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from iqray.jobs.train import LabelledDataConfig, embed_table, groups_for, head_data, labelled_rows
+from iqray.jobs.train import (
+    LabelledDataConfig,
+    embed_table,
+    groups_for,
+    head_data,
+    image_rows,
+    labelled_rows,
+)
 from iqray.model.training import HEADS
 
 
@@ -52,13 +59,18 @@ def run_eval(config: EvalConfig, log=print) -> dict:
 
     image_root = config.image_root or (config.input.rsplit("/", 1)[0]
                                        if "/" in config.input else ".")
-    cache = embed_table(config, config.input, image_root, log=lambda *a: None)
-    labelled = labelled_rows(config.model_copy(update={"image_root": image_root}),
-                             config.input, cache)
-    model = iqray.model.load(config.model, device="cpu", allow_download=False)
-    model.prime_prompt_cache(cache.load_prompts({p for p in labelled.prompts if p}))
-    data = head_data(cache, labelled, {h: (0.0, 1.0) for h in HEADS})
-    scores = model.score_embeddings(data.coarse, data.fine, labelled.prompts)
+    model = iqray.model.load(config.model, device="cpu", allow_download=False, mode=config.mode)
+    if isinstance(model, iqray.model.BPCLIP):  # scores from images (no embedding cache)
+        config = config.model_copy(update={"alignment_column": None})
+        labelled = image_rows(config, config.input, image_root, model)
+        scores = model.score(labelled.pixels, batch_size=64)
+    else:
+        cache = embed_table(config, config.input, image_root, log=lambda *a: None)
+        labelled = labelled_rows(config.model_copy(update={"image_root": image_root}),
+                                 config.input, cache)
+        model.prime_prompt_cache(cache.load_prompts({p for p in labelled.prompts if p}))
+        data = head_data(cache, labelled, {h: (0.0, 1.0) for h in HEADS})
+        scores = model.score_embeddings(data.coarse, data.fine, labelled.prompts)
     rows = labelled.rows
     groups = groups_for(config, config.input, rows)
     report: dict = {"model": config.model, "data": config.input, "rows": len(rows),
@@ -67,7 +79,7 @@ def run_eval(config: EvalConfig, log=print) -> dict:
         if config.baselines else {}
     for head in HEADS:
         mos = labelled.mos[head]
-        if np.isfinite(mos).sum() < 3:
+        if head not in scores or np.isfinite(mos).sum() < 3:
             continue
         pred = scores[head]
         result = agreement(pred, mos)

@@ -43,7 +43,8 @@ class LabelledDataConfig(EmbedConfig):
 
 
 class TrainConfig(LabelledDataConfig, TrainSettings):
-    """`iqray train`: fit MST-CLIPIQA's fusion and heads on human ratings."""
+    """`iqray train`: fit a model's trainable part on human ratings (MST-CLIPIQA: fusion and
+    heads; BPCLIP: gated pooling, bottom-up blocks and quality layer, --model bpclip...)."""
 
     val: str | None = Field(default=None, description="validation table (else --split-column)")
     split_column: str | None = Field(
@@ -169,13 +170,17 @@ def image_rows(config: LabelledDataConfig, url: str, image_root: str, model,
     (shard,) = discover_shards(url, read, storage)
     source = read_table(url, storage)
     crops, areas, rows, prompts, shas, dropped = [], [], [], [], [], 0
-    two_views = model.transform.fine_resize is not None and with_fine_areas
+    two_views = getattr(model.transform, "fine_resize", None) is not None and with_fine_areas
     for batch in read_shard(shard, read, storage, []):
-        for row, image, prompt in zip(batch["source_row"], batch["_image"], batch["prompt"],
-                                      strict=True):
+        references = batch.get("_reference", [None] * len(batch["source_row"]))
+        for row, image, prompt, reference in zip(batch["source_row"], batch["_image"],
+                                                 batch["prompt"], references, strict=True):
             try:
                 decoded = open_image(image)
-                crops.append(model.transform.crop(decoded))
+                crop = model.transform.crop(decoded)
+                if "_reference" in batch:  # full reference: the reference follows the image
+                    crop = torch.cat([crop, model.transform.crop(open_image(reference))])
+                crops.append(crop)
                 if two_views:
                     areas.append(model.transform.fine_area(decoded))
             except (ImageDecodeError, TypeError):
@@ -203,6 +208,27 @@ def pixel_data(rows: Labelled, scales: dict[str, tuple[float, float]]):
                                      / (scales[head][1] - scales[head][0]), dtype=torch.float32)
                for head in HEADS}
     return ImageRows(rows.pixels, rows.prompts, targets, fine_areas=rows.fine_areas)
+
+
+def level_rows(model, rows: Labelled, scales: dict[str, tuple[float, float]],
+               progress: bool, split: str):
+    """BPCLIP: frozen level features of every row, computed once, and normalised targets."""
+    from iqray.model.training import LevelRows, level_features
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows.shas), desc=f"features ({split})", unit="img",
+                   dynamic_ncols=True)
+    features = level_features(model, rows.pixels, on_batch=bar.update if bar else None)
+    if bar is not None:
+        bar.close()
+    low, high = scales["quality"]
+    targets = {"quality": torch.as_tensor((rows.mos["quality"] - low) / (high - low),
+                                          dtype=torch.float32),
+               "alignment": torch.full((len(rows.shas),), float("nan"))}
+    return LevelRows(features, targets)
 
 
 def head_data(cache: EmbeddingCache, rows: Labelled, scales: dict[str, tuple[float, float]]
@@ -242,16 +268,31 @@ def run_train(config: TrainConfig, log=print) -> dict:
     from iqray.model.checkpoint import save_checkpoint
     from iqray.model.config import ScoreScale
     from iqray.model.metrics import mean_std
-    from iqray.model.training import embed_rows, fit_end_to_end, fit_heads, reference_stats
+    from iqray.model.training import (
+        embed_rows,
+        fit_bpclip,
+        fit_end_to_end,
+        fit_heads,
+        reference_stats,
+    )
 
     storage = config.storage_config()
     image_root = config.image_root or _default_root(config.input)
-    model = iqray.model.load(config.model, device="cpu", allow_download=False)
+    model = iqray.model.load(config.model, device="cpu", allow_download=False, mode=config.mode)
+    bpclip = isinstance(model, iqray.model.BPCLIP)
+    if bpclip and config.towers != "frozen":
+        raise ValueError("bpclip trains with its backbone frozen (--towers frozen)")
+    if bpclip and model.full_reference and config.reference_column is None \
+            and config.reference_template is None:
+        raise ValueError("--mode fr trains on (image, reference) rows: give "
+                         "--reference-column or --reference-template")
+    if bpclip:  # one head: quality
+        config = config.model_copy(update={"alignment_column": None})
     settings = TrainSettings.model_validate(config.model_dump(
         include=set(TrainSettings.model_fields)))
     with tempfile.TemporaryDirectory(prefix="iqray-train-") as workdir:
         tables = split_tables(config, storage, Path(workdir))
-        if config.towers == "finetune":
+        if config.towers == "finetune" or bpclip:
             random_crops = config.fine_crops == "random"
             splits = {split: image_rows(config, url, image_root, model,
                                         with_fine_areas=random_crops and split == "train")
@@ -268,12 +309,16 @@ def run_train(config: TrainConfig, log=print) -> dict:
                         if config.group_weight > 0 else None)
     scales = {head: default_scale(splits["train"].mos[head],
                                   getattr(config, f"{head}_range"), head) for head in HEADS}
-    model.config = model.config.model_copy(update={
-        "trained": True,
-        "quality_scale": ScoreScale(low=scales["quality"][0], high=scales["quality"][1]),
-        "alignment_scale": ScoreScale(low=scales["alignment"][0], high=scales["alignment"][1]),
-    })
-    if config.towers == "finetune":
+    updates = {"trained": True,
+               "quality_scale": ScoreScale(low=scales["quality"][0], high=scales["quality"][1])}
+    if not bpclip:
+        updates["alignment_scale"] = ScoreScale(low=scales["alignment"][0],
+                                                high=scales["alignment"][1])
+    model.config = model.config.model_copy(update=updates)
+    if bpclip:
+        train, val = (level_rows(model, splits[s], scales, config.progress, s)
+                      for s in ("train", "val"))
+    elif config.towers == "finetune":
         train, val = (pixel_data(splits[s], scales) for s in ("train", "val"))
     else:
         train = head_data(cache, splits["train"], scales)
@@ -288,7 +333,10 @@ def run_train(config: TrainConfig, log=print) -> dict:
     for repeat in range(config.repeats):
         seed = config.seed + repeat
         bar = _epoch_bar(config, seed)
-        if config.towers == "finetune":
+        if bpclip:
+            result = fit_bpclip(model, train, val, settings, seed=seed,
+                                on_epoch=bar.update_epoch)
+        elif config.towers == "finetune":
             result = fit_end_to_end(model, train, val, settings, seed=seed,
                                     tower_lr=config.tower_lr, on_epoch=bar.update_epoch)
         else:
@@ -303,8 +351,9 @@ def run_train(config: TrainConfig, log=print) -> dict:
     model.load_state_dict(best.state, strict=False)
     if config.towers == "finetune":
         model.refresh_grade_text()
-    reference = reference_stats(model, embed_rows(model, train) if config.towers == "finetune"
-                                else train, name=f"train rows of {config.input}")
+    reference = reference_stats(model, embed_rows(model, train)
+                                if config.towers == "finetune" and not bpclip else train,
+                                name=f"train rows of {config.input}")
     model.config = model.config.model_copy(update={"score_reference": reference})
     summary = {head: mean_std([r.best_val[head] for r in results])
                for head in (*HEADS, "mean") if head in best.best_val}

@@ -223,7 +223,7 @@ class BPCLIP(nn.Module):
         self.out_proj = nn.Linear(heads.width, embed_dim)
         nn.init.zeros_(self.out_proj.weight)  # starts as the tower's own embedding (CLIP-IQA)
         nn.init.zeros_(self.out_proj.bias)
-        self.dimensions = list(heads.adjective_pairs)
+        self.dimensions = heads.dimensions
         pairs = [p for d in self.dimensions for p in heads.adjective_pairs[d]]
         self.register_buffer("pair_text", self._pair_text(pairs), persistent=False)
         membership = torch.zeros(len(self.dimensions), len(pairs))

@@ -125,6 +125,12 @@ class BPCLIPHeadsConfig(_Strict):
         description="dimension -> (positive, negative) adjective pairs")
     adjective_template: str = "a {} photo."
 
+    @property
+    def dimensions(self) -> list[str]:
+        """Dimension names in sorted order: the order of the pairs the quality layer
+        weighs, so it must not depend on how a JSON file happened to order its keys."""
+        return sorted(self.adjective_pairs)
+
     @model_validator(mode="after")
     def _pairs(self) -> BPCLIPHeadsConfig:
         if not self.adjective_pairs or any(not v for v in self.adjective_pairs.values()):
@@ -159,7 +165,7 @@ class BPCLIPConfig(_Strict):
 
     @property
     def output_names(self) -> list[str]:
-        return ["quality", *self.heads.adjective_pairs]
+        return ["quality", *self.heads.dimensions]
 
     @property
     def fine_resize(self) -> None:  # one view; the pipeline asks every model

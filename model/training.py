@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from iqray.model.bpclip import BPCLIP, LevelFeatures
 from iqray.model.metrics import srcc
 from iqray.model.mst_clipiqa import MSTClipIQA
 
@@ -96,8 +97,56 @@ def head_loss(pred: torch.Tensor, target: torch.Tensor, margin: float,
     return torch.mean((pred - target) ** 2) + rank_weight * ranking_hinge(pred, target, margin)
 
 
-def predict(model: MSTClipIQA, data: HeadData, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Normalised predictions of both heads for every row."""
+@dataclass
+class LevelRows:
+    """BPCLIP rows: frozen level features (kept in float16), normalised targets."""
+
+    features: LevelFeatures
+    targets: dict[str, torch.Tensor]
+    groups: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def subset(self, index: torch.Tensor) -> LevelRows:
+        return LevelRows(self.features.subset(index), {k: v[index] for k, v in
+                                                       self.targets.items()},
+                         None if self.groups is None else self.groups[index])
+
+
+def level_features(model: BPCLIP, pixels: torch.Tensor, batch_size: int = 64,
+                   on_batch: Callable[[int], None] | None = None) -> LevelFeatures:
+    """The frozen backbone's level features of uint8 crops, computed once (float16): every
+    epoch then runs only the trainable part."""
+    model.eval()
+    parts: list[LevelFeatures] = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            chunk = model.transform.normalize(pixels[start:start + batch_size])
+            parts.append(model.encode_levels(chunk).to("cpu", torch.float16))
+            if on_batch is not None:
+                on_batch(len(chunk))
+    if not parts:
+        raise ValueError("no images to compute features of")
+    cat = lambda xs: torch.cat(xs)  # noqa: E731
+    refs = None if parts[0].reference is None else [
+        cat([p.reference[i] for p in parts]) for i in range(len(parts[0].reference))]
+    return LevelFeatures([cat([p.levels[i] for p in parts]) for i in range(len(parts[0].levels))],
+                         cat([p.embedding for p in parts]), refs)
+
+
+def predict(model: MSTClipIQA | BPCLIP, data: HeadData | LevelRows, batch_size: int = 256
+            ) -> dict[str, np.ndarray]:
+    """Normalised predictions of the model's heads for every row."""
+    if isinstance(data, LevelRows):
+        model.eval()
+        parts: list[np.ndarray] = []
+        with torch.inference_mode():
+            for start in range(0, len(data), batch_size):
+                rows = torch.arange(start, min(start + batch_size, len(data)))
+                parts.append(model.forward_heads(data.features.subset(rows))["quality"]
+                             .cpu().numpy())
+        return {"quality": np.concatenate(parts) if parts else np.zeros(0)}
     model.eval()
     out: dict[str, list[np.ndarray]] = {h: [] for h in HEADS}
     with torch.inference_mode():
@@ -110,10 +159,13 @@ def predict(model: MSTClipIQA, data: HeadData, batch_size: int = 256) -> dict[st
     return {h: np.concatenate(v) if v else np.zeros(0) for h, v in out.items()}
 
 
-def validation_srcc(model: MSTClipIQA, data: HeadData) -> dict[str, float]:
+def validation_srcc(model: MSTClipIQA | BPCLIP, data: HeadData | LevelRows
+                    ) -> dict[str, float]:
     pred = predict(model, data)
     scores = {}
     for head in HEADS:
+        if head not in pred:
+            continue
         target = data.targets[head].numpy()
         if np.isfinite(target).sum() >= 3:
             scores[head] = srcc(pred[head], target)
@@ -155,7 +207,8 @@ def embed_rows(model: MSTClipIQA, rows: ImageRows, batch_size: int = 128) -> Hea
     return HeadData(torch.cat(coarse), torch.cat(fine), rows.prompts, rows.targets)
 
 
-def reference_stats(model: MSTClipIQA, data: HeadData, name: str) -> dict[str, dict]:
+def reference_stats(model: MSTClipIQA | BPCLIP, data: HeadData | LevelRows, name: str
+                    ) -> dict[str, dict]:
     """Mean and std of the model's own scores (its output scale) on a fixed set: what
     z-scores are measured against, so a threshold keeps its meaning across batches."""
     normalised = predict(model, data)
@@ -255,11 +308,27 @@ def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
     return result
 
 
+def fit_bpclip(model: BPCLIP, train: LevelRows, val: LevelRows, settings: TrainSettings,
+               seed: int, on_epoch: Callable[[dict[str, float]], None] | None = None
+               ) -> TrainResult:
+    """Train BPCLIP's gated pooling, bottom-up blocks and quality layer (seeded fresh) on
+    precomputed level features; keep the best val-SRCC epoch."""
+    model.config = model.config.model_copy(update={"trained": True})
+    model.reset_heads(seed)
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": settings.lr}]
+
+    def forward(batch: LevelRows) -> dict[str, torch.Tensor]:
+        return model.forward_heads(batch.features)
+
+    return _fit(model, train, val, settings, seed, params, forward,
+                lambda: validation_srcc(model, val), model.trainable_state_dict, on_epoch)
+
+
 def _params(module: torch.nn.Module | None) -> list[torch.nn.Parameter]:
     return [] if module is None else list(module.parameters())
 
 
-def _fit(model: MSTClipIQA, train, val, settings: TrainSettings, seed: int, params: list,
+def _fit(model: MSTClipIQA | BPCLIP, train, val, settings: TrainSettings, seed: int, params: list,
          forward: Callable, validate: Callable[[], dict[str, float]],
          state: Callable[[], dict[str, torch.Tensor]],
          on_epoch: Callable[[dict[str, float]], None] | None) -> TrainResult:
@@ -279,7 +348,7 @@ def _fit(model: MSTClipIQA, train, val, settings: TrainSettings, seed: int, para
             pred = forward(batch)
             loss = sum(weights[h] * head_loss(pred[h], batch.targets[h].to(model.device),
                                               settings.margin, settings.rank_weight)
-                       for h in HEADS if weights[h] > 0)
+                       for h in HEADS if weights[h] > 0 and h in pred)
             if "group_logits" in pred:
                 loss = loss + settings.group_weight * torch.nn.functional.cross_entropy(
                     pred["group_logits"], batch.groups.to(model.device), ignore_index=-1)
