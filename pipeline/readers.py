@@ -492,11 +492,17 @@ def resolve_ref(shard_url: str, ref: str, root: str | None = None) -> str:
     if "://" in ref or os.path.isabs(ref):
         return ref
     if root is not None:
-        return root.rstrip("/") + "/" + ref if "://" in root else os.path.join(root, ref)
+        return _under(root, ref) if "://" in root else os.path.join(root, ref)
     if "://" in shard_url:
-        protocol, rest = shard_url.split("://", 1)
-        return f"{protocol}://" + posixpath.join(posixpath.dirname(rest), ref)
+        return _under(shard_url.rsplit("/", 1)[0], ref)
     return os.path.join(os.path.dirname(shard_url), ref)
+
+
+def _under(base_url: str, ref: str) -> str:
+    """``ref`` joined to an object-store folder URL; '..' is resolved here because object
+    stores take keys literally (``a/../b`` is a different key from ``b``)."""
+    protocol, rest = base_url.split("://", 1)
+    return f"{protocol}://" + posixpath.normpath(posixpath.join(rest.rstrip("/"), ref))
 
 
 def read_bytes(url: str, storage: StorageConfig) -> bytes:
