@@ -16,6 +16,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from iqray.model.bpclip import BPCLIP, LevelFeatures
 from iqray.model.checkpoint import (
     CheckpointError,
     checkpoint_files,
@@ -23,7 +24,6 @@ from iqray.model.checkpoint import (
     read_checkpoint_config,
     save_checkpoint,
 )
-from iqray.model.bpclip import BPCLIP, LevelFeatures
 from iqray.model.config import (
     BPCLIPConfig,
     HeadsConfig,
@@ -46,7 +46,8 @@ open_clip.add_model_config(Path(__file__).parent / "configs" / "towers")
 DEFAULT_MODEL = "iqray-small-agiqa3k"
 
 __all__ = [
-    "BPCLIP", "BPCLIPConfig", "LevelFeatures", "ModelConfig", "DEFAULT_MODEL", "CheckpointError", "HeadsConfig", "ImageDecodeError", "ImageTransform",
+    "BPCLIP", "BPCLIPConfig", "LevelFeatures", "ModelConfig",
+    "DEFAULT_MODEL", "CheckpointError", "HeadsConfig", "ImageDecodeError", "ImageTransform",
     "MSTClipIQA", "MSTConfig", "PromptBatch", "ScoreScale", "ScoreSpec", "TowerConfig",
     "UnsafeCheckpointError", "WeightsNotFoundError", "load", "load_preset", "open_image",
     "preset_names", "shipped_models", "resolve_tower_weights", "resolve_device", "save_checkpoint",

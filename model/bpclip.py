@@ -102,8 +102,9 @@ class LevelTaps:
         modules = dict(visual.named_modules())
         missing = [d for d in depths if d not in modules]
         if missing:
+            known = ", ".join(n for n, _ in visual.named_children())
             raise ValueError(f"no module {', '.join(missing)} in the visual tower; known "
-                             f"top-level modules: {', '.join(n for n, _ in visual.named_children())}")
+                             f"top-level modules: {known}")
         self.visual = visual
         self.captured: dict[str, torch.Tensor] = {}
         for name in depths:

@@ -1,4 +1,6 @@
-"""Training the fusion and heads from cached tower embeddings (torch only, no Ray, no files).
+"""Training the trainable part of a model on tensors (torch only, no Ray, no files):
+MST-CLIPIQA's fusion and heads from cached tower embeddings (or end to end), BPCLIP's gated
+pooling, bottom-up blocks and quality layer from precomputed level features.
 
 Loss per head: MSE on MOS normalised to [0, 1] plus ``rank_weight`` times a pairwise hinge
 over every pair in the batch whose MOS differ (the higher-rated image must be predicted at

@@ -30,7 +30,7 @@ def test_scores_have_quality_and_the_six_dimension_columns(images):
     assert model.output_names == ["quality", *DIMENSIONS] == list(model.score_range)
     scores = model.score(images[:5])
     assert set(scores) == set(model.output_names)
-    for name, values in scores.items():
+    for values in scores.values():
         assert values.shape == (5,) and values.dtype == np.float32
         assert np.isfinite(values).all()
     for name in DIMENSIONS:

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_data import SAMPLE, read_output, write_parquet
 from PIL import Image
+from pipeline_data import SAMPLE, read_output, write_parquet
 
 import iqray.model
 from iqray.pipeline.distortions import distort
