@@ -114,4 +114,15 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
     del batch["_image"]
     batch.pop("_reference", None)
     batch["_decode_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
+    batch["_decode_node"] = np.full(count, _node_id(), dtype=object)
     return batch
+
+
+def _node_id() -> str | None:
+    """The Ray node this runs on (per-node row counts in the run summary); None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None

@@ -54,7 +54,8 @@ class Embedder(ModelStage):
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
                  prompt_cache_size: int = 4096, known: list | None = None,
-                 dtype: str = "float16"):
+                 dtype: str = "float16", precision: str = "fp32"):
+        # A cache is shared by every later run of the same towers: fp32 towers only.
         super().__init__(spec, device, threads, prompt_cache_size)
         import ray
 
@@ -167,6 +168,9 @@ def run_embed(config: EmbedConfig, log=print) -> RunSummary:
     key_columns = key_columns_for(shards, read, storage)
     ray = ensure_ray(config)
     spec = stage_model(config.model, storage, put=ray.put)
+    if config.precision != "fp32":
+        raise ValueError("an embedding cache is shared by every later run of its towers, so "
+                         "it is written with fp32 towers only (drop --precision)")
     if spec.config.architecture != "mst-clipiqa":
         raise ValueError(f"iqray embed caches MST-CLIPIQA tower embeddings; "
                          f"{spec.config.architecture} has none to cache (its training keeps "

@@ -163,7 +163,7 @@ def split_on_oom(score: Callable[[torch.Tensor, list], dict[str, np.ndarray]],
 
 
 SCORE_NUMBERS = {"quality", "alignment", "_read_s", "_decode_s", "_model_s", "_coarse", "_fine",
-                 "_embed_error"}
+                 "_embed_error", "_decode_node", "_model_node"}
 
 
 class ModelStage:
@@ -173,11 +173,21 @@ class ModelStage:
     owns loading, the status/error columns and per-row timing."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
-                 prompt_cache_size: int = 4096):
+                 prompt_cache_size: int = 4096, precision: str = "fp32"):
         if threads:
             torch.set_num_threads(threads)
-        self.model = spec.load(device, prompt_cache_size)
+        if device == "auto" and not torch.cuda.is_available():
+            import sys
+
+            print("iqray: this actor holds a GPU reservation but its process sees no CUDA "
+                  "device; scoring on CPU (use --device cuda to fail instead)", file=sys.stderr)
+        from iqray.model.fastpath import apply_precision
+
+        self.model = apply_precision(spec.load(device, prompt_cache_size), precision)
         self.pin = self.model.device.type == "cuda"
+        from iqray.pipeline.decode import _node_id
+
+        self.node = _node_id()
 
     def pixels(self, batch: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
@@ -196,6 +206,7 @@ class ModelStage:
         batch["error"] = _strings(batch.pop("_error"))
         batch["error_kind"] = _strings(batch.pop("_error_kind"))
         batch["_model_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
+        batch["_model_node"] = np.full(count, self.node, dtype=object)
         restore_nulls(batch, skip=SCORE_NUMBERS | set(getattr(self.model, "output_names", ())))
         return batch
 
