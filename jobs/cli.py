@@ -113,6 +113,9 @@ JOBS: dict[str, Job] = {
                    "build a full-reference training set: graded synthetic distortions of clean "
                    "images (5 kinds x 5 levels), split by source image", ("input", "output"),
                    uses_ray=False),
+    "bench": Job("iqray.jobs.bench", "BenchConfig", "run_bench",
+                 "images/s of the limit, a DataLoader and `iqray score` side by side, fast-path "
+                 "fidelity; writes bench.json/png/md"),
     "info": Job("iqray.jobs.cli", "InfoConfig", "run_info",
                 "describe a model: towers, weights, parameters, outputs", uses_ray=False),
 }

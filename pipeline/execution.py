@@ -258,7 +258,9 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
                                    "keep_image_bytes": keep_image_bytes})
     ds = ds.map_batches(
         stage_cls, batch_size=config.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        # Two batches in flight per actor: one computing, one queued. More lets the first
+        # ready actor take every batch of a small input while the others idle.
+        compute=ray.data.ActorPoolStrategy(size=plan["actors"], max_tasks_in_flight_per_actor=2),
         num_cpus=plan["actor_cpus"], num_gpus=plan["gpus_per_actor"],
         fn_constructor_kwargs={"spec": spec, "device": _actor_device(config, plan),
                                "threads": None if plan["use_gpu"] else plan["threads"],

@@ -1,0 +1,180 @@
+"""`iqray bench`: throughput of the limit, a hand-written DataLoader and `iqray score`, side by
+side in one run, plus fast-path fidelity; writes bench.json, bench.png and bench.md.
+Glue only: the measurements are :mod:`iqray.pipeline.bench`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from iqray.jobs.config import JobConfig
+
+REPO_SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample"
+TARGETS = {"pipeline_over_limit": 0.9, "pipeline_over_dataloader": 2.0}
+
+
+class BenchConfig(JobConfig):
+    """`iqray bench`: images/s of the limit, a DataLoader and `iqray score`, and their ratios."""
+
+    model: str = Field(default="mst-clipiqa-random-init",
+                       description="model to time (default: full-size random-init towers)")
+    images: int = Field(default=96, gt=0, description="images per measurement")
+    images_per_prompt: int = Field(default=4, gt=0, description="images sharing a prompt")
+    source: str = Field(default=str(REPO_SAMPLE), description="folder of images to copy")
+    batch_size: int = Field(default=32, gt=0, description="images per model call")
+    loader_workers: int | None = Field(default=None, ge=0,
+                                       description="DataLoader workers (default: CPUs - 1)")
+    actors: list[int] = Field(default_factory=lambda: [1, 2],
+                              description="actor counts to time `iqray score` with")
+    precisions: list[Literal["fp32", "int8"]] = Field(
+        default_factory=lambda: ["fp32", "int8"], description="precisions to time")
+    fidelity_models: list[str] = Field(
+        default_factory=lambda: ["iqray-small-agiqa3k"],
+        description="models (besides --model) whose fast-path fidelity is checked")
+    output: str = Field(default="benchmarks/cpu", description="folder for bench.json/png/md")
+    tag: str | None = Field(default=None, description="name of this run in the outputs")
+
+
+def run_bench(config: BenchConfig, log=print) -> dict:
+    import shutil
+
+    import torch
+
+    import iqray.model
+    from iqray.model.fastpath import apply_precision
+    from iqray.pipeline import bench
+    from iqray.pipeline.execution import ensure_ray
+    from iqray.pipeline.score import ScoreConfig
+
+    workdir = bench.scratch_dir()
+    try:
+        data = bench.prepare_data(Path(config.source), config.images, config.images_per_prompt,
+                                  workdir)
+        torch.set_num_threads(os.cpu_count() or 1)
+        workers = config.loader_workers if config.loader_workers is not None else max(
+            1, (os.cpu_count() or 2) - 1)
+        results: dict = {"tag": config.tag or Path(config.output).name,
+                         "created": dt.datetime.now(dt.timezone.utc).isoformat(
+                             timespec="seconds"),
+                         "machine": bench.machine(), "config": config.model_dump(),
+                         "limit": {}, "dataloader": {}, "pipeline": [], "fidelity": []}
+        model = iqray.model.load(config.model)
+        results["model"] = {"name": config.model, **model.parameter_counts()}
+        pixels = bench.crops(model, data.files)
+        for precision in config.precisions:
+            timed = apply_precision(iqray.model.load(config.model), precision)
+            results["limit"][precision] = bench.bench_limit(timed, pixels, data.prompts,
+                                                            config.batch_size)
+            log(f"limit ({precision}): {results['limit'][precision]['images_per_s']:.2f} img/s")
+        results["dataloader"]["fp32"] = bench.bench_dataloader(model, data, config.batch_size,
+                                                               workers)
+        log(f"DataLoader ({workers} workers, fp32): "
+            f"{results['dataloader']['fp32']['images_per_s']:.2f} img/s")
+        del model, pixels
+        ensure_ray(ScoreConfig(input=str(data.folder), output=str(workdir / "x")))
+        half = bench.first_part(data, max(1, config.images // 2), workdir)
+        runs = [(a, "fp32") for a in config.actors] + [
+            (min(config.actors), p) for p in config.precisions if p != "fp32"]
+        for actors, precision in runs:
+            out = bench.bench_pipeline(config.model, data, half,
+                                       workdir / f"out-{actors}-{precision}",
+                                       config.batch_size, actors, precision)
+            results["pipeline"].append(out)
+            log(f"iqray score ({actors} actor(s), {precision}): {out['images_per_s']:.2f} img/s "
+                f"over the run, {out['steady_images_per_s']:.2f} steady (marginal), model "
+                f"busy {out['model_busy_images_per_s']:.2f}; {out['bottleneck']}")
+        fidelity_images = data.files[:32]
+        for name in [config.model, *config.fidelity_models]:
+            for precision in config.precisions:
+                if precision != "fp32":
+                    check = bench.fidelity(name, precision, fidelity_images,
+                                           data.prompts[:32])
+                    results["fidelity"].append(check)
+                    log(f"fidelity {precision} vs fp32 on {name}: " + ", ".join(
+                        f"{k} Spearman {v['spearman']:.4f} (max |diff| {v['max_abs_diff']:.2g})"
+                        for k, v in check.items() if isinstance(v, dict)))
+        results["ratios"] = ratios(results)
+        results["targets"] = TARGETS
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output / "bench.md").write_text(markdown_table(results))
+    plot(results, output / "bench.png")
+    for name, value in results["ratios"].items():
+        log(f"{name}: {value:.2f}" + (f" (target {TARGETS[name]:g})" if name in TARGETS else ""))
+    log(f"wrote {output}/bench.json, bench.png, bench.md")
+    return results
+
+
+def ratios(results: dict) -> dict[str, float]:
+    """3/1 and 3/2 at fp32 (the best actor count, steady rate), plus the whole-run and int8
+    variants for context."""
+    fp32 = [r for r in results["pipeline"] if r["precision"] == "fp32"]
+    best = max(fp32, key=lambda r: r["steady_images_per_s"])
+    limit = results["limit"]["fp32"]["images_per_s"]
+    loader = results["dataloader"]["fp32"]["images_per_s"]
+    out = {"pipeline_over_limit": best["steady_images_per_s"] / limit,
+           "pipeline_over_dataloader": best["steady_images_per_s"] / loader,
+           "pipeline_over_limit_whole_run": best["images_per_s"] / limit}
+    for run in results["pipeline"]:
+        if run["precision"] != "fp32":
+            out[f"pipeline_{run['precision']}_over_fp32_limit"] = \
+                run["steady_images_per_s"] / limit
+    return out
+
+
+def _rows(results: dict) -> list[tuple[str, float]]:
+    rows = [(f"1. limit: model.score on pre-decoded batches ({p})", r["images_per_s"])
+            for p, r in results["limit"].items()]
+    rows += [(f"2. DataLoader ({r['workers']} workers) + model.score ({p})", r["images_per_s"])
+             for p, r in results["dataloader"].items()]
+    for r in results["pipeline"]:
+        rows.append((f"3. iqray score, {r['actors']} actor(s), {r['precision']}, steady",
+                     r["steady_images_per_s"]))
+        rows.append((f"3. iqray score, {r['actors']} actor(s), {r['precision']}, whole run",
+                     r["images_per_s"]))
+    return rows
+
+
+def markdown_table(results: dict) -> str:
+    limit = results["limit"]["fp32"]["images_per_s"]
+    lines = [f"`iqray bench` {results['tag']}: {results['model']['name']}, "
+             f"{results['config']['images']} images, {results['machine']['cpus']} CPUs"
+             + (f", {results['machine']['gpu']}" if "gpu" in results["machine"] else ""), "",
+             "| measurement | images/s | / limit (fp32) |", "|---|---|---|"]
+    lines += [f"| {name} | {value:.2f} | {value / limit:.2f} |" for name, value in
+              _rows(results)]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(results)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
+    names = [n for n, _ in rows][::-1]
+    values = [v for _, v in rows][::-1]
+    colours = ["#4c72b0" if n.startswith("1.") else "#dd8452" if n.startswith("2.")
+               else "#55a868" for n in names]
+    ax.barh(names, values, color=colours)
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+    r = results["ratios"]
+    ax.set(xlabel="images/s", title=f"{results['model']['name']} on "
+           f"{results['machine']['cpus']} CPUs: 3/1 = {r['pipeline_over_limit']:.2f}, "
+           f"3/2 = {r['pipeline_over_dataloader']:.2f}")
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

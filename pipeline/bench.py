@@ -1,0 +1,207 @@
+"""`iqray bench` measurements: the hardware limit, a hand-written DataLoader, and `iqray score`
+end to end, on the same images and model in one run, so that their ratios hold on a noisy
+machine. Also the fidelity of each fast path against fp32.
+
+1. limit: ``model.score`` on pre-decoded, pre-batched uint8 crops in a tight loop;
+2. dataloader: what a user writes by hand: a torch ``DataLoader`` whose workers decode the
+   files, feeding ``model.score``;
+3. pipeline: ``iqray score`` (read -> decode -> model -> Parquet), per actor count and
+   precision. Its rate is reported twice: over the whole run (Ray Data planning, model
+   staging, actor start and model load included) and steady, which is what a nightly run of
+   millions of images sees. Steady is measured as the marginal rate between a run on half
+   the images and a run on all of them: (N - N/2) / (t(N) - t(N/2)), so every fixed cost
+   cancels out.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BenchData:
+    folder: Path
+    files: list[Path]
+    prompts: list[str]
+
+
+def prepare_data(source: Path, count: int, images_per_prompt: int, workdir: Path
+                 ) -> BenchData:
+    """``count`` images copied from ``source`` (cycling), ``images_per_prompt`` per prompt,
+    as a folder with a prompts.csv sidecar (a layout `iqray score` reads)."""
+    images = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg",
+                                                                          ".png", ".webp"))
+    if not images:
+        raise ValueError(f"{source}: no images to benchmark on")
+    prompt_pool = _source_prompts(source)
+    folder = workdir / "images"
+    folder.mkdir(parents=True)
+    files, prompts = [], []
+    for i in range(count):
+        original = images[i % len(images)]
+        target = folder / f"{i:06d}{original.suffix.lower()}"
+        shutil.copyfile(original, target)
+        files.append(target)
+        base = prompt_pool[(i // images_per_prompt) % len(prompt_pool)]
+        prompts.append(f"{base} (variant {i // images_per_prompt})")
+    _sidecar(folder, files, prompts)
+    return BenchData(folder, files, prompts)
+
+
+def _sidecar(folder: Path, files: list[Path], prompts: list[str]) -> None:
+    with open(folder / "prompts.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "prompt"])
+        writer.writerows((f.name, p) for f, p in zip(files, prompts, strict=True))
+
+
+def first_part(data: BenchData, count: int, workdir: Path) -> BenchData:
+    """The first ``count`` images of ``data`` as their own folder (hard links)."""
+    folder = workdir / f"first-{count}"
+    folder.mkdir(parents=True)
+    files = []
+    for source in data.files[:count]:
+        target = folder / source.name
+        os.link(source, target)
+        files.append(target)
+    _sidecar(folder, files, data.prompts[:count])
+    return BenchData(folder, files, data.prompts[:count])
+
+
+def _source_prompts(source: Path) -> list[str]:
+    for name in ("prompts.csv", "metadata.csv", "captions.csv"):
+        path = source / name
+        if path.is_file():
+            with open(path, newline="") as handle:
+                rows = [r.get("prompt") or r.get("caption") or r.get("text")
+                        for r in csv.DictReader(handle)]
+            rows = [r for r in rows if r]
+            if rows:
+                return rows
+    return ["an image"]
+
+
+def crops(model, files: list[Path]) -> torch.Tensor:
+    from iqray.model.preprocess import open_image
+
+    return torch.stack([model.transform.crop(open_image(f)) for f in files])
+
+
+def bench_limit(model, pixels: torch.Tensor, prompts: list[str], batch_size: int
+                ) -> dict[str, float]:
+    """Pre-decoded uint8 crops, pre-batched, scored back to back (one warm-up batch)."""
+    model.score(pixels[:batch_size], prompts[:batch_size], batch_size=batch_size)
+    _clear_prompts(model)
+    started = time.perf_counter()
+    for start in range(0, len(prompts), batch_size):
+        model.score(pixels[start:start + batch_size], prompts[start:start + batch_size],
+                    batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    return {"images_per_s": len(prompts) / seconds, "seconds": seconds}
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path], prompts: list[str], transform):
+        self.files, self.prompts, self.transform = files, prompts, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from iqray.model.preprocess import open_image
+
+        return self.transform.crop(open_image(self.files[index])), self.prompts[index]
+
+
+def _collate(items):
+    return torch.stack([i[0] for i in items]), [i[1] for i in items]
+
+
+def bench_dataloader(model, data: BenchData, batch_size: int, workers: int
+                     ) -> dict[str, float]:
+    """A plain DataLoader whose workers decode and crop, feeding model.score."""
+    model.score(crops(model, data.files[:2]), data.prompts[:2])  # warm the model only
+    _clear_prompts(model)
+    loader = torch.utils.data.DataLoader(
+        _FileDataset(data.files, data.prompts, model.transform), batch_size=batch_size,
+        num_workers=workers, collate_fn=_collate, persistent_workers=False)
+    started = time.perf_counter()
+    count = 0
+    for pixels, prompts in loader:
+        model.score(pixels, prompts, batch_size=batch_size)
+        count += len(prompts)
+    seconds = time.perf_counter() - started
+    return {"images_per_s": count / seconds, "seconds": seconds, "workers": workers}
+
+
+def bench_pipeline(model_name: str, data: BenchData, half: BenchData, output: Path,
+                   batch_size: int, actors: int, precision: str) -> dict[str, Any]:
+    from iqray.pipeline.score import ScoreConfig, run_score
+
+    def run(part: BenchData, name: str):
+        return run_score(ScoreConfig(
+            input=str(part.folder), output=str(output / name), model=model_name,
+            batch_size=batch_size, decode_batch_size=8, num_actors=actors,
+            precision=precision, progress=False, keep_prompt=False), log=lambda *a: None)
+
+    small, summary = run(half, "half"), run(data, "all")
+    extra = summary.wall_s - small.wall_s
+    steady = (summary.rows - small.rows) / extra if extra > 0 else float("nan")
+    return {"images_per_s": summary.rows_per_s, "steady_images_per_s": steady,
+            "seconds": summary.wall_s, "seconds_half": small.wall_s, "rows": summary.rows,
+            "actors": actors, "precision": precision, "stage_busy_s": summary.stage_busy_s,
+            "stage_workers": summary.stage_workers, "bottleneck": summary.bottleneck,
+            "model_busy_images_per_s": summary.rows / max(
+                summary.stage_busy_s.get("model", 0.0), 1e-9) * summary.stage_workers.get(
+                    "model", 1)}
+
+
+def fidelity(model_name: str, precision: str, files: list[Path], prompts: list[str]
+             ) -> dict[str, Any]:
+    """Spearman and max |difference| of a fast path's scores against fp32, per output."""
+    import iqray.model
+    from iqray.model.fastpath import apply_precision
+    from iqray.model.metrics import srcc
+
+    reference = iqray.model.load(model_name)
+    fast = apply_precision(iqray.model.load(model_name), precision)
+    pixels = crops(reference, files)
+    base, other = reference.score(pixels, prompts), fast.score(pixels, prompts)
+    out: dict[str, Any] = {"model": model_name, "precision": precision, "images": len(files)}
+    for name in reference.output_names:
+        a, b = np.asarray(base[name], float), np.asarray(other[name], float)
+        keep = np.isfinite(a) & np.isfinite(b)
+        out[name] = {"spearman": float(srcc(b[keep], a[keep])),
+                     "max_abs_diff": float(np.abs(a[keep] - b[keep]).max())}
+    out["passes"] = all(out[n]["spearman"] >= 0.999 for n in reference.output_names)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "python": platform.python_version(),
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                            "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _clear_prompts(model) -> None:
+    if hasattr(model, "clear_prompt_cache"):
+        model.clear_prompt_cache()
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="iqray-bench-"))
