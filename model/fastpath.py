@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
 PRECISIONS = ("fp32", "int8")
+MIN_SPEARMAN = 0.999  # a fast path must keep the ranking this well against fp32
 
 
 def image_towers(model) -> list[nn.Module]:
@@ -46,3 +48,22 @@ def apply_precision(model, precision: str):
                                                    inplace=True)
     model.precision = precision
     return model
+
+
+def fidelity_report(reference: dict[str, np.ndarray], fast: dict[str, np.ndarray],
+                    names: list[str]) -> dict:
+    """Per output: Spearman of the fast path's scores against the fp32 ones, and the max
+    absolute difference; ``passes`` when every output with a ranking keeps MIN_SPEARMAN."""
+    from iqray.model.metrics import srcc
+
+    report: dict = {}
+    for name in names:
+        a = np.asarray(reference[name], float)
+        b = np.asarray(fast[name], float)
+        keep = np.isfinite(a) & np.isfinite(b)
+        if keep.sum() < 3 or np.ptp(a[keep]) == 0:
+            continue  # no ranking to keep (e.g. no prompts: alignment is all NaN)
+        report[name] = {"spearman": float(srcc(b[keep], a[keep])),
+                        "max_abs_diff": float(np.abs(a[keep] - b[keep]).max())}
+    report["passes"] = all(v["spearman"] >= MIN_SPEARMAN for k, v in report.items())
+    return report

@@ -70,6 +70,9 @@ class RunConfig(ReadConfig, StorageConfig):
         default="fp32", description="CPU actors: int8 = dynamic quantisation of the image "
         "towers' Linear layers (about 2x faster; `iqray bench` checks Spearman >= 0.999 "
         "against fp32)")
+    precision_check: bool = Field(
+        default=True, description="before a --precision int8 run, score the first 32 images "
+        "both ways and refuse if the ranking moves (Spearman < 0.999)")
     mode: Literal["nr", "fr"] | None = Field(
         default=None, description="bpclip: no-reference or full-reference (needs "
         "--reference-column or --reference-template); default: the model's own")

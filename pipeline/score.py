@@ -71,6 +71,15 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
     if config.cache and spec.config.architecture != "mst-clipiqa":
         raise ValueError(f"--cache holds MST-CLIPIQA tower embeddings; "
                          f"{spec.config.architecture} scores from images")
+    precision_check = None
+    if config.precision != "fp32" and config.precision_check:
+        from iqray.pipeline.scoring import check_precision
+
+        precision_check = check_precision(spec, shards, read, storage, config.precision)
+        log(f"--precision {config.precision}: Spearman against fp32 on the first "
+            f"{precision_check['images']} images: " + ", ".join(
+                f"{k} {v['spearman']:.4f}" for k, v in precision_check.items()
+                if isinstance(v, dict)))
     scoring_hash = config.scoring_hash(spec.identity)
     preview = config.limit is not None or config.sample is not None
     if preview:
@@ -86,6 +95,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                 "scoring_hash": scoring_hash, "input": config.input,
                 "score_reference": spec.config.score_reference,
                 "architecture": spec.config.architecture,
+                "precision": config.precision, "precision_check": precision_check,
                 "outputs": spec.config.output_names,
                 "key_columns": key_columns}
     writer = ShardWriter(todo, config.output, storage, metadata, complete=not preview,

@@ -146,6 +146,52 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
                      files={k: put(v) for k, v in files.items()}, raw_config=raw)
 
 
+def check_precision(spec: ModelSpec, shards: list, read, storage: StorageConfig,
+                    precision: str, rows: int = 32) -> dict[str, Any]:
+    """Gate a fast path on the user's own data: score the first ``rows`` readable images
+    with fp32 and with ``precision`` on the driver; refuse the run when the ranking moves
+    (Spearman below MIN_SPEARMAN on any output)."""
+    from iqray.model.fastpath import MIN_SPEARMAN, apply_precision, fidelity_report
+    from iqray.model.preprocess import ImageDecodeError, open_image
+    from iqray.pipeline.readers import read_shard
+
+    reference = spec.load("cpu")
+    pixels, prompts = [], []
+    for shard in shards:
+        for batch in read_shard(shard, read, storage, []):
+            refs = batch.get("_reference", [None] * len(batch["_image"]))
+            for image, prompt, ref in zip(batch["_image"], batch["prompt"], refs, strict=True):
+                try:
+                    crop = reference.transform.crop(open_image(image))
+                    if "_reference" in batch:
+                        crop = torch.cat([crop, reference.transform.crop(open_image(ref))])
+                except (ImageDecodeError, TypeError):
+                    continue
+                pixels.append(crop)
+                prompts.append(_prompt(prompt))
+                if len(pixels) >= rows:
+                    break
+            if len(pixels) >= rows:
+                break
+        if len(pixels) >= rows:
+            break
+    if len(pixels) < 3:
+        raise ValueError(f"--precision {precision}: fewer than 3 readable images to check "
+                         "its scores against fp32")
+    batch = torch.stack(pixels)
+    fast = apply_precision(spec.load("cpu"), precision)
+    report = fidelity_report(reference.score(batch, prompts), fast.score(batch, prompts),
+                             reference.output_names)
+    report["images"] = len(pixels)
+    if not report["passes"]:
+        worst = ", ".join(f"{k} {v['spearman']:.4f}" for k, v in report.items()
+                          if isinstance(v, dict))
+        raise ValueError(f"--precision {precision} changes this model's ranking of the first "
+                         f"{len(pixels)} images (Spearman against fp32: {worst}; needs >= "
+                         f"{MIN_SPEARMAN}); score with fp32")
+    return report
+
+
 def split_on_oom(score: Callable[[torch.Tensor, list], dict[str, np.ndarray]],
                  pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:
     """Run ``score``; on CUDA out-of-memory, halve the batch and retry each half."""

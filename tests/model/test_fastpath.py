@@ -22,7 +22,7 @@ def test_int8_quantises_the_image_towers_only_and_keeps_the_ranking(sample_rows)
     assert quantised  # the towers' Linear layers were replaced
     text_linears = [type(m) for m in fast.coarse.transformer.modules()
                     if isinstance(m, torch.nn.Linear)]
-    assert text_linears and all(t is torch.nn.Linear for t in text_linears)  # text: fp32
+    assert text_linears and not any(t.__module__.startswith("torch.ao") for t in text_linears)
     base, other = reference.score(paths, prompts), fast.score(paths, prompts)
     for name in ("quality", "alignment"):
         assert stats.spearmanr(base[name], other[name]).statistic >= 0.999
@@ -38,3 +38,4 @@ def test_precision_is_checked():
     model.set_towers_trainable(True)
     with pytest.raises(ValueError, match="cannot be trained"):
         apply_precision(model, "int8")
+
