@@ -57,13 +57,16 @@ class ScoreSpec:
 
 @dataclass
 class PromptBatch:
-    """Per-row prompt features, padded to the longest prompt in the batch."""
+    """Prompt features of a batch: token features once per *distinct* prompt (padded to the
+    longest), ``index`` maps each row to its prompt. Generated sets repeat prompts (several
+    images per prompt), so the alignment head projects each prompt's tokens once."""
 
-    tokens: torch.Tensor  # (B, L, D) token features in the joint space
-    pad_mask: torch.Tensor  # (B, L) True where a position is padding
-    pooled: torch.Tensor  # (B, D) pooled prompt embedding (CLIP text embedding)
+    tokens: torch.Tensor  # (P, L, D) token features of the distinct prompts, joint space
+    pad_mask: torch.Tensor  # (P, L) True where a position is padding
+    pooled: torch.Tensor  # (B, D) pooled prompt embedding (CLIP text embedding) per row
     has_prompt: torch.Tensor  # (B,) False where the row has no prompt
     truncated: torch.Tensor  # (B,) True where the prompt was cut to the context length
+    index: torch.Tensor  # (B,) row -> distinct prompt (rows without one share an empty entry)
 
 
 class GatedFusion(nn.Module):
@@ -125,11 +128,34 @@ class AlignmentHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * dim, mlp_hidden), nn.GELU(),
                                  nn.Linear(mlp_hidden, 1))
 
+    def attend(self, query: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
+        """``self.attn`` (same parameters, same result as nn.MultiheadAttention with a
+        key-padding mask), with keys and values projected once per distinct prompt and then
+        gathered per row: the projection was most of the head's cost on repeated prompts."""
+        attn = self.attn
+        batch, dim = query.shape
+        heads = attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        length = prompts.tokens.shape[1]
+        q = F.linear(query, w_q, b_q).view(batch, heads, 1, dim // heads)
+        if torch.is_grad_enabled():
+            # Training: gather first, so the backward pass has no scatter-add over repeated
+            # prompts (not bit-reproducible across runs on CPU threads).
+            tokens = prompts.tokens[prompts.index]
+            k, v = F.linear(tokens, w_k, b_k), F.linear(tokens, w_v, b_v)
+        else:
+            k = F.linear(prompts.tokens, w_k, b_k)[prompts.index]
+            v = F.linear(prompts.tokens, w_v, b_v)[prompts.index]
+        k = k.view(batch, length, heads, dim // heads).transpose(1, 2)
+        v = v.view(batch, length, heads, dim // heads).transpose(1, 2)
+        keep = ~prompts.pad_mask[prompts.index]  # (B, L) True where a key counts
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return attn.out_proj(out.transpose(1, 2).reshape(batch, dim))
+
     def forward(self, image_embedding: torch.Tensor, prompts: PromptBatch) -> torch.Tensor:
-        query = self.query_norm(image_embedding).unsqueeze(1)
-        attended, _ = self.attn(query, prompts.tokens, prompts.tokens,
-                                key_padding_mask=prompts.pad_mask, need_weights=False)
-        h = F.normalize(image_embedding + self.alpha * attended.squeeze(1), dim=-1)
+        attended = self.attend(self.query_norm(image_embedding), prompts)
+        h = F.normalize(image_embedding + self.alpha * attended, dim=-1)
         t = F.normalize(prompts.pooled, dim=-1)
         return torch.sigmoid(self.mlp(torch.cat([h * t, h], dim=-1)).squeeze(-1))
 
@@ -371,25 +397,31 @@ class MSTClipIQA(nn.Module):
             features = self.prompt_features(distinct)
 
         dim = self.config.heads.embed_dim
+        entries: list[str | None] = list(distinct)
+        if any(p is None for p in present):
+            entries.append(None)  # rows without a prompt share one entry
+        position = {p: j for j, p in enumerate(entries)}
         longest = max((features[p][0].shape[0] for p in distinct), default=1)
-        batch = len(prompts)
         # Rows are written into padded tensors; the copies carry gradients when grad=True.
-        tokens = torch.zeros(batch, longest, dim, device=self.device)
-        pad_mask = torch.ones(batch, longest, dtype=torch.bool, device=self.device)
-        pooled = torch.zeros(batch, dim, device=self.device)
-        has_prompt = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        truncated = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        for row, prompt in enumerate(present):
+        tokens = torch.zeros(len(entries), longest, dim, device=self.device)
+        pad_mask = torch.ones(len(entries), longest, dtype=torch.bool, device=self.device)
+        distinct_pooled = torch.zeros(len(entries), dim, device=self.device)
+        for j, prompt in enumerate(entries):
             if prompt is None:
-                pad_mask[row, 0] = False  # one zero key, so attention stays finite; output nulled
+                pad_mask[j, 0] = False  # one zero key, so attention stays finite; output nulled
                 continue
-            row_tokens, row_pooled, row_truncated = features[prompt]
-            tokens[row, : row_tokens.shape[0]] = row_tokens
-            pad_mask[row, : row_tokens.shape[0]] = False
-            pooled[row] = row_pooled
-            has_prompt[row] = True
-            truncated[row] = row_truncated
-        return PromptBatch(tokens, pad_mask, pooled, has_prompt, truncated)
+            row_tokens, row_pooled, _ = features[prompt]
+            tokens[j, : row_tokens.shape[0]] = row_tokens
+            pad_mask[j, : row_tokens.shape[0]] = False
+            distinct_pooled[j] = row_pooled
+        index = torch.tensor([position[p] for p in present], dtype=torch.long,
+                             device=self.device)
+        pooled = distinct_pooled[index]
+        has_prompt = torch.tensor([p is not None for p in present], dtype=torch.bool,
+                                  device=self.device)
+        truncated = torch.tensor([p is not None and bool(features[p][2]) for p in present],
+                                 dtype=torch.bool, device=self.device)
+        return PromptBatch(tokens, pad_mask, pooled, has_prompt, truncated, index)
 
     def _cache_get(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
         self._prompt_cache.move_to_end(prompt)

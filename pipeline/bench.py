@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -203,3 +204,113 @@ def _clear_prompts(model) -> None:
 
 def scratch_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="iqray-bench-"))
+
+
+# -- scale: re-scoring from the embedding cache at growing sizes -----------------------------
+
+def synthetic_cached_input(root: Path, model_name: str, rows: int, shard_rows: int,
+                           distinct_prompts: int) -> Path:
+    """An input of ``rows`` rows (Parquet shards of ``shard_rows``) whose every shard is
+    already indexed in an embedding cache of random fp16 embeddings, as `iqray embed` would
+    have left it: what re-scoring a large dataset with a new head reads. Prompt features are
+    the model's real text-tower output for ``distinct_prompts`` prompts. Returns the folder
+    holding ``input/`` and ``cache/``."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from iqray.pipeline.embed import INDEX_COLUMNS
+    from iqray.pipeline.embed_cache import EmbeddingCache
+    from iqray.pipeline.readers import ReadConfig, discover_shards
+    from iqray.pipeline.scoring import stage_model
+    from iqray.pipeline.storage import StorageConfig
+    from iqray.pipeline.writer import ShardWriter
+
+    storage = StorageConfig()
+    spec = stage_model(model_name, storage)
+    model = spec.load("cpu")
+    dim = spec.config.heads.embed_dim
+    inputs, cache_dir = root / "input", root / "cache"
+    inputs.mkdir(parents=True)
+    cache = EmbeddingCache(str(cache_dir), storage)
+    cache.bind(spec.tower_identity, spec.towers, dim, "float16")
+    texts = [f"synthetic prompt {i}: a photo of object {i % 97} in style {i % 13}"
+             for i in range(distinct_prompts)]
+    cache.add_prompts({p: (t.numpy(), v.numpy(), cut)
+                       for p, (t, v, cut) in model.prompt_features(texts).items()})
+    rng = np.random.default_rng(0)
+    layout: list[tuple[list[str], list[str], list[str]]] = []
+    for number, start in enumerate(range(0, rows, shard_rows)):
+        count = min(shard_rows, rows - start)
+        keys = [f"{start + i:09d}" for i in range(count)]
+        shas = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
+        prompts = [texts[((start + i) // 4) % distinct_prompts] for i in range(count)]
+        pq.write_table(pa.table({"key": keys, "image_path": [f"absent/{k}.jpg" for k in keys],
+                                 "prompt": prompts}), inputs / f"shard-{number:05d}.parquet")
+        vectors = rng.standard_normal((count, 2, dim), dtype=np.float32)
+        cache.add_images(shas, vectors[:, 0], vectors[:, 1])
+        cache.flush()  # one part per shard, as an embed run writes them
+        layout.append((keys, shas, prompts))
+    shards = discover_shards(str(inputs), ReadConfig(key_columns=["key"]), storage)
+    writer = ShardWriter(shards, cache.index_url(), storage,
+                         {"tower_identity": spec.tower_identity, "model": model_name},
+                         complete=True, key_columns=["key"], keep_prompt=True,
+                         keep_image_bytes=False, schema=INDEX_COLUMNS)
+    for shard, (keys, shas, prompts) in zip(shards, layout, strict=True):
+        count = len(keys)
+        writer.add(pa.table({
+            "key": keys, "source_file": [shard.url] * count,
+            "source_row": pa.array(np.arange(count), pa.int64()), "prompt": prompts,
+            "image_sha256": shas, "status": ["ok"] * count,
+            "error": pa.nulls(count, pa.string()), "error_kind": pa.nulls(count, pa.string()),
+            "_shard": pa.array(np.full(count, shard.index), pa.int64()),
+            "_shard_end": pa.array(np.full(count, count), pa.int64())}))
+    return root
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms;
+    ru_maxrss only ever grows, so it cannot compare runs within one process)."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+
+def bench_rescore(model_name: str, root: Path, rows: int) -> dict[str, Any]:
+    """`iqray score --cache` over a synthetic cached input: wall time, rows/s, peak RSS."""
+    from iqray.pipeline.score import ScoreConfig, run_score
+
+    with PeakRSS() as memory:
+        summary = run_score(ScoreConfig(
+            input=str(root / "input"), output=str(root / "scores"), model=model_name,
+            cache=str(root / "cache"), key_columns=["key"], progress=False,
+            keep_prompt=False), log=lambda *a: None)
+    if summary.rows != rows:
+        raise RuntimeError(f"re-scored {summary.rows} rows, expected {rows}")
+    return {"rows": rows, "seconds": summary.wall_s, "rows_per_s": summary.rows_per_s,
+            "peak_rss_bytes": memory.peak, "heads_s": summary.stage_busy_s.get(
+                "heads (from cache)")}

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from iqray.pipeline.storage import StorageConfig, write_atomic
@@ -145,27 +146,49 @@ class EmbeddingCache:
         write_atomic(self.fs, self._path(folder, f"part-{uuid.uuid4().hex}.parquet"),
                      buffer.getvalue())
 
+    def _key_index(self) -> tuple[list[str], pa.Table]:
+        """(part paths, table of image_sha256 -> part number, row), first copy of each key.
+        Built from the key column alone and kept, so a lookup reads only the parts that
+        hold the wanted rows instead of scanning the whole cache per call."""
+        parts = self._parts("images")
+        cached = getattr(self, "_index_cache", None)
+        if cached is not None and cached[0] == parts:
+            return cached
+        tables = []
+        for number, part in enumerate(parts):
+            keys = self._read(part, ["image_sha256"])["image_sha256"]
+            tables.append(pa.table({"image_sha256": keys,
+                                    "part": pa.array(np.full(len(keys), number, np.int32)),
+                                    "row": pa.array(np.arange(len(keys), dtype=np.int64))}))
+        index = (pa.concat_tables(tables) if tables else
+                 pa.table({"image_sha256": pa.array([], pa.string()),
+                           "part": pa.array([], pa.int32()), "row": pa.array([], pa.int64())}))
+        self._index_cache = (parts, index)
+        return self._index_cache
+
     def load_images(self, shas: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """float32 (coarse, fine) embeddings for ``shas`` in that order."""
-        wanted = set(shas)
-        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for part in self._parts("images"):
-            table = self._read(part)
-            keys = table["image_sha256"].to_pylist()
-            take = [i for i, k in enumerate(keys) if k in wanted and k not in found]
-            if not take:
-                continue
-            rows = table.take(pa.array(take))
-            coarse = _matrix(rows["coarse"], self.dim)
-            fine = _matrix(rows["fine"], self.dim)
-            for j, i in enumerate(take):
-                found[keys[i]] = (coarse[j], fine[j])
-        missing = [s for s in shas if s not in found]
-        if missing:
+        parts, index = self._key_index()
+        wanted = pa.array(shas, pa.string())
+        # Position of each wanted key in the index (first occurrence: a key stored twice is
+        # the same image, so either copy is right).
+        where = pc.index_in(wanted, value_set=index["image_sha256"].combine_chunks()
+                            if len(index) else pa.array([], pa.string()))
+        if where.null_count:
+            missing = pc.filter(wanted, pc.is_null(where))
             raise KeyError(f"{len(missing)} images are not in the cache {self.url} "
-                           f"(first: {missing[0]}); run `iqray embed` on them")
-        coarse = np.stack([found[s][0] for s in shas]).astype(np.float32)
-        fine = np.stack([found[s][1] for s in shas]).astype(np.float32)
+                           f"(first: {missing[0].as_py()}); run `iqray embed` on them")
+        positions = where.to_numpy(zero_copy_only=False)
+        part_of = index["part"].to_numpy()[positions]
+        row_of = index["row"].to_numpy()[positions]
+        coarse = np.empty((len(shas), self.dim), np.float32)
+        fine = np.empty((len(shas), self.dim), np.float32)
+        for number in np.unique(part_of):
+            mine = np.flatnonzero(part_of == number)
+            table = self._read(parts[int(number)], ["coarse", "fine"]).take(
+                pa.array(row_of[mine]))
+            coarse[mine] = _matrix(table["coarse"], self.dim)
+            fine[mine] = _matrix(table["fine"], self.dim)
         return coarse, fine
 
     # -- prompts --------------------------------------------------------------------------

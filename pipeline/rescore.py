@@ -50,8 +50,9 @@ def rescore_from_cache(shards: list[Shard], cache_url: str, storage: StorageConf
         alignment = np.full(index.num_rows, np.nan, np.float32)
         truncated = np.zeros(index.num_rows, bool)
         if rows.size:
-            shas = [index["image_sha256"][int(i)].as_py() for i in rows]
-            prompts = [index["prompt"][int(i)].as_py() for i in rows]
+            take = pa.array(rows)
+            shas = index["image_sha256"].take(take).to_pylist()
+            prompts = index["prompt"].take(take).to_pylist()
             model.prime_prompt_cache(cache.load_prompts({p for p in prompts if p}))
             coarse, fine = cache.load_images(shas)
             scores = model.score_embeddings(coarse, fine, prompts)
