@@ -36,6 +36,15 @@ class BenchConfig(JobConfig):
     fidelity_models: list[str] = Field(
         default_factory=lambda: ["iqray-small-agiqa3k"],
         description="models (besides --model) whose fast-path fidelity is checked")
+    measure: list[Literal["throughput", "scale"]] = Field(
+        default_factory=lambda: ["throughput"],
+        description="throughput: the three-way comparison; scale: re-scoring from a "
+        "(synthetic) embedding cache at --scale-rows, time and peak memory")
+    scale_rows: list[int] = Field(default_factory=lambda: [10_000, 100_000, 1_000_000],
+                                  description="input sizes of the scale measurement")
+    scale_model: str = Field(default="iqray-small-agiqa3k", description="model re-scored at "
+                             "scale (the heads are the same size for every MST config)")
+    scale_prompts: int = Field(default=1000, gt=0, description="distinct prompts at scale")
     output: str = Field(default="benchmarks/cpu", description="folder for bench.json/png/md")
     tag: str | None = Field(default=None, description="name of this run in the outputs")
 
@@ -58,11 +67,15 @@ def run_bench(config: BenchConfig, log=print) -> dict:
         torch.set_num_threads(os.cpu_count() or 1)
         workers = config.loader_workers if config.loader_workers is not None else max(
             1, (os.cpu_count() or 2) - 1)
-        results: dict = {"tag": config.tag or Path(config.output).name,
+        results: dict = {"tag": config.tag or Path(config.output).name, "scale": [],
                          "created": dt.datetime.now(dt.timezone.utc).isoformat(
                              timespec="seconds"),
                          "machine": bench.machine(), "config": config.model_dump(),
                          "limit": {}, "dataloader": {}, "pipeline": [], "fidelity": []}
+        if "scale" in config.measure:
+            results["scale"] = run_scale(config, workdir, log)
+        if "throughput" not in config.measure:
+            return _write(results, config, log)
         model = iqray.model.load(config.model)
         results["model"] = {"name": config.model, **model.parameter_counts()}
         pixels = bench.crops(model, data.files)
@@ -102,15 +115,54 @@ def run_bench(config: BenchConfig, log=print) -> dict:
         results["targets"] = TARGETS
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return _write(results, config, log)
+
+
+def run_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
+    """Re-score synthetic cached inputs of growing size; each is deleted after its run."""
+    import shutil
+
+    from iqray.pipeline import bench
+
+    out = []
+    for rows in config.scale_rows:
+        root = workdir / f"scale-{rows}"
+        bench.synthetic_cached_input(root, config.scale_model, rows, min(rows, 10_000),
+                                     config.scale_prompts)
+        result = bench.bench_rescore(config.scale_model, root, rows)
+        shutil.rmtree(root, ignore_errors=True)
+        out.append(result)
+        log(f"re-score from cache, {rows:,} rows: {result['seconds']:.1f} s "
+            f"({result['rows_per_s']:,.0f} rows/s), peak RSS "
+            f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB")
+    if len(out) > 1:
+        peaks = [r["peak_rss_bytes"] for r in out]
+        log(f"peak RSS spread: max/min = {max(peaks) / min(peaks):.2f}")
+    return out
+
+
+def _write(results: dict, config: BenchConfig, log) -> dict:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    (output / "bench.md").write_text(markdown_table(results))
-    plot(results, output / "bench.png")
-    for name, value in results["ratios"].items():
-        log(f"{name}: {value:.2f}" + (f" (target {TARGETS[name]:g})" if name in TARGETS else ""))
-    log(f"wrote {output}/bench.json, bench.png, bench.md")
+    name = "bench" if "throughput" in config.measure else "scale"
+    (output / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    if "throughput" in config.measure:
+        (output / "bench.md").write_text(markdown_table(results))
+        plot(results, output / "bench.png")
+        for key, value in results["ratios"].items():
+            log(f"{key}: {value:.2f}" + (f" (target {TARGETS[key]:g})" if key in TARGETS
+                                         else ""))
+    if results["scale"]:
+        (output / "scale.md").write_text(scale_table(results["scale"]))
+    log(f"wrote {output}/ ({', '.join(sorted(p.name for p in output.iterdir()))})")
     return results
+
+
+def scale_table(scale: list[dict]) -> str:
+    lines = ["| rows | seconds | rows/s | peak RSS (MiB) |", "|---|---|---|---|"]
+    lines += [f"| {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | "
+              f"{r['peak_rss_bytes'] / 2**20:,.0f} |" for r in scale]
+    return "\n".join(lines) + "\n"
 
 
 def ratios(results: dict) -> dict[str, float]:

@@ -39,3 +39,37 @@ def test_bench_measures_all_three_ways_and_writes_its_outputs(ray_local, tmp_pat
     with Image.open(tmp_path / "b" / "bench.png") as png:
         assert png.size[0] > 600
     assert any(line.startswith("pipeline_over_limit:") for line in lines)
+
+
+def test_scale_rescoring_reads_the_right_embeddings_for_every_shard(ray_local, tmp_path):
+    """The scale measurement's synthetic cache, re-scored: every row's scores are the heads
+    applied to that row's own cached embedding and prompt (found through the key index)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import iqray.model
+    from iqray.pipeline import bench
+    from iqray.pipeline.embed_cache import EmbeddingCache
+
+    root = bench.synthetic_cached_input(tmp_path / "scale", TEST_MODEL, rows=2500,
+                                        shard_rows=1000, distinct_prompts=7)
+    assert len(list((root / "input").glob("*.parquet"))) == 3
+    result = bench.bench_rescore(TEST_MODEL, root, 2500)
+    assert result["rows"] == 2500 and result["peak_rss_bytes"] > 0
+    scores = pq.read_table(root / "scores").sort_by("key")
+    assert scores.num_rows == 2500 and set(scores["status"].to_pylist()) == {"ok"}
+    keys = scores["key"].to_pylist()
+    shas = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
+    cache = EmbeddingCache(str(root / "cache"))
+    coarse, fine = cache.load_images(shas[::-1])  # any order: the index finds each row
+    model = iqray.model.load(TEST_MODEL)
+    prompts = [f"synthetic prompt {(int(k) // 4) % 7}: a photo of object {(int(k) // 4) % 7 % 97}"
+               f" in style {(int(k) // 4) % 7 % 13}" for k in keys][::-1]
+    model.prime_prompt_cache(cache.load_prompts(set(prompts)))
+    expected = model.score_embeddings(coarse, fine, prompts)
+    np.testing.assert_allclose(scores["quality"].to_numpy()[::-1], expected["quality"],
+                               atol=1e-5)
+    np.testing.assert_allclose(scores["alignment"].to_numpy()[::-1], expected["alignment"],
+                               atol=1e-5)
