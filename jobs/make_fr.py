@@ -37,8 +37,10 @@ class MakeFRConfig(ReadConfig, StorageConfig):
     progress: bool = Field(default=True, description="show a progress bar")
 
 
-def _rank(seed: int, url: str, row: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{url}:{row}".encode(), digest_size=8).digest()
+def _rank(seed: int, image: bytes) -> int:
+    """Seeded rank from the image's content: the same sources wherever the data lives."""
+    digest = hashlib.blake2b(f"{seed}:".encode() + hashlib.sha256(image).digest(),
+                             digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
@@ -54,16 +56,15 @@ def run_make_fr(config: MakeFRConfig, log=print) -> dict:
         raise ValueError(f"unknown distortion kinds {unknown}; known: {', '.join(KINDS)}")
     read = ReadConfig.model_validate(config.model_dump(include=set(ReadConfig.model_fields)))
     storage = config.storage_config()
-    # Keep the `sources` rows of lowest seeded rank: a deterministic sample spread over the
+    # Keep the `sources` images of lowest seeded rank: a deterministic sample spread over the
     # whole input (tables are often sorted by generator or date), holding only those bytes.
     chosen: list[tuple[int, int, bytes]] = []
     for shard in discover_shards(config.input, read, storage):
         for batch in read_shard(shard, read, storage, []):
-            for url, row, image in zip(batch["source_file"], batch["source_row"],
-                                       batch["_image"], strict=True):
+            for row, image in zip(batch["source_row"], batch["_image"], strict=True):
                 if image is None:
                     continue
-                item = (-_rank(config.seed, url, row), row, image)
+                item = (-_rank(config.seed, image), row, image)
                 if len(chosen) < config.sources:
                     heapq.heappush(chosen, item)
                 elif item[0] > chosen[0][0]:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iqray.model.config import BPCLIPConfig
-from iqray.model.mst_clipiqa import MAX_LOGIT_SCALE, ScoreSpec
+from iqray.model.mst_clipiqa import MAX_LOGIT_SCALE, ScoreSpec, ScoringModel, _as_int
 from iqray.model.preprocess import ImageSource, ImageTransform
 from iqray.model.weights import create_tower, tower_preprocess_stats
 
@@ -188,7 +188,7 @@ class BottomUpBlock(nn.Module):
         return running + self.mlp(self.mlp_norm(running))
 
 
-class BPCLIP(nn.Module):
+class BPCLIP(ScoringModel):
     """Frozen multi-depth tower + trainable gated pooling, bottom-up fusion and quality layer.
 
     Build with :func:`iqray.model.load` (``"bpclip"`` or a checkpoint). ``score(images,
@@ -275,14 +275,6 @@ class BPCLIP(nn.Module):
 
     # -- introspection --------------------------------------------------------------------
     @property
-    def zero_shot(self) -> bool:
-        return not self.config.trained
-
-    @property
-    def mode(self) -> str:
-        return "zero-shot" if self.zero_shot else "trained"
-
-    @property
     def full_reference(self) -> bool:
         return self.config.mode == "fr"
 
@@ -298,11 +290,6 @@ class BPCLIP(nn.Module):
     @property
     def output_names(self) -> list[str]:
         return ["quality", *self.dimensions]
-
-    def parameter_counts(self) -> dict[str, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        return {"trainable": trainable, "frozen": frozen}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if not n.startswith("backbone.")}
@@ -448,7 +435,3 @@ class BPCLIP(nn.Module):
         if count == 0:
             return {k: np.zeros(0, np.float32) for k in self.output_names}
         return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def _as_int(size) -> int:
-    return int(size[0] if isinstance(size, tuple | list) else size)

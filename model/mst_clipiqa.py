@@ -69,6 +69,23 @@ class PromptBatch:
     index: torch.Tensor  # (B,) row -> distinct prompt (rows without one share an empty entry)
 
 
+class ScoringModel(nn.Module):
+    """What every iqray model shares: mode from its config, parameter counts."""
+
+    @property
+    def zero_shot(self) -> bool:
+        return not self.config.trained
+
+    @property
+    def mode(self) -> str:
+        return "zero-shot" if self.zero_shot else "trained"
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": frozen}
+
+
 class GatedFusion(nn.Module):
     """z = g * (W_c f_c) + (1 - g) * (W_f f_f),  g = sigmoid(W_g ReLU(W_h [f_c; f_f]))."""
 
@@ -160,7 +177,7 @@ class AlignmentHead(nn.Module):
         return torch.sigmoid(self.mlp(torch.cat([h * t, h], dim=-1)).squeeze(-1))
 
 
-class MSTClipIQA(nn.Module):
+class MSTClipIQA(ScoringModel):
     """Two frozen towers (coarse ViT-B-32, fine ViT-B-16) + trainable fusion and heads.
 
     Build with :func:`iqray.model.load`. Call :meth:`score` for numbers; training code calls
@@ -224,25 +241,12 @@ class MSTClipIQA(nn.Module):
 
     # -- introspection --------------------------------------------------------------------
     @property
-    def zero_shot(self) -> bool:
-        return not self.config.trained
-
-    @property
-    def mode(self) -> str:
-        return "zero-shot" if self.zero_shot else "trained"
-
-    @property
     def device(self) -> torch.device:
         return self.fusion.gate.weight.device
 
     @property
     def output_names(self) -> list[str]:
         return ["quality", "alignment"]
-
-    def parameter_counts(self) -> dict[str, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        return {"trainable": trainable, "frozen": frozen}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters of the fusion and heads: what a checkpoint's model.safetensors holds

@@ -70,6 +70,10 @@ class RunConfig(ReadConfig, StorageConfig):
         default="fp32", description="CPU actors: int8 = dynamic quantisation of the image "
         "towers' Linear layers (about 2x faster; `iqray bench` checks Spearman >= 0.999 "
         "against fp32)")
+    actor_start_timeout_s: float = Field(
+        default=600.0, ge=0, description="wait until every model actor has loaded its model "
+        "before feeding any (else the first ready actor takes the first batches and a short "
+        "run never spreads); a pool that cannot start in time is an error; 0 = do not wait")
     precision_check: bool = Field(
         default=True, description="before a --precision int8 run, score the first 32 images "
         "both ways and refuse if the ranking moves (Spearman < 0.999)")
@@ -237,6 +241,7 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
     plan = plan_resources(config, ray.cluster_resources())
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one bar, ours, counting images
+    context.wait_for_min_actors_s = config.actor_start_timeout_s or -1
     image_size = spec.config.image_size
     items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -46,13 +46,16 @@ def test_make_fr_writes_graded_pairs_split_by_source(fr_set):
         assert (out / row["image_path"]).is_file() and (out / row["reference"]).is_file()
         if row["level"] == "0":
             assert row["image_path"] == row["reference"]
-    blurred = next(r for r in train if r["distortion"] == "blur" and r["level"] == "5")
-    with Image.open(out / blurred["image_path"]) as image, \
-            Image.open(out / blurred["reference"]) as reference:
-        assert image.size == reference.size == (128, 128)
-        grey = np.asarray(image.convert("L"), float)
-        sharp = np.asarray(reference.convert("L"), float)
-        assert np.abs(np.diff(grey, axis=1)).mean() < 0.5 * np.abs(np.diff(sharp, axis=1)).mean()
+    def detail(path):  # mean absolute horizontal gradient
+        with Image.open(out / path) as image:
+            assert image.size == (128, 128)
+            return np.abs(np.diff(np.asarray(image.convert("L"), float), axis=1)).mean()
+
+    for kind in ("blur", "noise"):
+        worst = [r for r in train if r["distortion"] == kind and r["level"] == "5"]
+        assert len(worst) == 12
+        ratio = np.mean([detail(r["image_path"]) / detail(r["reference"]) for r in worst])
+        assert ratio < 0.6 if kind == "blur" else ratio > 1.5  # blur removes detail, noise adds
     with Image.open(out / "grid.png") as grid:
         assert grid.size[1] == 2 * 128  # one row per kind
     # Deterministic: the same seed picks the same sources.
