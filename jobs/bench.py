@@ -99,8 +99,7 @@ def run_bench(config: BenchConfig, log=print) -> dict:
                                        config.batch_size, actors, precision)
             results["pipeline"].append(out)
             log(f"iqray score ({actors} actor(s), {precision}): {out['images_per_s']:.2f} img/s "
-                f"over the run, {out['steady_images_per_s']:.2f} steady (marginal), model "
-                f"busy {out['model_busy_images_per_s']:.2f}; {out['bottleneck']}")
+                f"over the run, {out['steady_images_per_s']:.2f} steady; {out['bottleneck']}")
         fidelity_images = data.files[:32]
         for name in [config.model, *config.fidelity_models]:
             for precision in config.precisions:
