@@ -161,8 +161,7 @@ def image_rows(config: LabelledDataConfig, url: str, image_root: str, model,
                with_fine_areas: bool = False) -> Labelled:
     """Decoded uint8 crops of every readable row (end-to-end training reads images itself);
     ``with_fine_areas`` also keeps the area random fine crops are drawn from (train split)."""
-    from iqray.model.preprocess import ImageDecodeError, open_image
-    from iqray.pipeline.readers import read_shard
+    from iqray.pipeline.decode import iter_crops
 
     read = config.read_config().model_copy(update={"image_root": image_root,
                                                    "format": "auto"})
@@ -170,25 +169,17 @@ def image_rows(config: LabelledDataConfig, url: str, image_root: str, model,
     (shard,) = discover_shards(url, read, storage)
     source = read_table(url, storage)
     crops, areas, rows, prompts, shas, dropped = [], [], [], [], [], 0
-    two_views = getattr(model.transform, "fine_resize", None) is not None and with_fine_areas
-    for batch in read_shard(shard, read, storage, []):
-        references = batch.get("_reference", [None] * len(batch["source_row"]))
-        for row, image, prompt, reference in zip(batch["source_row"], batch["_image"],
-                                                 batch["prompt"], references, strict=True):
-            try:
-                decoded = open_image(image)
-                crop = model.transform.crop(decoded)
-                if "_reference" in batch:  # full reference: the reference follows the image
-                    crop = torch.cat([crop, model.transform.crop(open_image(reference))])
-                crops.append(crop)
-                if two_views:
-                    areas.append(model.transform.fine_area(decoded))
-            except (ImageDecodeError, TypeError):
-                dropped += 1
-                continue
-            rows.append(row)
-            prompts.append(prompt)
-            shas.append(hashlib.sha256(image).hexdigest())
+    two_views = model.transform.fine_resize is not None and with_fine_areas
+    for row, image, prompt, decoded, crop in iter_crops(shard, read, storage, model.transform):
+        if crop is None:
+            dropped += 1
+            continue
+        crops.append(crop)
+        if two_views:
+            areas.append(model.transform.fine_area(decoded))
+        rows.append(row)
+        prompts.append(prompt)
+        shas.append(hashlib.sha256(image).hexdigest())
     mos = {}
     for head, column in (("quality", config.quality_column),
                          ("alignment", config.alignment_column)):

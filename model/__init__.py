@@ -63,7 +63,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def with_mode(config: ModelConfig, mode: str | None) -> ModelConfig:
     """``config`` in BPCLIP mode ``mode`` ('nr'/'fr'; None keeps it). A trained checkpoint
     keeps the mode it was trained in; MST-CLIPIQA has no full-reference mode."""
-    if mode is None or mode == getattr(config, "mode", "nr"):
+    if mode is None or mode == ("fr" if config.full_reference else "nr"):
         return config
     if not isinstance(config, BPCLIPConfig):
         raise ValueError(f"mode {mode!r}: only bpclip models have a full-reference mode")

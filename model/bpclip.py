@@ -70,6 +70,15 @@ class LevelFeatures:
                              None if self.reference is None else
                              [x[index] for x in self.reference])
 
+    @staticmethod
+    def cat(parts: list[LevelFeatures]) -> LevelFeatures:
+        """Batches of features as one."""
+        first = parts[0]
+        levels = [torch.cat([p.levels[i] for p in parts]) for i in range(len(first.levels))]
+        reference = None if first.reference is None else [
+            torch.cat([p.reference[i] for p in parts]) for i in range(len(first.reference))]
+        return LevelFeatures(levels, torch.cat([p.embedding for p in parts]), reference)
+
     def to(self, device, dtype=torch.float32) -> LevelFeatures:
         move = lambda x: x.to(device, dtype, non_blocking=True)  # noqa: E731
         return LevelFeatures([move(x) for x in self.levels], move(self.embedding),
@@ -211,19 +220,11 @@ class BPCLIP(ScoringModel):
         self.transform = ImageTransform(config.image_size, tuple(mean), tuple(std))
         self.depths = list(config.depths or default_depths(tower.visual))
         self.taps = LevelTaps(tower.visual, self.depths)
-        channels = self._probe_channels()
-        heads, fr = config.heads, config.mode == "fr"
-        self.levels = nn.ModuleList(GatedLevel(c, heads.width, heads.gate_hidden, fr)
-                                    for c in channels)
-        self.blocks = nn.ModuleList(BottomUpBlock(heads.width, heads.attn_heads, heads.mlp_ratio)
-                                    for _ in channels[1:])
-        self.out_norm = nn.LayerNorm(heads.width)
+        heads = config.heads
         embed_dim = int(self.backbone.text_projection.shape[-1]
                         if not isinstance(self.backbone.text_projection, nn.Linear)
                         else self.backbone.text_projection.out_features)
         self.out_proj = nn.Linear(heads.width, embed_dim)
-        nn.init.zeros_(self.out_proj.weight)  # starts as the tower's own embedding (CLIP-IQA)
-        nn.init.zeros_(self.out_proj.bias)
         self.dimensions = heads.dimensions
         pairs = [p for d in self.dimensions for p in heads.adjective_pairs[d]]
         self.register_buffer("pair_text", self._pair_text(pairs), persistent=False)
@@ -234,11 +235,26 @@ class BPCLIP(ScoringModel):
             membership[i, start:start + count] = 1.0 / count
             start += count
         self.register_buffer("dimension_weights", membership, persistent=False)
-        init = min(max(float(tower.logit_scale.exp()), 1.0), MAX_LOGIT_SCALE)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)))
+        self.log_logit_scale = nn.Parameter(torch.zeros(()))
         self.quality_layer = nn.Linear(len(pairs), 1)
-        nn.init.constant_(self.quality_layer.weight, 1.0 / len(pairs))
+        self._fresh_trainable(self._probe_channels())
+
+    def _fresh_trainable(self, channels: list[int]) -> None:
+        """New levels and blocks for levels of ``channels``; the output projection, quality
+        layer and logit scale back to their starting values (untrained = CLIP-IQA)."""
+        heads = self.config.heads
+        self.levels = nn.ModuleList(GatedLevel(c, heads.width, heads.gate_hidden,
+                                               self.full_reference) for c in channels)
+        self.blocks = nn.ModuleList(BottomUpBlock(heads.width, heads.attn_heads, heads.mlp_ratio)
+                                    for _ in channels[1:])
+        self.out_norm = nn.LayerNorm(heads.width)
+        nn.init.zeros_(self.out_proj.weight)  # starts as the tower's own embedding (CLIP-IQA)
+        nn.init.zeros_(self.out_proj.bias)
+        nn.init.constant_(self.quality_layer.weight, 1.0 / self.quality_layer.in_features)
         nn.init.zeros_(self.quality_layer.bias)
+        with torch.no_grad():
+            self.log_logit_scale.fill_(math.log(min(max(
+                float(self.backbone.logit_scale.exp()), 1.0), MAX_LOGIT_SCALE)))
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -276,7 +292,7 @@ class BPCLIP(ScoringModel):
     # -- introspection --------------------------------------------------------------------
     @property
     def full_reference(self) -> bool:
-        return self.config.mode == "fr"
+        return self.config.full_reference
 
     @property
     def input_channels(self) -> int:
@@ -311,23 +327,9 @@ class BPCLIP(ScoringModel):
 
     def reset_heads(self, seed: int) -> None:
         """Fresh, seeded trainable part (one training repeat); the backbone is untouched."""
-        fresh_config = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            heads, fr = fresh_config.heads, fresh_config.mode == "fr"
-            channels = [lvl.gate[0].in_channels for lvl in self.levels]
-            self.levels = nn.ModuleList(GatedLevel(c, heads.width, heads.gate_hidden, fr)
-                                        for c in channels)
-            self.blocks = nn.ModuleList(BottomUpBlock(heads.width, heads.attn_heads,
-                                                      heads.mlp_ratio) for _ in channels[1:])
-            self.out_norm = nn.LayerNorm(heads.width)
-            nn.init.zeros_(self.out_proj.weight)
-            nn.init.zeros_(self.out_proj.bias)
-            nn.init.constant_(self.quality_layer.weight, 1.0 / self.quality_layer.in_features)
-            nn.init.zeros_(self.quality_layer.bias)
-            with torch.no_grad():
-                self.log_logit_scale.fill_(math.log(min(max(
-                    float(self.backbone.logit_scale.exp()), 1.0), MAX_LOGIT_SCALE)))
+            self._fresh_trainable([level.gate[0].in_channels for level in self.levels])
         self.to(self.device)
 
     # -- frozen backbone --------------------------------------------------------------------

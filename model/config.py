@@ -96,6 +96,14 @@ class MSTConfig(_Strict):
     def output_names(self) -> list[str]:
         return ["quality", "alignment"]
 
+    @property
+    def full_reference(self) -> bool:
+        return False
+
+    @property
+    def prompt_aware(self) -> bool:  # scores depend on the prompt; truncation is reported
+        return True
+
 
 # BPCLIP's text side: 20 antonym pairs (40 adjectives) in 6 dimensions, (good, bad) each.
 # The paper names the dimensions but not the words; these are ours (see iqray.model.bpclip).
@@ -166,6 +174,14 @@ class BPCLIPConfig(_Strict):
     @property
     def output_names(self) -> list[str]:
         return ["quality", *self.heads.dimensions]
+
+    @property
+    def full_reference(self) -> bool:
+        return self.mode == "fr"
+
+    @property
+    def prompt_aware(self) -> bool:
+        return False
 
     @property
     def fine_resize(self) -> None:  # one view; the pipeline asks every model

@@ -130,11 +130,7 @@ def level_features(model: BPCLIP, pixels: torch.Tensor, batch_size: int = 64,
                 on_batch(len(chunk))
     if not parts:
         raise ValueError("no images to compute features of")
-    cat = lambda xs: torch.cat(xs)  # noqa: E731
-    refs = None if parts[0].reference is None else [
-        cat([p.reference[i] for p in parts]) for i in range(len(parts[0].reference))]
-    return LevelFeatures([cat([p.levels[i] for p in parts]) for i in range(len(parts[0].levels))],
-                         cat([p.embedding for p in parts]), refs)
+    return LevelFeatures.cat(parts)
 
 
 def predict(model: MSTClipIQA | BPCLIP, data: HeadData | LevelRows, batch_size: int = 256

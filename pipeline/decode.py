@@ -67,6 +67,41 @@ def row_label(batch: dict[str, Any], i: int) -> str:
     return label
 
 
+def crop_transform(image_size: int, fine_resize: int | None = None) -> ImageTransform:
+    """The crops the decode stage ships: uint8, so mean/std are the actor's business."""
+    return ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), fine_resize)
+
+
+def decoded_channels(image_size: int, fine_resize: int | None, references: bool) -> int:
+    """Channels of a decoded row: the model's views, then the reference's in FR reads."""
+    return crop_transform(image_size, fine_resize).channels * (2 if references else 1)
+
+
+def iter_crops(shard, read, storage, transform: ImageTransform
+               ) -> Iterator[tuple[int, bytes | None, str | None, Any, Any]]:
+    """One shard's rows decoded in this process (training, eval, the precision check), not
+    in the pipeline: (source_row, image bytes, prompt, decoded PIL image, uint8 crop). In a
+    full-reference read the reference's crop follows the image's in the channel axis.
+    Unreadable rows come with image and crop None."""
+    import torch
+
+    from iqray.pipeline.readers import read_shard
+
+    for batch in read_shard(shard, read, storage, []):
+        references = batch.get("_reference", [None] * len(batch["source_row"]))
+        for row, image, prompt, reference in zip(batch["source_row"], batch["_image"],
+                                                 batch["prompt"], references, strict=True):
+            try:
+                decoded = open_image(image)
+                crop = transform.crop(decoded)
+                if "_reference" in batch:
+                    crop = torch.cat([crop, transform.crop(open_image(reference))])
+            except (ImageDecodeError, TypeError):
+                yield row, image, prompt, None, None
+                continue
+            yield row, image, prompt, decoded, crop
+
+
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
                  timeout_s: float | None, keep_image_bytes: bool,
                  fine_resize: int | None = None, references: bool = False
@@ -75,9 +110,9 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
     reference is cropped the same way and follows its image in the channel axis."""
     started = time.perf_counter()
     count = len(batch["source_row"])
-    transform = ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), fine_resize)
+    transform = crop_transform(image_size, fine_resize)
     crop = transform.crop
-    channels = transform.channels * (2 if references else 1)
+    channels = decoded_channels(image_size, fine_resize, references)
     pixels = np.zeros((count, channels, image_size, image_size), np.uint8)
     # Content hash of the encoded bytes: exact-duplicate detection and embedding-cache key.
     batch["image_sha256"] = np.array(
@@ -114,11 +149,11 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
     del batch["_image"]
     batch.pop("_reference", None)
     batch["_decode_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
-    batch["_decode_node"] = np.full(count, _node_id(), dtype=object)
+    batch["_decode_node"] = np.full(count, node_id(), dtype=object)
     return batch
 
 
-def _node_id() -> str | None:
+def node_id() -> str | None:
     """The Ray node this runs on (per-node row counts in the run summary); None outside Ray."""
     try:
         import ray

@@ -179,16 +179,15 @@ class EmbeddingCache:
     def load_images(self, shas: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """float32 (coarse, fine) embeddings for ``shas`` in that order."""
         parts, keys, part_numbers, rows = self._key_index()
-        wanted = _prefixes(shas)
-        at = np.searchsorted(keys, wanted)
-        hit = at < len(keys)
-        hit[hit] = keys[at[hit]] == wanted[hit]
         coarse = np.empty((len(shas), self.dim), np.float32)
         fine = np.empty((len(shas), self.dim), np.float32)
         found = np.zeros(len(shas), bool)
-        if hit.any():
-            part_of = np.where(hit, part_numbers[np.minimum(at, len(keys) - 1)], -1)
-            row_of = rows[np.minimum(at, len(keys) - 1)]
+        if len(keys):
+            wanted = _prefixes(shas)
+            at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+            hit = keys[at] == wanted
+            part_of = np.where(hit, part_numbers[at], -1)
+            row_of = rows[at]
             for number in np.unique(part_of[hit]):
                 mine = np.flatnonzero(part_of == number)
                 table = self._read(parts[int(number)]).take(pa.array(row_of[mine]))

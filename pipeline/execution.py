@@ -242,11 +242,13 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one bar, ours, counting images
     context.wait_for_min_actors_s = config.actor_start_timeout_s or -1
+    from iqray.pipeline.decode import decode_batch, decoded_channels
+
     # Blocks of about one model batch of decoded crops: Ray Data merges a task's output up
     # to its target block size (128 MiB by default), so a whole shard would arrive at the
     # actor pool as one block, and one actor would score it while the others idle.
-    channels = 6 if (spec.config.fine_resize is not None
-                     or getattr(spec.config, "mode", "nr") == "fr") else 3
+    channels = decoded_channels(spec.config.image_size, spec.config.fine_resize,
+                                wants_references(read))
     context.target_max_block_size = max(
         1 << 20, config.batch_size * channels * spec.config.image_size ** 2)
     image_size = spec.config.image_size
@@ -257,7 +259,6 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
                                    "key_columns": key_columns}, batch_format="numpy")
     if config.limit:
         ds = ds.limit(config.limit)
-    from iqray.pipeline.decode import decode_batch
 
     # Decode must stay its own stage: fused into the actor (Ray Data fuses map stages with
     # identical resource requests), it would run serially in front of the model and starve

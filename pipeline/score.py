@@ -62,7 +62,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
     from iqray.pipeline.scoring import Scorer, stage_model
 
     spec = stage_model(config.model, storage, put=ray.put, mode=config.mode)
-    fr = getattr(spec.config, "mode", "nr") == "fr"
+    fr = spec.config.full_reference
     if fr != wants_references(read):
         raise ValueError("a full-reference model needs --reference-column or "
                          "--reference-template" if fr else "--reference-column/"
@@ -102,7 +102,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                          key_columns=key_columns, keep_prompt=config.keep_prompt,
                          keep_image_bytes=config.keep_image_bytes, previous=previous,
                          schema=score_schema(spec.config.output_names,
-                                             spec.config.architecture == "mst-clipiqa"))
+                                             spec.config.prompt_aware))
     log(f"iqray score: {len(shards)} shards in {config.input}; {len(done)} already committed, "
         f"{len(todo)} to score; model {spec.name} ({metadata['score_mode']})")
     from_cache = []

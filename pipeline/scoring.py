@@ -8,6 +8,7 @@ pool of hundreds of actors makes no hub or bucket requests of its own.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tempfile
 import time
@@ -152,29 +153,16 @@ def check_precision(spec: ModelSpec, shards: list, read, storage: StorageConfig,
     with fp32 and with ``precision`` on the driver; refuse the run when the ranking moves
     (Spearman below MIN_SPEARMAN on any output)."""
     from iqray.model.fastpath import MIN_SPEARMAN, apply_precision, fidelity_report
-    from iqray.model.preprocess import ImageDecodeError, open_image
-    from iqray.pipeline.readers import read_shard
+    from iqray.pipeline.decode import iter_crops
 
     reference = spec.load("cpu")
-    pixels, prompts = [], []
-    for shard in shards:
-        for batch in read_shard(shard, read, storage, []):
-            refs = batch.get("_reference", [None] * len(batch["_image"]))
-            for image, prompt, ref in zip(batch["_image"], batch["prompt"], refs, strict=True):
-                try:
-                    crop = reference.transform.crop(open_image(image))
-                    if "_reference" in batch:
-                        crop = torch.cat([crop, reference.transform.crop(open_image(ref))])
-                except (ImageDecodeError, TypeError):
-                    continue
-                pixels.append(crop)
-                prompts.append(_prompt(prompt))
-                if len(pixels) >= rows:
-                    break
-            if len(pixels) >= rows:
-                break
-        if len(pixels) >= rows:
-            break
+    readable = ((crop, _prompt(prompt)) for shard in shards
+                for _, _, prompt, _, crop in iter_crops(shard, read, storage,
+                                                        reference.transform)
+                if crop is not None)
+    chosen = list(itertools.islice(readable, rows))
+    pixels = [crop for crop, _ in chosen]
+    prompts = [prompt for _, prompt in chosen]
     if len(pixels) < 3:
         raise ValueError(f"--precision {precision}: fewer than 3 readable images to check "
                          "its scores against fp32")
@@ -231,9 +219,9 @@ class ModelStage:
 
         self.model = apply_precision(spec.load(device, prompt_cache_size), precision)
         self.pin = self.model.device.type == "cuda"
-        from iqray.pipeline.decode import _node_id
+        from iqray.pipeline.decode import node_id
 
-        self.node = _node_id()
+        self.node = node_id()
 
     def pixels(self, batch: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
@@ -276,7 +264,7 @@ class Scorer(ModelStage):
             if "prompt_truncated" in scores:
                 truncated[index] = scores["prompt_truncated"]
         batch.update(outputs)
-        if hasattr(self.model, "encode_prompts"):  # prompt-aware models report truncation
+        if self.model.config.prompt_aware:
             batch["prompt_truncated"] = truncated
 
 
