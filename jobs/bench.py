@@ -84,6 +84,9 @@ def run_bench(config: BenchConfig, log=print) -> dict:
             results["limit"][precision] = bench.bench_limit(timed, pixels, data.prompts,
                                                             config.batch_size)
             log(f"limit ({precision}): {results['limit'][precision]['images_per_s']:.2f} img/s")
+        results["profile"] = {"model": bench.profile_model(model, pixels, data.prompts,
+                                                           config.batch_size),
+                              "decode": bench.decode_cost(model, data.files[:32])}
         results["dataloader"]["fp32"] = bench.bench_dataloader(model, data, config.batch_size,
                                                                workers)
         log(f"DataLoader ({workers} workers, fp32): "
@@ -174,6 +177,10 @@ def ratios(results: dict) -> dict[str, float]:
     out = {"pipeline_over_limit": best["steady_images_per_s"] / limit,
            "pipeline_over_dataloader": best["steady_images_per_s"] / loader,
            "pipeline_over_limit_whole_run": best["images_per_s"] / limit}
+    timing = results["dataloader"]["fp32"]
+    if timing.get("model_s"):
+        # hiding every wait of the hand-written loop is all a pipeline can add at fp32
+        out["pipeline_over_dataloader_ceiling"] = timing["seconds"] / timing["model_s"]
     for run in results["pipeline"]:
         if run["precision"] != "fp32":
             out[f"pipeline_{run['precision']}_over_fp32_limit"] = \
@@ -203,7 +210,32 @@ def markdown_table(results: dict) -> str:
     lines += [f"| {name} | {value:.2f} | {value / limit:.2f} |" for name, value in
               _rows(results)]
     lines.append("")
+    if results.get("profile") and "pipeline_over_dataloader_ceiling" in results["ratios"]:
+        lines += profile_lines(results)
     return "\n".join(lines)
+
+
+def profile_lines(results: dict) -> list[str]:
+    """The profile as Markdown: per-stage time of one batch, op kinds, and what bounds 3/2."""
+    model, decode = results["profile"]["model"], results["profile"]["decode"]
+    loader = results["dataloader"]["fp32"]
+    per_image = model["seconds"] / model["batch"]
+    lines = [f"Where one batch of {model['batch']} ({model['distinct_prompts']} distinct "
+             f"prompts) spends {model['seconds']:.2f} s:", "",
+             "| stage | seconds | share |", "|---|---|---|"]
+    lines += [f"| {name} | {sec:.3f} | {sec / model['seconds']:.1%} |"
+              for name, sec in sorted(model["stage_s"].items(), key=lambda kv: -kv[1])
+              if sec >= 0.0005]
+    lines += ["", "| op kind (self CPU time) | share |", "|---|---|"]
+    lines += [f"| {kind} | {share:.1%} |" for kind, share in model["op_kind_share"].items()]
+    lines += ["", f"- decode + crop: {decode['seconds_per_image'] * 1e3:.1f} ms per image on "
+              f"one core; the model: {per_image * 1e3:.0f} ms per image.",
+              f"- the DataLoader loop waited {loader['waiting_for_loader_s']:.2f} s of "
+              f"{loader['seconds']:.2f} s for its workers; the rest was the model. A pipeline "
+              "with the same model can beat it by at most "
+              f"{results['ratios']['pipeline_over_dataloader_ceiling']:.2f}x (its time over "
+              "its model time).", ""]
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:

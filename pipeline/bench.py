@@ -131,19 +131,139 @@ def _collate(items):
 
 def bench_dataloader(model, data: BenchData, batch_size: int, workers: int
                      ) -> dict[str, float]:
-    """A plain DataLoader whose workers decode and crop, feeding model.score."""
+    """A plain DataLoader whose workers decode and crop, feeding model.score. Also splits
+    the loop's time into waiting for the loader (decode not hidden behind the model) and
+    the model itself."""
     model.score(crops(model, data.files[:2]), data.prompts[:2])  # warm the model only
     _clear_prompts(model)
     loader = torch.utils.data.DataLoader(
         _FileDataset(data.files, data.prompts, model.transform), batch_size=batch_size,
         num_workers=workers, collate_fn=_collate, persistent_workers=False)
     started = time.perf_counter()
-    count = 0
+    count, model_s = 0, 0.0
     for pixels, prompts in loader:
+        before = time.perf_counter()
         model.score(pixels, prompts, batch_size=batch_size)
+        model_s += time.perf_counter() - before
         count += len(prompts)
     seconds = time.perf_counter() - started
-    return {"images_per_s": count / seconds, "seconds": seconds, "workers": workers}
+    return {"images_per_s": count / seconds, "seconds": seconds, "workers": workers,
+            "model_s": model_s, "waiting_for_loader_s": seconds - model_s}
+
+
+# torch op names -> the kind of work they are, for the profile's breakdown
+# (transformer towers: 2-D matmuls are the Linear layers, batched ones the attention products)
+OP_KINDS = [("matmul / linear", ("addmm", "mm", "matmul", "linear", "linear_dynamic",
+                                 "quantize_per_tensor", "_weight_int8")),
+            ("attention", ("bmm", "baddbmm", "scaled_dot_product", "_flash_attention",
+                           "_efficient_attention", "softmax")),
+            ("convolution", ("conv", "convolution", "conv2d", "mkldnn_convolution")),
+            ("normalisation", ("layer_norm", "batch_norm", "group_norm")),
+            ("activation", ("gelu", "relu", "silu", "sigmoid", "tanh")),
+            ("copies / layout", ("copy_", "contiguous", "clone", "cat", "to", "_to_copy",
+                                 "permute", "transpose", "reshape", "view", "empty"))]
+
+
+def op_kind(name: str) -> str:
+    base = name.split("::")[-1]
+    words = base.strip("_").split("_")
+    for kind, stems in OP_KINDS:
+        # a stem with an underscore matches inside the name, a plain one only a whole word
+        if any((s in base) if "_" in s else (s in words) for s in stems):
+            return kind
+    return "other"
+
+
+def profile_model(model, pixels: torch.Tensor, prompts: list[str], batch_size: int
+                  ) -> dict[str, Any]:
+    """Where one ``model.score`` batch spends its time (after a warm-up batch, prompt cache
+    cleared so the text tower runs as it does on new prompts):
+
+    - by stage: wall time inside each top-level part of the model (each image tower, the
+      text tower, fusion, heads; the outermost timed module wins, so nothing counts twice),
+      the rest being tokenising, normalising and Python;
+    - by op kind: self CPU time from ``torch.profiler``, grouped (matmul/linear, attention,
+      convolution, ...), with the five most expensive ops.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, texts = pixels[:batch_size], prompts[:batch_size]
+    model.score(batch, texts, batch_size=batch_size)
+    stage_s: dict[str, float] = {}
+    active: list[str] = []
+    opened: dict[str, float] = {}
+
+    def before(name):
+        def hook(module, args):
+            active.append(name)
+            if len(active) == 1:
+                opened[name] = time.perf_counter()
+        return hook
+
+    def after(name):
+        def hook(module, args, output):
+            if len(active) == 1:
+                stage_s[name] = stage_s.get(name, 0.0) + time.perf_counter() - opened[name]
+            active.pop()
+        return hook
+
+    handles = []
+    for name, module in _stages(model):
+        handles += [module.register_forward_pre_hook(before(name)),
+                    module.register_forward_hook(after(name))]
+    try:
+        _clear_prompts(model)
+        started = time.perf_counter()
+        model.score(batch, texts, batch_size=batch_size)
+        total = time.perf_counter() - started
+    finally:
+        for handle in handles:
+            handle.remove()
+    _clear_prompts(model)
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        model.score(batch, texts, batch_size=batch_size)
+    ops = [(e.key, e.self_cpu_time_total / 1e6) for e in trace.key_averages()]
+    op_total = sum(s for _, s in ops) or 1.0
+    kinds: dict[str, float] = {}
+    for name, seconds in ops:
+        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + seconds
+    top = sorted(ops, key=lambda o: -o[1])[:5]
+    return {"batch": len(texts), "distinct_prompts": len(set(texts)), "seconds": total,
+            "stage_s": {**stage_s, "other": max(total - sum(stage_s.values()), 0.0)},
+            "op_kind_share": {k: round(v / op_total, 4)
+                              for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": n, "share": round(s / op_total, 4)} for n, s in top]}
+
+
+def _stages(model) -> list[tuple[str, torch.nn.Module]]:
+    """The model's top-level parts; a part that is only a container of towers (open_clip's
+    CLIP, whose forward a scorer never calls) is replaced by its own children."""
+    out = []
+    for name, module in model.named_children():
+        children = list(module.named_children())
+        if children and type(module).__name__ in ("CLIP", "CustomTextCLIP"):
+            out += [(f"{name}.{child}", sub) for child, sub in children
+                    if any(True for _ in sub.parameters())]
+        elif any(True for _ in module.parameters()):
+            out.append((name, module))
+    return out
+
+
+def decode_cost(model, files: list[Path]) -> dict[str, float]:
+    """Seconds to open, decode and crop one image on one core (what a DataLoader worker or
+    a decode task spends per image)."""
+    from iqray.model.preprocess import open_image
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        for f in files:
+            model.transform.crop(open_image(f))
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    return {"images": len(files), "seconds_per_image": seconds / max(len(files), 1)}
 
 
 def bench_pipeline(model_name: str, data: BenchData, half: BenchData, output: Path,

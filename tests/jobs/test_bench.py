@@ -34,11 +34,38 @@ def test_bench_measures_all_three_ways_and_writes_its_outputs(ray_local, tmp_pat
     assert check["precision"] == "int8" and check["images"] == 12
     assert check["passes"] == all(check[k]["spearman"] >= 0.999
                                   for k in ("quality", "alignment"))
+    profile = results["profile"]["model"]
+    assert profile["batch"] == 4 and profile["distinct_prompts"] == 1
+    # every tower the model scores with is timed on its own, none twice
+    assert {"coarse.visual", "coarse.transformer", "fine_visual"} <= set(profile["stage_s"])
+    assert sum(profile["stage_s"].values()) == pytest.approx(profile["seconds"], rel=0.01)
+    assert sum(profile["op_kind_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert profile["op_kind_share"]["matmul / linear"] > 0
+    assert results["profile"]["decode"]["seconds_per_image"] > 0
+    loader = results["dataloader"]["fp32"]
+    assert loader["model_s"] + loader["waiting_for_loader_s"] == pytest.approx(
+        loader["seconds"])
+    assert results["ratios"]["pipeline_over_dataloader_ceiling"] == pytest.approx(
+        loader["seconds"] / loader["model_s"])
     table = (tmp_path / "b" / "bench.md").read_text()
     assert table.count("| 3. iqray score") == 4 and "| 1. limit" in table
+    assert "| fine_visual |" in table and "| op kind (self CPU time) | share |" in table
     with Image.open(tmp_path / "b" / "bench.png") as png:
         assert png.size[0] > 600
     assert any(line.startswith("pipeline_over_limit:") for line in lines)
+
+
+@pytest.mark.parametrize(("op", "kind"), [
+    ("aten::addmm", "matmul / linear"), ("aten::mm", "matmul / linear"),
+    ("quantized::linear_dynamic", "matmul / linear"), ("aten::bmm", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::_softmax", "attention"), ("aten::mkldnn_convolution", "convolution"),
+    ("aten::native_layer_norm", "normalisation"), ("aten::gelu", "activation"),
+    ("aten::copy_", "copies / layout"), ("aten::upsample_bilinear2d", "other")])
+def test_profile_groups_ops_by_the_work_they_do(op, kind):
+    from iqray.pipeline.bench import op_kind
+
+    assert op_kind(op) == kind
 
 
 def test_scale_rescoring_reads_the_right_embeddings_for_every_shard(ray_local, tmp_path):
