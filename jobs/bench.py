@@ -36,12 +36,24 @@ class BenchConfig(JobConfig):
     fidelity_models: list[str] = Field(
         default_factory=lambda: ["iqray-small-agiqa3k"],
         description="models (besides --model) whose fast-path fidelity is checked")
-    measure: list[Literal["throughput", "scale"]] = Field(
+    measure: list[Literal["throughput", "scale", "scale-images"]] = Field(
         default_factory=lambda: ["throughput"],
         description="throughput: the three-way comparison; scale: re-scoring from a "
-        "(synthetic) embedding cache at --scale-rows, time and peak memory")
+        "(synthetic) embedding cache at --scale-rows, time and peak memory; scale-images: "
+        "the whole image pipeline on synthetic small JPEGs at --scale-image-rows, time, peak "
+        "memory of the driver and every Ray process, peak object-store use")
     scale_rows: list[int] = Field(default_factory=lambda: [10_000, 100_000, 1_000_000],
                                   description="input sizes of the scale measurement")
+    scale_image_rows: list[int] = Field(default_factory=lambda: [10_000, 100_000],
+                                        description="input sizes of the scale-images run")
+    scale_image_model: str = Field(default="mst-clipiqa-tiny-random",
+                                   description="model of the scale-images run (tiny towers: "
+                                   "the pipeline's memory, not the model's speed, is measured)")
+    scale_image_batch_size: int = Field(default=256, gt=0,
+                                        description="model batch of the scale-images run")
+    scale_image_shard_rows: int = Field(default=1000, gt=0, description="rows per input "
+                                        "shard of the scale-images run (fixed, so that "
+                                        "every size reads with the same parallelism)")
     scale_model: str = Field(default="iqray-small-agiqa3k", description="model re-scored at "
                              "scale (the heads are the same size for every MST config)")
     scale_prompts: int = Field(default=1000, gt=0, description="distinct prompts at scale")
@@ -71,9 +83,12 @@ def run_bench(config: BenchConfig, log=print) -> dict:
                          "created": dt.datetime.now(dt.timezone.utc).isoformat(
                              timespec="seconds"),
                          "machine": bench.machine(), "config": config.model_dump(),
-                         "limit": {}, "dataloader": {}, "pipeline": [], "fidelity": []}
+                         "limit": {}, "dataloader": {}, "pipeline": [], "fidelity": [],
+                         "scale_images": []}
         if "scale" in config.measure:
             results["scale"] = run_scale(config, workdir, log)
+        if "scale-images" in config.measure:
+            results["scale_images"] = run_image_scale(config, workdir, log)
         if "throughput" not in config.measure:
             return _write(results, config, log)
         model = iqray.model.load(config.model)
@@ -136,10 +151,39 @@ def run_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
         out.append(result)
         log(f"re-score from cache, {rows:,} rows: {result['seconds']:.1f} s "
             f"({result['rows_per_s']:,.0f} rows/s), peak RSS "
-            f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB")
+            f"{result['peak_pss_bytes'] / 2**20:,.0f} MiB (driver + Ray, PSS)")
+    _log_spread(out, log)
+    return out
+
+
+def _log_spread(out: list[dict], log) -> None:
     if len(out) > 1:
-        peaks = [r["peak_rss_bytes"] for r in out]
-        log(f"peak RSS spread: max/min = {max(peaks) / min(peaks):.2f}")
+        peaks = [r["peak_pss_bytes"] for r in out]
+        log(f"peak memory spread over sizes: max/min = {max(peaks) / min(peaks):.2f}")
+
+
+def run_image_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
+    """`iqray score` over synthetic image inputs of growing size; each is deleted after."""
+    import shutil
+
+    from iqray.pipeline import bench
+    from iqray.pipeline.execution import ensure_ray
+    from iqray.pipeline.score import ScoreConfig
+
+    ensure_ray(ScoreConfig(input=str(workdir), output=str(workdir / "x")))
+    out = []
+    for rows in config.scale_image_rows:
+        root = workdir / f"scale-images-{rows}"
+        result = bench.bench_image_scale(config.scale_image_model, root, rows,
+                                         config.scale_image_shard_rows, config.scale_prompts,
+                                         config.scale_image_batch_size)
+        shutil.rmtree(root, ignore_errors=True)
+        out.append(result)
+        log(f"image pipeline, {rows:,} rows: {result['seconds']:.1f} s "
+            f"({result['rows_per_s']:,.0f} rows/s), peak memory (driver + Ray, PSS) "
+            f"{result['peak_pss_bytes'] / 2**20:,.0f} MiB, peak object store "
+            f"{(result['peak_object_store_bytes'] or 0) / 2**20:,.0f} MiB")
+    _log_spread(out, log)
     return out
 
 
@@ -154,16 +198,33 @@ def _write(results: dict, config: BenchConfig, log) -> dict:
         for key, value in results["ratios"].items():
             log(f"{key}: {value:.2f}" + (f" (target {TARGETS[key]:g})" if key in TARGETS
                                          else ""))
-    if results["scale"]:
-        (output / "scale.md").write_text(scale_table(results["scale"]))
+    if results["scale"] or results.get("scale_images"):
+        (output / "scale.md").write_text(scale_table(results["scale"])
+                                         + image_scale_table(results.get("scale_images", [])))
     log(f"wrote {output}/ ({', '.join(sorted(p.name for p in output.iterdir()))})")
     return results
 
 
-def scale_table(scale: list[dict]) -> str:
-    lines = ["| rows | seconds | rows/s | peak RSS (MiB) |", "|---|---|---|---|"]
+def image_scale_table(scale: list[dict]) -> str:
+    if not scale:
+        return ""
+    lines = ["", "Image pipeline (read, decode, model actors, write):", "",
+             "| rows | seconds | rows/s | peak memory, driver + Ray (PSS, MiB) | processes "
+             "| peak object store (MiB) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | "
-              f"{r['peak_rss_bytes'] / 2**20:,.0f} |" for r in scale]
+              f"{r['peak_pss_bytes'] / 2**20:,.0f} | {r['processes']} | "
+              f"{(r['peak_object_store_bytes'] or 0) / 2**20:,.0f} |" for r in scale]
+    return "\n".join(lines) + "\n"
+
+
+def scale_table(scale: list[dict]) -> str:
+    if not scale:
+        return ""
+    lines = ["Re-scoring from the embedding cache:", "",
+             "| rows | seconds | rows/s | peak memory, driver + Ray (PSS, MiB) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | "
+              f"{r['peak_pss_bytes'] / 2**20:,.0f} |" for r in scale]
     return "\n".join(lines) + "\n"
 
 

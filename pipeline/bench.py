@@ -387,42 +387,157 @@ def synthetic_cached_input(root: Path, model_name: str, rows: int, shard_rows: i
     return root
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 50 ms;
-    ru_maxrss only ever grows, so it cannot compare runs within one process)."""
+class ClusterMemory:
+    """Peak memory of this driver and every process it started (the local Ray cluster:
+    GCS, raylet, workers), and peak object-store (plasma) use, sampled while the block runs.
 
-    def __enter__(self) -> PeakRSS:
+    Memory is PSS (proportional set size): pages shared between processes, such as the
+    object store's mapping that every worker touches, are split between them instead of
+    counted once per process, so the sum is the memory the job really holds."""
+
+    def __init__(self, every_s: float = 0.25):
+        self.every_s = every_s
+        self.peak_bytes = 0
+        self.peak_object_store_bytes: int | None = None
+        self.peak_processes = 0
+
+    def __enter__(self) -> ClusterMemory:
         import threading
 
-        self.peak = self._rss()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._sample()
         self._thread.start()
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self._rss())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._rss())
+        self._sample()
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/status") as handle:
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        tree = process_tree(os.getpid())
+        self.peak_processes = max(self.peak_processes, len(tree))
+        self.peak_bytes = max(self.peak_bytes, sum(_pss(pid) for pid in tree))
+        used = object_store_bytes()
+        if used is not None:
+            self.peak_object_store_bytes = max(self.peak_object_store_bytes or 0, used)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                # the command name may hold spaces or parentheses: the parent id follows the
+                # last ')'
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith("Pss:"):
                     return int(line.split()[1]) * 1024
-        return 0
+    except OSError:  # exited between listing and reading
+        pass
+    return 0
+
+
+def object_store_bytes() -> int | None:
+    """Plasma bytes in use across the Ray cluster, or None without Ray. Ray has no public
+    call for this; its memory summary (what `ray memory --stats-only` prints) carries it."""
+    import re
+
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        from ray._private.internal_api import memory_summary
+
+        text = memory_summary(stats_only=True)
+    except Exception:  # private API: a Ray upgrade may move it; memory is still measured
+        return None
+    found = re.search(r"Plasma memory usage (\d+) MiB", text)
+    return int(found.group(1)) * 2**20 if found else None
+
+
+def synthetic_image_input(root: Path, rows: int, shard_rows: int, distinct_prompts: int,
+                          size: int = 48, distinct_images: int = 512) -> Path:
+    """Parquet shards of ``rows`` rows with JPEG bytes (``size`` px, ``distinct_images``
+    random-texture images cycled) and prompts, 4 rows per prompt: the image pipeline's
+    input at sizes no image folder here could hold. Returns the input folder."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    encoded = []
+    for _ in range(distinct_images):
+        pixels = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).resize((size, size), Image.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    folder = root / "images-input"
+    folder.mkdir(parents=True)
+    for number, start in enumerate(range(0, rows, shard_rows)):
+        index = np.arange(start, min(start + shard_rows, rows))
+        pq.write_table(pa.table({
+            "key": [f"{i:09d}" for i in index],
+            "jpg": pa.array([encoded[i % distinct_images] for i in index], pa.binary()),
+            "prompt": [f"synthetic prompt {(i // 4) % distinct_prompts}" for i in index]}),
+            folder / f"shard-{number:05d}.parquet")
+    return folder
+
+
+def bench_image_scale(model_name: str, root: Path, rows: int, shard_rows: int,
+                      distinct_prompts: int, batch_size: int) -> dict[str, Any]:
+    """`iqray score` through the whole image pipeline (read, decode, model actors, write)
+    on ``rows`` synthetic images: wall time, rows/s, peak memory of the driver and all Ray
+    processes, peak object-store use."""
+    from iqray.pipeline.score import ScoreConfig, run_score
+
+    folder = synthetic_image_input(root, rows, shard_rows, distinct_prompts)
+    with ClusterMemory() as memory:
+        summary = run_score(ScoreConfig(
+            input=str(folder), output=str(root / "scores"), model=model_name,
+            key_columns=["key"], batch_size=batch_size, progress=False, keep_prompt=False),
+            log=lambda *a: None)
+    if summary.rows != rows or summary.ok != rows:
+        raise RuntimeError(f"scored {summary.rows} rows ({summary.ok} ok), expected {rows}")
+    return {"rows": rows, "seconds": summary.wall_s, "rows_per_s": summary.rows_per_s,
+            "peak_pss_bytes": memory.peak_bytes, "processes": memory.peak_processes,
+            "peak_object_store_bytes": memory.peak_object_store_bytes,
+            "spilled_bytes": summary.spilled_bytes, "bottleneck": summary.bottleneck}
 
 
 def bench_rescore(model_name: str, root: Path, rows: int) -> dict[str, Any]:
-    """`iqray score --cache` over a synthetic cached input: wall time, rows/s, peak RSS."""
+    """`iqray score --cache` over a synthetic cached input: wall time, rows/s, peak memory
+    (driver + Ray processes), peak object-store use."""
     from iqray.pipeline.score import ScoreConfig, run_score
 
-    with PeakRSS() as memory:
+    with ClusterMemory() as memory:
         summary = run_score(ScoreConfig(
             input=str(root / "input"), output=str(root / "scores"), model=model_name,
             cache=str(root / "cache"), key_columns=["key"], progress=False,
@@ -430,5 +545,7 @@ def bench_rescore(model_name: str, root: Path, rows: int) -> dict[str, Any]:
     if summary.rows != rows:
         raise RuntimeError(f"re-scored {summary.rows} rows, expected {rows}")
     return {"rows": rows, "seconds": summary.wall_s, "rows_per_s": summary.rows_per_s,
-            "peak_rss_bytes": memory.peak, "heads_s": summary.stage_busy_s.get(
+            "peak_pss_bytes": memory.peak_bytes, "processes": memory.peak_processes,
+            "peak_object_store_bytes": memory.peak_object_store_bytes,
+            "heads_s": summary.stage_busy_s.get(
                 "heads (from cache)")}

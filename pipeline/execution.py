@@ -34,6 +34,7 @@ from iqray.pipeline.storage import StorageConfig
 
 READ_TASK_CPUS = 0.25
 DECODE_TASK_CPUS = 0.5
+MIN_IN_FLIGHT_BYTES = 256 * 2**20
 DECODE_TASK_MEMORY = 2**30  # the worker (torch imported) plus a batch of decoded images
 
 
@@ -77,6 +78,11 @@ class RunConfig(ReadConfig, StorageConfig):
     precision_check: bool = Field(
         default=True, description="before a --precision int8 run, score the first 32 images "
         "both ways and refuse if the ranking moves (Spearman < 0.999)")
+    max_in_flight_bytes: int | None = Field(
+        default=None, gt=0, description="object-store bytes this job's blocks may hold in "
+        "flight (read, decoded, scored); default: 8 model batches of decoded crops per actor, "
+        "at least 256 MiB. Bounds memory whatever the input size; Ray Data's own default "
+        "is a share of the whole object store")
     mode: Literal["nr", "fr"] | None = Field(
         default=None, description="bpclip: no-reference or full-reference (needs "
         "--reference-column or --reference-template); default: the model's own")
@@ -249,8 +255,14 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
     # actor pool as one block, and one actor would score it while the others idle.
     channels = decoded_channels(spec.config.image_size, spec.config.fine_resize,
                                 wants_references(read))
-    context.target_max_block_size = max(
-        1 << 20, config.batch_size * channels * spec.config.image_size ** 2)
+    batch_bytes = config.batch_size * channels * spec.config.image_size ** 2
+    context.target_max_block_size = max(1 << 20, batch_bytes)
+    # Without a limit Ray Data lets reads and decodes run ahead of the model until a share
+    # of the object store is full, so memory grows with the input up to that share.
+    in_flight = config.max_in_flight_bytes or max(MIN_IN_FLIGHT_BYTES,
+                                                  8 * plan["actors"] * batch_bytes)
+    context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+        object_store_memory=in_flight)
     image_size = spec.config.image_size
     items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -84,7 +84,7 @@ def test_scale_rescoring_reads_the_right_embeddings_for_every_shard(ray_local, t
                                         shard_rows=1000, distinct_prompts=7)
     assert len(list((root / "input").glob("*.parquet"))) == 3
     result = bench.bench_rescore(TEST_MODEL, root, 2500)
-    assert result["rows"] == 2500 and result["peak_rss_bytes"] > 0
+    assert result["rows"] == 2500 and result["peak_pss_bytes"] > 0
     scores = pq.read_table(root / "scores").sort_by("key")
     assert scores.num_rows == 2500 and set(scores["status"].to_pylist()) == {"ok"}
     keys = scores["key"].to_pylist()
@@ -100,3 +100,39 @@ def test_scale_rescoring_reads_the_right_embeddings_for_every_shard(ray_local, t
                                atol=1e-5)
     np.testing.assert_allclose(scores["alignment"].to_numpy()[::-1], expected["alignment"],
                                atol=1e-5)
+
+
+def test_image_scale_run_scores_every_row_and_measures_the_whole_cluster(ray_local, tmp_path):
+    """The scale-images measurement: every synthetic row scored ok, memory summed over the
+    driver and the Ray processes it started, object-store peak read from Ray."""
+    results = run_bench(BenchConfig(measure=["scale-images"], scale_image_rows=[300, 600],
+                                    scale_image_batch_size=32, scale_prompts=50,
+                                    output=str(tmp_path / "s")), log=lambda *a: None)
+    runs = results["scale_images"]
+    assert [r["rows"] for r in runs] == [300, 600]
+    for run in runs:
+        assert run["processes"] > 2  # driver, GCS, raylet, workers
+        assert run["peak_pss_bytes"] > 0 and run["peak_object_store_bytes"] is not None
+        assert run["bottleneck"]
+    written = json.loads((tmp_path / "s" / "scale.json").read_text())
+    assert written["scale_images"] == json.loads(json.dumps(runs))
+    table = (tmp_path / "s" / "scale.md").read_text()
+    assert "Image pipeline" in table and "| 600 |" in table
+
+
+def test_process_tree_finds_children_and_their_memory():
+    import os
+    import subprocess
+    import sys
+
+    from iqray.pipeline.bench import _pss, process_tree
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        tree = process_tree(os.getpid())
+        assert os.getpid() in tree and child.pid in tree
+        assert _pss(child.pid) > 0
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in process_tree(os.getpid())
