@@ -33,6 +33,9 @@ class BenchConfig(JobConfig):
                               description="actor counts to time `iqray score` with")
     precisions: list[Literal["fp32", "int8"]] = Field(
         default_factory=lambda: ["fp32", "int8"], description="precisions to time")
+    decodes: list[Literal["cpu", "device"]] = Field(
+        default_factory=lambda: ["cpu", "device"], description="decode paths to time "
+        "(device: JPEGs decoded in the model actor, nvJPEG on a GPU) and check for fidelity")
     fidelity_models: list[str] = Field(
         default_factory=lambda: ["iqray-small-agiqa3k"],
         description="models (besides --model) whose fast-path fidelity is checked")
@@ -109,15 +112,17 @@ def run_bench(config: BenchConfig, log=print) -> dict:
         del model, pixels
         ensure_ray(ScoreConfig(input=str(data.folder), output=str(workdir / "x")))
         half = bench.first_part(data, max(1, config.images // 2), workdir)
-        runs = [(a, "fp32") for a in config.actors] + [
-            (min(config.actors), p) for p in config.precisions if p != "fp32"]
-        for actors, precision in runs:
+        runs = [(a, "fp32", "cpu") for a in config.actors] + [
+            (min(config.actors), p, "cpu") for p in config.precisions if p != "fp32"] + [
+            (min(config.actors), "fp32", d) for d in config.decodes if d != "cpu"]
+        for actors, precision, decode in runs:
             out = bench.bench_pipeline(config.model, data, half,
-                                       workdir / f"out-{actors}-{precision}",
-                                       config.batch_size, actors, precision)
+                                       workdir / f"out-{actors}-{precision}-{decode}",
+                                       config.batch_size, actors, precision, decode)
             results["pipeline"].append(out)
-            log(f"iqray score ({actors} actor(s), {precision}): {out['images_per_s']:.2f} img/s "
-                f"over the run, {out['steady_images_per_s']:.2f} steady; {out['bottleneck']}")
+            log(f"iqray score ({actors} actor(s), {precision}, decode {decode}): "
+                f"{out['images_per_s']:.2f} img/s over the run, "
+                f"{out['steady_images_per_s']:.2f} steady; {out['bottleneck']}")
         fidelity_images = data.files[:32]
         for name in [config.model, *config.fidelity_models]:
             for precision in config.precisions:
@@ -125,14 +130,22 @@ def run_bench(config: BenchConfig, log=print) -> dict:
                     check = bench.fidelity(name, precision, fidelity_images,
                                            data.prompts[:32])
                     results["fidelity"].append(check)
-                    log(f"fidelity {precision} vs fp32 on {name}: " + ", ".join(
-                        f"{k} Spearman {v['spearman']:.4f} (max |diff| {v['max_abs_diff']:.2g})"
-                        for k, v in check.items() if isinstance(v, dict)))
+                    log(f"fidelity {precision} vs fp32 on {name}: " + _fidelity_text(check))
+            if "device" in config.decodes:
+                check = bench.decode_fidelity(name, fidelity_images, data.prompts[:32])
+                results["fidelity"].append(check)
+                log(f"fidelity of decode on {check['device']} vs PIL on {name}: "
+                    + _fidelity_text(check))
         results["ratios"] = ratios(results)
         results["targets"] = TARGETS
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return _write(results, config, log)
+
+
+def _fidelity_text(check: dict) -> str:
+    return ", ".join(f"{k} Spearman {v['spearman']:.4f} (max |diff| {v['max_abs_diff']:.2g})"
+                     for k, v in check.items() if isinstance(v, dict))
 
 
 def run_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
@@ -231,7 +244,8 @@ def scale_table(scale: list[dict]) -> str:
 def ratios(results: dict) -> dict[str, float]:
     """3/1 and 3/2 at fp32 (the best actor count, steady rate), plus the whole-run and int8
     variants for context."""
-    fp32 = [r for r in results["pipeline"] if r["precision"] == "fp32"]
+    fp32 = [r for r in results["pipeline"] if r["precision"] == "fp32"
+            and r.get("decode", "cpu") == "cpu"]
     best = max(fp32, key=lambda r: r["steady_images_per_s"])
     limit = results["limit"]["fp32"]["images_per_s"]
     loader = results["dataloader"]["fp32"]["images_per_s"]
@@ -243,7 +257,10 @@ def ratios(results: dict) -> dict[str, float]:
         # hiding every wait of the hand-written loop is all a pipeline can add at fp32
         out["pipeline_over_dataloader_ceiling"] = timing["seconds"] / timing["model_s"]
     for run in results["pipeline"]:
-        if run["precision"] != "fp32":
+        if run.get("decode", "cpu") != "cpu":
+            out[f"pipeline_decode_{run['decode']}_over_fp32_limit"] = \
+                run["steady_images_per_s"] / limit
+        elif run["precision"] != "fp32":
             out[f"pipeline_{run['precision']}_over_fp32_limit"] = \
                 run["steady_images_per_s"] / limit
     return out
@@ -255,10 +272,10 @@ def _rows(results: dict) -> list[tuple[str, float]]:
     rows += [(f"2. DataLoader ({r['workers']} workers) + model.score ({p})", r["images_per_s"])
              for p, r in results["dataloader"].items()]
     for r in results["pipeline"]:
-        rows.append((f"3. iqray score, {r['actors']} actor(s), {r['precision']}, steady",
-                     r["steady_images_per_s"]))
-        rows.append((f"3. iqray score, {r['actors']} actor(s), {r['precision']}, whole run",
-                     r["images_per_s"]))
+        what = f"3. iqray score, {r['actors']} actor(s), {r['precision']}" + (
+            f", decode on {r['decode']}" if r.get("decode", "cpu") != "cpu" else "")
+        rows.append((f"{what}, steady", r["steady_images_per_s"]))
+        rows.append((f"{what}, whole run", r["images_per_s"]))
     return rows
 
 

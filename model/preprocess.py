@@ -119,6 +119,24 @@ class ImageTransform:
             views.append(self._view(image, self.fine_resize))
         return torch.cat(views) if len(views) > 1 else views[0]
 
+    def crop_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """:meth:`crop` for an already decoded uint8 (3, H, W) tensor on any device (images
+        decoded on a GPU stay there). Bicubic with antialiasing, as PIL resizes; the two
+        differ by rounding, which the pipeline's fidelity check measures."""
+        views = [self._tensor_view(image, self.size)]
+        if self.fine_resize is not None:
+            views.append(self._tensor_view(image, self.fine_resize))
+        return torch.cat(views) if len(views) > 1 else views[0]
+
+    def _tensor_view(self, image: torch.Tensor, resize: int) -> torch.Tensor:
+        if image.device.type != "cpu":  # bicubic on uint8 is a CPU kernel only
+            resized = TF.resize(image.float(), resize, interpolation=InterpolationMode.BICUBIC,
+                                antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        else:
+            resized = TF.resize(image, resize, interpolation=InterpolationMode.BICUBIC,
+                                antialias=True)
+        return TF.center_crop(resized, [self.size, self.size])
+
     def fine_area(self, image: Image.Image) -> torch.Tensor:
         """uint8 (3, fine_resize, fine_resize): the square the fine view is the centre of.
         Training draws random ``size`` crops from it; ``crop`` takes its centre."""

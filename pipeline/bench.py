@@ -267,14 +267,15 @@ def decode_cost(model, files: list[Path]) -> dict[str, float]:
 
 
 def bench_pipeline(model_name: str, data: BenchData, half: BenchData, output: Path,
-                   batch_size: int, actors: int, precision: str) -> dict[str, Any]:
+                   batch_size: int, actors: int, precision: str, decode: str = "cpu"
+                   ) -> dict[str, Any]:
     from iqray.pipeline.score import ScoreConfig, run_score
 
     def run(part: BenchData, name: str):
         return run_score(ScoreConfig(
             input=str(part.folder), output=str(output / name), model=model_name,
             batch_size=batch_size, decode_batch_size=8, num_actors=actors,
-            precision=precision, progress=False, keep_prompt=False,
+            precision=precision, decode=decode, progress=False, keep_prompt=False,
             precision_check=False),  # the bench reports fidelity itself, pass or fail
             log=lambda *a: None)
 
@@ -287,7 +288,8 @@ def bench_pipeline(model_name: str, data: BenchData, half: BenchData, output: Pa
     return {"images_per_s": summary.rows_per_s, "steady_images_per_s": steady,
             "marginal_images_per_s": marginal,
             "seconds": summary.wall_s, "seconds_half": small.wall_s, "rows": summary.rows,
-            "actors": actors, "precision": precision, "stage_busy_s": summary.stage_busy_s,
+            "actors": actors, "precision": precision, "decode": decode,
+            "stage_busy_s": summary.stage_busy_s,
             "stage_workers": summary.stage_workers, "bottleneck": summary.bottleneck}
 
 
@@ -303,6 +305,30 @@ def fidelity(model_name: str, precision: str, files: list[Path], prompts: list[s
     report = fidelity_report(reference.score(pixels, prompts), fast.score(pixels, prompts),
                              reference.output_names)
     return {"model": model_name, "precision": precision, "images": len(files), **report}
+
+
+def decode_fidelity(model_name: str, files: list[Path], prompts: list[str]
+                    ) -> dict[str, Any]:
+    """Scores of JPEGs decoded as ``--decode device`` does (torchvision ``decode_jpeg`` on
+    the model's device, tensor crops) against the PIL decode tasks', per output."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    import iqray.model
+    from iqray.model.fastpath import fidelity_report
+    from iqray.pipeline.decode import crop_transform
+
+    model = iqray.model.load(model_name)
+    transform = crop_transform(model.config.image_size, model.config.fine_resize)
+    jpegs = [f for f in files if f.suffix.lower() in (".jpg", ".jpeg")]
+    texts = [p for f, p in zip(files, prompts, strict=True) if f in jpegs]
+    decoded = decode_jpeg([torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)
+                           for f in jpegs], mode=ImageReadMode.RGB, device=model.device,
+                          apply_exif_orientation=True)
+    on_device = torch.stack([transform.crop_tensor(image) for image in decoded])
+    report = fidelity_report(model.score(crops(model, jpegs), texts),
+                             model.score(on_device, texts), model.output_names)
+    return {"model": model_name, "precision": "fp32", "decode": "device",
+            "device": str(model.device), "images": len(jpegs), **report}
 
 
 def machine() -> dict[str, Any]:
@@ -473,7 +499,8 @@ def object_store_bytes() -> int | None:
     try:
         from ray._private.internal_api import memory_summary
 
-        text = memory_summary(stats_only=True)
+        # this driver's cluster by address: another Ray on the machine must not answer
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception:  # private API: a Ray upgrade may move it; memory is still measured
         return None
     found = re.search(r"Plasma memory usage (\d+) MiB", text)

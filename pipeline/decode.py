@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from iqray.model.preprocess import ImageDecodeError, ImageTransform, open_image
 
@@ -102,12 +104,34 @@ def iter_crops(shard, read, storage, transform: ImageTransform
             yield row, image, prompt, decoded, crop
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def device_decodable(data: Any, max_pixels: int) -> bool:
+    """Whether the model actor can decode these bytes on its device (torchvision's
+    ``decode_jpeg``, nvJPEG on a GPU): a JPEG whose header PIL reads, RGB or greyscale
+    (CMYK and YCCK stay with PIL), within the pixel limit. Only the header is parsed."""
+    if not isinstance(data, bytes) or not data.startswith(JPEG_MAGIC):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            return image.format == "JPEG" and image.mode in ("RGB", "L") and \
+                width * height <= max_pixels
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False  # PIL's own decode then reports the error row
+
+
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
                  timeout_s: float | None, keep_image_bytes: bool,
-                 fine_resize: int | None = None, references: bool = False
-                 ) -> dict[str, np.ndarray]:
+                 fine_resize: int | None = None, references: bool = False,
+                 jpeg_on_device: bool = False) -> dict[str, np.ndarray]:
     """Crops of every readable row; with ``references`` (full-reference models) each row's
-    reference is cropped the same way and follows its image in the channel axis."""
+    reference is cropped the same way and follows its image in the channel axis.
+
+    With ``jpeg_on_device`` JPEG rows are not decoded here: their bytes travel on in
+    ``_encoded`` and the model actor decodes them on its device (see
+    :meth:`ModelStage.decode_on_device`); this task then only hashes and checks headers."""
     started = time.perf_counter()
     count = len(batch["source_row"])
     transform = crop_transform(image_size, fine_resize)
@@ -120,8 +144,13 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
          for b in batch["_image"]], dtype=object)
     errors = [None if is_missing(e) else e for e in batch["_error"]]
     kinds = [None if is_missing(k) else k for k in batch["_error_kind"]]
+    encoded = np.full(count, None, dtype=object)
     for i in range(count):
         if errors[i] is not None:
+            continue
+        if jpeg_on_device and not references and device_decodable(batch["_image"][i],
+                                                                  max_pixels):
+            encoded[i] = batch["_image"][i]
             continue
         try:
             with time_limit(timeout_s):
@@ -142,6 +171,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
                 errors[i] = f"{row_label(batch, i)}: reference: {exc}"
                 kinds[i] = "reference_decode"
     batch["pixels"] = pixels
+    if jpeg_on_device:
+        batch["_encoded"] = encoded
     batch["_error"] = np.array(errors, dtype=object)
     batch["_error_kind"] = np.array(kinds, dtype=object)
     if keep_image_bytes:

@@ -78,6 +78,12 @@ class RunConfig(ReadConfig, StorageConfig):
     precision_check: bool = Field(
         default=True, description="before a --precision int8 run, score the first 32 images "
         "both ways and refuse if the ranking moves (Spearman < 0.999)")
+    decode: Literal["cpu", "device"] = Field(
+        default="cpu", description="cpu: decode tasks decode every image (PIL); device: JPEGs "
+        "are decoded in the model actor on its device (torchvision decode_jpeg: nvJPEG on a "
+        "GPU), so CPU cores only read and check headers; other formats and full-reference "
+        "references still decode in tasks. Crops differ from PIL's by rounding (bench "
+        "reports the fidelity)")
     max_in_flight_bytes: int | None = Field(
         default=None, gt=0, description="object-store bytes this job's blocks may hold in "
         "flight (read, decoded, scored); default: 8 model batches of decoded crops per actor, "
@@ -283,7 +289,8 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
                                    "fine_resize": spec.config.fine_resize,
                                    "max_pixels": config.max_pixels,
                                    "timeout_s": config.decode_timeout_s,
-                                   "keep_image_bytes": keep_image_bytes})
+                                   "keep_image_bytes": keep_image_bytes,
+                                   "jpeg_on_device": config.decode == "device"})
     ds = ds.map_batches(
         stage_cls, batch_size=config.batch_size, batch_format="numpy",
         # Two batches in flight per actor: one computing, one queued. More lets the first

@@ -30,7 +30,7 @@ from iqray.model.config import (
     shipped_models,
 )
 from iqray.model.weights import looks_like_path, resolve_tower_weights
-from iqray.pipeline.decode import is_missing, restore_nulls
+from iqray.pipeline.decode import crop_transform, is_missing, restore_nulls, row_label
 from iqray.pipeline.storage import StorageConfig
 
 
@@ -219,13 +219,60 @@ class ModelStage:
 
         self.model = apply_precision(spec.load(device, prompt_cache_size), precision)
         self.pin = self.model.device.type == "cuda"
+        self.crops = crop_transform(spec.config.image_size, spec.config.fine_resize)
+        self.on_device: dict[int, torch.Tensor] = {}
         from iqray.pipeline.decode import node_id
 
         self.node = node_id()
 
     def pixels(self, batch: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
-        return pixels.pin_memory() if self.pin else pixels
+        if self.pin:
+            pixels = pixels.pin_memory()
+        if not self.on_device:
+            return pixels
+        # rows the actor decoded itself are already on the device; the rest move there
+        pixels = pixels.to(self.model.device, non_blocking=True)
+        for row, i in enumerate(index):
+            if i in self.on_device:
+                pixels[row] = self.on_device[i]
+        return pixels
+
+    def decode_on_device(self, batch: dict[str, np.ndarray]) -> None:
+        """Decode the JPEG rows the decode tasks left encoded (``--decode device``), on the
+        model's device: one batched ``decode_jpeg`` call (nvJPEG on a GPU), then the same
+        crops as the CPU path. A batch that fails is retried row by row, so one corrupt
+        file becomes one error row."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self.on_device = {}
+        encoded = batch.pop("_encoded", None)
+        if encoded is None:
+            return
+        rows = [i for i, data in enumerate(encoded) if isinstance(data, bytes)]
+        if not rows:
+            return
+        device = self.model.device
+
+        def decode(items):
+            return decode_jpeg([torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8)
+                                for i in items], mode=ImageReadMode.RGB, device=device,
+                               apply_exif_orientation=True)
+
+        batch["_error"] = np.array(batch["_error"], dtype=object)  # writable copies
+        batch["_error_kind"] = np.array(batch["_error_kind"], dtype=object)
+        try:
+            decoded = dict(zip(rows, decode(rows), strict=True))
+        except RuntimeError:
+            decoded = {}
+            for i in rows:
+                try:
+                    decoded[i] = decode([i])[0]
+                except RuntimeError as exc:
+                    batch["_error"][i] = f"{row_label(batch, i)}: cannot decode JPEG: {exc}"
+                    batch["_error_kind"][i] = "decode"
+        for i, image in decoded.items():
+            self.on_device[i] = self.crops.crop_tensor(image)
 
     def process(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
         raise NotImplementedError
@@ -233,8 +280,10 @@ class ModelStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         count = len(batch["source_row"])
+        self.decode_on_device(batch)
         ok = np.array([is_missing(e) for e in batch["_error"]], dtype=bool)
         self.process(batch, ok)
+        self.on_device = {}
         del batch["pixels"]
         batch["status"] = np.where(ok, "ok", "error").astype(object)
         batch["error"] = _strings(batch.pop("_error"))

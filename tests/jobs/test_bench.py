@@ -21,19 +21,24 @@ def test_bench_measures_all_three_ways_and_writes_its_outputs(ray_local, tmp_pat
     assert written == json.loads(json.dumps(results))
     assert set(results["limit"]) == {"fp32", "int8"}
     assert results["dataloader"]["fp32"]["images_per_s"] > 0
-    runs = {(r["actors"], r["precision"]): r for r in results["pipeline"]}
-    assert set(runs) == {(1, "fp32"), (1, "int8")}
+    runs = {(r["actors"], r["precision"], r["decode"]): r for r in results["pipeline"]}
+    assert set(runs) == {(1, "fp32", "cpu"), (1, "int8", "cpu"), (1, "fp32", "device")}
     for run in runs.values():
         assert run["rows"] == 12 and run["images_per_s"] > 0
         assert set(run["stage_busy_s"]) == {"read", "decode", "model", "write"}
         assert run["bottleneck"].split("-")[0] in run["stage_busy_s"]
     limit = results["limit"]["fp32"]["images_per_s"]
     assert results["ratios"]["pipeline_over_limit"] == pytest.approx(
-        runs[(1, "fp32")]["steady_images_per_s"] / limit)
-    (check,) = results["fidelity"]
-    assert check["precision"] == "int8" and check["images"] == 12
-    assert check["passes"] == all(check[k]["spearman"] >= 0.999
-                                  for k in ("quality", "alignment"))
+        runs[(1, "fp32", "cpu")]["steady_images_per_s"] / limit)
+    assert results["ratios"]["pipeline_decode_device_over_fp32_limit"] == pytest.approx(
+        runs[(1, "fp32", "device")]["steady_images_per_s"] / limit)
+    quantised, decoded = results["fidelity"]
+    assert quantised["precision"] == "int8" and quantised["images"] == 12
+    assert decoded["decode"] == "device" and decoded["device"] == "cpu"
+    assert decoded["images"] == 12  # the sample is all JPEG
+    for check in (quantised, decoded):
+        assert check["passes"] == all(check[k]["spearman"] >= 0.999
+                                      for k in ("quality", "alignment"))
     profile = results["profile"]["model"]
     assert profile["batch"] == 4 and profile["distinct_prompts"] == 1
     # every tower the model scores with is timed on its own, none twice
@@ -48,7 +53,8 @@ def test_bench_measures_all_three_ways_and_writes_its_outputs(ray_local, tmp_pat
     assert results["ratios"]["pipeline_over_dataloader_ceiling"] == pytest.approx(
         loader["seconds"] / loader["model_s"])
     table = (tmp_path / "b" / "bench.md").read_text()
-    assert table.count("| 3. iqray score") == 4 and "| 1. limit" in table
+    assert table.count("| 3. iqray score") == 6 and "| 1. limit" in table
+    assert "decode on device, steady |" in table
     assert "| fine_visual |" in table and "| op kind (self CPU time) | share |" in table
     with Image.open(tmp_path / "b" / "bench.png") as png:
         assert png.size[0] > 600
