@@ -163,7 +163,7 @@ def run_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
         shutil.rmtree(root, ignore_errors=True)
         out.append(result)
         log(f"re-score from cache, {rows:,} rows: {result['seconds']:.1f} s "
-            f"({result['rows_per_s']:,.0f} rows/s), peak RSS "
+            f"({result['rows_per_s']:,.0f} rows/s), peak memory "
             f"{result['peak_pss_bytes'] / 2**20:,.0f} MiB (driver + Ray, PSS)")
     _log_spread(out, log)
     return out
