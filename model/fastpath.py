@@ -69,3 +69,28 @@ def fidelity_report(reference: dict[str, np.ndarray], fast: dict[str, np.ndarray
                         "max_abs_diff": float(np.abs(a[keep] - b[keep]).max())}
     report["passes"] = all(v["spearman"] >= MIN_SPEARMAN for k, v in report.items())
     return report
+
+
+def compile_towers(model):
+    """``torch.compile`` the image towers in place; returns the model.
+
+    On a GPU with ``mode="reduce-overhead"``: inductor kernels replayed as CUDA graphs, one
+    graph per batch shape (the last, shorter batch of a shard records its own). On a CPU the
+    default mode (measured here: 1.09x for the full-size model after about 37 s of compiling
+    per process). Shapes are static (``dynamic=False``) because batches are. The text tower
+    stays eager: prompts are encoded once per distinct prompt and cached.
+    """
+    if not hasattr(model, "fine_visual"):
+        raise ValueError("--compile is built for MST-CLIPIQA's towers; BPCLIP reads its tower "
+                         "at four depths through forward hooks, which compiled graphs skip")
+    if getattr(model, "precision", "fp32") != "fp32":
+        raise ValueError("--compile with --precision int8 is not offered: on this CPU it ran "
+                         "the ViT-B-16 tower 0.98x as fast and moved outputs by up to 0.06")
+    if any(p.requires_grad for t in image_towers(model) for p in t.parameters()):
+        raise ValueError("compiled towers are for scoring; they cannot be trained")
+    mode = "reduce-overhead" if model.device.type == "cuda" else None
+    model.coarse.visual = torch.compile(model.coarse.visual, mode=mode, dynamic=False)
+    model.fine_visual = torch.compile(model.fine_visual, mode=mode, dynamic=False)
+    model.compiled = True
+    return model
+

@@ -54,9 +54,10 @@ class Embedder(ModelStage):
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
                  prompt_cache_size: int = 4096, known: list | None = None,
-                 dtype: str = "float16", precision: str = "fp32"):
-        # A cache is shared by every later run of the same towers: fp32 towers only.
-        super().__init__(spec, device, threads, prompt_cache_size)
+                 dtype: str = "float16", precision: str = "fp32", compile: bool = False):
+        # A cache is shared by every later run of the same towers: fp32 towers only
+        # (compiled towers are fp32 too).
+        super().__init__(spec, device, threads, prompt_cache_size, compile=compile)
         import ray
 
         self.known: set[str] = ray.get(known[0]) if known else set()

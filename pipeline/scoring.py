@@ -207,7 +207,8 @@ class ModelStage:
     owns loading, the status/error columns and per-row timing."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
-                 prompt_cache_size: int = 4096, precision: str = "fp32"):
+                 prompt_cache_size: int = 4096, precision: str = "fp32",
+                 compile: bool = False):
         if threads:
             torch.set_num_threads(threads)
         if device == "auto" and not torch.cuda.is_available():
@@ -215,9 +216,11 @@ class ModelStage:
 
             print("iqray: this actor holds a GPU reservation but its process sees no CUDA "
                   "device; scoring on CPU (use --device cuda to fail instead)", file=sys.stderr)
-        from iqray.model.fastpath import apply_precision
+        from iqray.model.fastpath import apply_precision, compile_towers
 
         self.model = apply_precision(spec.load(device, prompt_cache_size), precision)
+        if compile:
+            compile_towers(self.model)  # compiles on the first batch
         self.pin = self.model.device.type == "cuda"
         self.crops = crop_transform(spec.config.image_size, spec.config.fine_resize)
         self.on_device: dict[int, torch.Tensor] = {}
@@ -243,6 +246,8 @@ class ModelStage:
         model's device: one batched ``decode_jpeg`` call (nvJPEG on a GPU), then the same
         crops as the CPU path. A batch that fails is retried row by row, so one corrupt
         file becomes one error row."""
+        # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which is not
+        # installable here; decode_jpeg still works and is the pinned version's nvJPEG path.
         from torchvision.io import ImageReadMode, decode_jpeg
 
         self.on_device = {}

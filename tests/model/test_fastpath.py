@@ -39,3 +39,29 @@ def test_precision_is_checked():
     with pytest.raises(ValueError, match="cannot be trained"):
         apply_precision(model, "int8")
 
+
+
+def test_compiled_towers_score_like_eager_ones(sample_rows):
+    from iqray.model.fastpath import compile_towers
+
+    paths = [r["path"] for r in sample_rows[:8]]
+    prompts = [r["prompt"] for r in sample_rows[:8]]
+    eager = iqray.model.load("mst-clipiqa-tiny-random")
+    compiled = compile_towers(iqray.model.load("mst-clipiqa-tiny-random"))
+    assert type(compiled.fine_visual).__name__ == "OptimizedModule"
+    base, other = eager.score(paths, prompts), compiled.score(paths, prompts)
+    for name in ("quality", "alignment"):
+        np.testing.assert_allclose(other[name], base[name], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_is_refused_where_it_is_not_offered():
+    from iqray.model.fastpath import compile_towers
+
+    with pytest.raises(ValueError, match="int8 is not offered"):
+        compile_towers(apply_precision(iqray.model.load("mst-clipiqa-tiny-random"), "int8"))
+    with pytest.raises(ValueError, match="forward hooks"):
+        compile_towers(iqray.model.load("bpclip-tiny-random"))
+    trainable = iqray.model.load("mst-clipiqa-tiny-random")
+    trainable.set_towers_trainable(True)
+    with pytest.raises(ValueError, match="cannot be trained"):
+        compile_towers(trainable)

@@ -80,3 +80,12 @@ def test_device_decode_scores_like_the_decode_tasks(ray_local, tmp_path, mixed_i
         a, b = np.array(cpu[name])[ok], np.array(device[name])[ok]
         assert spearmanr(a, b).statistic >= 0.999
         assert np.abs(a - b).max() < 0.05 * (a.max() - a.min())
+
+
+def test_outputs_of_the_two_decoders_are_not_mixed_on_resume():
+    """Device crops differ from PIL's by rounding, so a rerun with the other --decode must
+    rescore committed shards, as a rerun with another precision does."""
+    def identity(**extra):
+        return ScoreConfig(input="in", output="out", **extra).options_hash("model")
+
+    assert identity(decode="device") != identity(decode="cpu")
