@@ -234,10 +234,11 @@ def scale_table(scale: list[dict]) -> str:
     if not scale:
         return ""
     lines = ["Re-scoring from the embedding cache:", "",
-             "| rows | seconds | rows/s | peak memory, driver + Ray (PSS, MiB) |",
-             "|---|---|---|---|"]
+             "| rows | seconds | rows/s | peak memory, driver + Ray (PSS, MiB) "
+             "| peak object store (MiB) |", "|---|---|---|---|---|"]
     lines += [f"| {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | "
-              f"{r['peak_pss_bytes'] / 2**20:,.0f} |" for r in scale]
+              f"{r['peak_pss_bytes'] / 2**20:,.0f} | "
+              f"{(r['peak_object_store_bytes'] or 0) / 2**20:,.0f} |" for r in scale]
     return "\n".join(lines) + "\n"
 
 
