@@ -219,26 +219,26 @@ def _write(results: dict, config: BenchConfig, log) -> dict:
 
 
 def image_scale_table(scale: list[dict]) -> str:
-    if not scale:
-        return ""
-    lines = ["", "Image pipeline (read, decode, model actors, write):", "",
-             "| rows | seconds | rows/s | peak memory, driver + Ray (PSS, MiB) | processes "
-             "| peak object store (MiB) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | "
-              f"{r['peak_pss_bytes'] / 2**20:,.0f} | {r['processes']} | "
-              f"{(r['peak_object_store_bytes'] or 0) / 2**20:,.0f} |" for r in scale]
-    return "\n".join(lines) + "\n"
+    return _scale_table("\nImage pipeline (read, decode, model actors, write):", scale,
+                        processes=True)
 
 
 def scale_table(scale: list[dict]) -> str:
+    return _scale_table("Re-scoring from the embedding cache:", scale, processes=False)
+
+
+def _scale_table(title: str, scale: list[dict], processes: bool) -> str:
     if not scale:
         return ""
-    lines = ["Re-scoring from the embedding cache:", "",
-             "| rows | seconds | rows/s | peak memory, driver + Ray (PSS, MiB) "
-             "| peak object store (MiB) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['rows']:,} | {r['seconds']:.1f} | {r['rows_per_s']:,.0f} | "
-              f"{r['peak_pss_bytes'] / 2**20:,.0f} | "
-              f"{(r['peak_object_store_bytes'] or 0) / 2**20:,.0f} |" for r in scale]
+    head = ["rows", "seconds", "rows/s", "peak memory, driver + Ray (PSS, MiB)",
+            *(["processes"] if processes else []), "peak object store (MiB)"]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in scale:
+        cells = [f"{r['rows']:,}", f"{r['seconds']:.1f}", f"{r['rows_per_s']:,.0f}",
+                 f"{r['peak_pss_bytes'] / 2**20:,.0f}",
+                 *([str(r["processes"])] if processes else []),
+                 f"{(r['peak_object_store_bytes'] or 0) / 2**20:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

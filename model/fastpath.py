@@ -1,11 +1,12 @@
-"""Faster ways to run the frozen image towers, each switched on by name (``--precision``).
+"""Faster ways to run the frozen image towers: ``--precision int8`` and ``--compile``.
 
 Chosen by measurement on this machine (2 cores, AVX-512 with VNNI; `iqray bench` keeps the
 figures): int8 dynamic quantisation of the image towers' Linear layers ran the full-size
 ViT-B-32 2.2x and ViT-B-16 1.8x faster than fp32, while bf16 autocast on this CPU was 3.4x
 *slower*, and torch.compile (inductor) gained 1.13x on ViT-B-16, 0.96x on ViT-B-32 (about
 1.09x for the model, after 37 s of compiling per actor) and nothing on the int8 towers, so
-only int8 is offered for CPUs. On GPUs the towers already run in bf16 autocast.
+int8 is the CPU path and compile is opt-in, never combined with int8. On GPUs the towers
+already run in bf16 autocast; ``--compile`` adds CUDA graphs there.
 A path is only offered if its scores keep Spearman >= 0.999 against fp32 on the sample
 (checked by `iqray bench`, and by the tests on tiny towers).
 """
@@ -30,6 +31,11 @@ def image_towers(model) -> list[nn.Module]:
     return [model.backbone.visual]
 
 
+def _require_frozen(model, what: str) -> None:
+    if any(p.requires_grad for t in image_towers(model) for p in t.parameters()):
+        raise ValueError(f"{what} are for scoring; they cannot be trained")
+
+
 def apply_precision(model, precision: str):
     """Convert ``model``'s image towers in place for ``precision``; returns the model."""
     if precision not in PRECISIONS:
@@ -39,8 +45,7 @@ def apply_precision(model, precision: str):
     if model.device.type != "cpu":
         raise ValueError("--precision int8 is a CPU path (dynamic quantisation); on a GPU the "
                          "towers already run in bf16 autocast")
-    if any(p.requires_grad for t in image_towers(model) for p in t.parameters()):
-        raise ValueError("int8 towers are for scoring; they cannot be trained")
+    _require_frozen(model, "int8 towers")
     with warnings.catch_warnings():
         # torch 2.14 points eager quantisation at torchao; the API still works and torchao
         # is not a dependency of iqray.
@@ -86,8 +91,7 @@ def compile_towers(model):
     if getattr(model, "precision", "fp32") != "fp32":
         raise ValueError("--compile with --precision int8 is not offered: on this CPU it ran "
                          "the ViT-B-16 tower 0.98x as fast and moved outputs by up to 0.06")
-    if any(p.requires_grad for t in image_towers(model) for p in t.parameters()):
-        raise ValueError("compiled towers are for scoring; they cannot be trained")
+    _require_frozen(model, "compiled towers")
     mode = "reduce-overhead" if model.device.type == "cuda" else None
     model.coarse.visual = torch.compile(model.coarse.visual, mode=mode, dynamic=False)
     model.fine_visual = torch.compile(model.fine_visual, mode=mode, dynamic=False)

@@ -114,18 +114,19 @@ class ImageTransform:
         The pipeline ships this between its decode and model stages: 4x smaller than the
         float tensor, so decoded images do not flood the object store.
         """
-        views = [self._view(image, self.size)]
-        if self.fine_resize is not None:
-            views.append(self._view(image, self.fine_resize))
-        return torch.cat(views) if len(views) > 1 else views[0]
+        return self._views(self._view, image)
 
     def crop_tensor(self, image: torch.Tensor) -> torch.Tensor:
         """:meth:`crop` for an already decoded uint8 (3, H, W) tensor on any device (images
         decoded on a GPU stay there). Bicubic with antialiasing, as PIL resizes; the two
         differ by rounding, which the pipeline's fidelity check measures."""
-        views = [self._tensor_view(image, self.size)]
+        return self._views(self._tensor_view, image)
+
+    def _views(self, view, image) -> torch.Tensor:
+        """The coarse view, then the fine one if this transform has it, channel-stacked."""
+        views = [view(image, self.size)]
         if self.fine_resize is not None:
-            views.append(self._tensor_view(image, self.fine_resize))
+            views.append(view(image, self.fine_resize))
         return torch.cat(views) if len(views) > 1 else views[0]
 
     def _tensor_view(self, image: torch.Tensor, resize: int) -> torch.Tensor:

@@ -311,19 +311,15 @@ def decode_fidelity(model_name: str, files: list[Path], prompts: list[str]
                     ) -> dict[str, Any]:
     """Scores of JPEGs decoded as ``--decode device`` does (torchvision ``decode_jpeg`` on
     the model's device, tensor crops) against the PIL decode tasks', per output."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     import iqray.model
     from iqray.model.fastpath import fidelity_report
-    from iqray.pipeline.decode import crop_transform
+    from iqray.pipeline.decode import crop_transform, decode_jpegs
 
     model = iqray.model.load(model_name)
     transform = crop_transform(model.config.image_size, model.config.fine_resize)
     jpegs = [f for f in files if f.suffix.lower() in (".jpg", ".jpeg")]
     texts = [p for f, p in zip(files, prompts, strict=True) if f in jpegs]
-    decoded = decode_jpeg([torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)
-                           for f in jpegs], mode=ImageReadMode.RGB, device=model.device,
-                          apply_exif_orientation=True)
+    decoded = decode_jpegs([f.read_bytes() for f in jpegs], model.device)
     on_device = torch.stack([transform.crop_tensor(image) for image in decoded])
     report = fidelity_report(model.score(crops(model, jpegs), texts),
                              model.score(on_device, texts), model.output_names)

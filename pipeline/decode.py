@@ -122,6 +122,20 @@ def device_decodable(data: Any, max_pixels: int) -> bool:
         return False  # PIL's own decode then reports the error row
 
 
+def decode_jpegs(encoded: list[bytes], device) -> list:
+    """JPEG bytes -> uint8 (3, H, W) tensors on ``device``, in one batched torchvision
+    ``decode_jpeg`` call (nvJPEG on a GPU), EXIF orientation applied as PIL's path does.
+    Raises RuntimeError when any of them cannot be decoded."""
+    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which is not
+    # installable here; decode_jpeg still works and is the pinned version's nvJPEG path.
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                        for data in encoded], mode=ImageReadMode.RGB, device=device,
+                       apply_exif_orientation=True)
+
+
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
                  timeout_s: float | None, keep_image_bytes: bool,
                  fine_resize: int | None = None, references: bool = False,

@@ -30,7 +30,14 @@ from iqray.model.config import (
     shipped_models,
 )
 from iqray.model.weights import looks_like_path, resolve_tower_weights
-from iqray.pipeline.decode import crop_transform, is_missing, restore_nulls, row_label
+from iqray.pipeline.decode import (
+    crop_transform,
+    decode_jpegs,
+    is_missing,
+    node_id,
+    restore_nulls,
+    row_label,
+)
 from iqray.pipeline.storage import StorageConfig
 
 
@@ -224,8 +231,6 @@ class ModelStage:
         self.pin = self.model.device.type == "cuda"
         self.crops = crop_transform(spec.config.image_size, spec.config.fine_resize)
         self.on_device: dict[int, torch.Tensor] = {}
-        from iqray.pipeline.decode import node_id
-
         self.node = node_id()
 
     def pixels(self, batch: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
@@ -246,10 +251,6 @@ class ModelStage:
         model's device: one batched ``decode_jpeg`` call (nvJPEG on a GPU), then the same
         crops as the CPU path. A batch that fails is retried row by row, so one corrupt
         file becomes one error row."""
-        # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which is not
-        # installable here; decode_jpeg still works and is the pinned version's nvJPEG path.
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         self.on_device = {}
         encoded = batch.pop("_encoded", None)
         if encoded is None:
@@ -260,9 +261,7 @@ class ModelStage:
         device = self.model.device
 
         def decode(items):
-            return decode_jpeg([torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8)
-                                for i in items], mode=ImageReadMode.RGB, device=device,
-                               apply_exif_orientation=True)
+            return decode_jpegs([encoded[i] for i in items], device)
 
         batch["_error"] = np.array(batch["_error"], dtype=object)  # writable copies
         batch["_error_kind"] = np.array(batch["_error_kind"], dtype=object)
