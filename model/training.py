@@ -13,13 +13,18 @@ each training row's group (e.g. the generator read from the file name) from the 
 embedding. Small towers trained from scratch learn "which generator made this" slowly from
 MOS alone, and on AGIQA-3K the generator explains much of the MOS; the classifier is thrown
 away after training and never sees validation labels.
+
+Optional weight averaging (``ema_decay`` > 0): an exponential moving average of the weights
+is what gets validated, selected and saved; training itself takes exactly the same steps.
+With a few thousand images, validation SRCC swings from epoch to epoch and seed to seed.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +54,10 @@ class TrainSettings(BaseModel):
     group_weight: float = Field(
         default=0.0, ge=0, description="weight of the auxiliary group-classification loss "
         "(needs --group-column or --group-pattern; 0 = off)")
+    ema_decay: float = Field(
+        default=0.0, ge=0, lt=1, description="exponential moving average of the weights "
+        "(e.g. 0.99): validation, epoch selection and the checkpoint use the averaged weights; "
+        "0 = off")
 
 
 @dataclass
@@ -322,6 +331,43 @@ def fit_bpclip(model: BPCLIP, train: LevelRows, val: LevelRows, settings: TrainS
                 lambda: validation_srcc(model, val), model.trainable_state_dict, on_epoch)
 
 
+class WeightAverage:
+    """Exponential moving average of the floating-point tensors a model saves (parameters and
+    norm statistics). On a few thousand images the weights after any one step are noisy and
+    the best epoch by val SRCC swings with them; the average is what gets validated and kept.
+
+    The decay warms up as ``min(decay, (1 + t) / (10 + t))`` after ``t`` updates, so the
+    average is not dominated by the random initial weights."""
+
+    def __init__(self, model: torch.nn.Module, names: set[str], decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()
+                       if k in names and v.is_floating_point()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        decay = self.current_decay()
+        live = model.state_dict()
+        for name, average in self.shadow.items():
+            average.lerp_(live[name].detach(), 1.0 - decay)
+        self.updates += 1
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[None]:
+        """The model holds the averaged weights inside the block and its own ones after it,
+        so the average only observes training and never steers it."""
+        live = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield
+        finally:
+            model.load_state_dict(live, strict=False)
+
+
 def _params(module: torch.nn.Module | None) -> list[torch.nn.Parameter]:
     return [] if module is None else list(module.parameters())
 
@@ -336,6 +382,8 @@ def _fit(model: MSTClipIQA | BPCLIP, train, val, settings: TrainSettings, seed: 
         optimiser, T_max=settings.epochs * steps_per_epoch)
     weights = {"quality": settings.quality_weight, "alignment": settings.alignment_weight}
     generator = torch.Generator().manual_seed(seed)
+    average = (WeightAverage(model, set(state()), settings.ema_decay)
+               if settings.ema_decay > 0 else None)
     result = TrainResult(seed=seed, best_epoch=-1, best_val={"mean": -math.inf})
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -354,16 +402,19 @@ def _fit(model: MSTClipIQA | BPCLIP, train, val, settings: TrainSettings, seed: 
             loss.backward()
             optimiser.step()
             schedule.step()
+            if average is not None:
+                average.update(model)
             losses.append(float(loss.detach()))
-        val_scores = validate()
+        with average.applied(model) if average is not None else nullcontext():
+            val_scores = validate()
+            if val_scores["mean"] > result.best_val["mean"]:
+                result.best_epoch, result.best_val = epoch, val_scores
+                result.state = copy.deepcopy(state())
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                   **{f"val_srcc_{k}": v for k, v in val_scores.items()}}
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if val_scores["mean"] > result.best_val["mean"]:
-            result.best_epoch, result.best_val = epoch, val_scores
-            result.state = copy.deepcopy(state())
     model.load_state_dict(result.state, strict=False)
     model.eval()
     return result
