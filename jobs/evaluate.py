@@ -1,5 +1,8 @@
 """`iqray eval`: agreement of a checkpoint with human scores, overall and per group, beside
-trivial baselines (Laplacian-variance sharpness, file size) on the same rows."""
+trivial baselines on the same rows: Laplacian-variance sharpness, file size and, given a
+prior table (the training split), each group's mean MOS there -- how far knowing only the
+group (e.g. AGIQA-3K's generator) gets. Each baseline is compared with the model by a paired
+bootstrap of the SRCC difference."""
 
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ class EvalConfig(LabelledDataConfig):
     output: str = Field(default="runs/eval", description="folder for eval.json and scatter.png")
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap samples for the SRCC CI")
     baselines: bool = Field(default=True, description="also score Laplacian variance, file size")
+    prior_table: str | None = Field(
+        default=None, description="table with the same MOS and group columns (usually the "
+        "training split): adds the baseline that predicts each row's group mean MOS there "
+        "(groups from --group-column/--group-pattern; unseen groups get the overall mean)")
 
 
 def laplacian_variance(image_bytes: bytes) -> float:
@@ -53,9 +60,33 @@ def baseline_scores(config: EvalConfig, rows: list[int]) -> dict[str, np.ndarray
             "file_size": np.array([size.get(r, np.nan) for r in rows])}
 
 
+def group_prior_scores(config: EvalConfig, groups: list[str]) -> dict[str, np.ndarray]:
+    """Per head, each row's group mean MOS in ``config.prior_table``."""
+    from iqray.pipeline.readers import read_table
+
+    if config.group_column is None and config.group_pattern is None:
+        raise ValueError("--prior-table needs groups: give --group-column or --group-pattern")
+    prior = read_table(config.prior_table, config.storage_config())
+    prior_groups = np.array(groups_for(config, config.prior_table, list(range(prior.num_rows))))
+    out = {}
+    for head, column in (("quality", config.quality_column),
+                         ("alignment", config.alignment_column)):
+        if column is None:
+            continue
+        if column not in prior.column_names:
+            raise ValueError(f"{config.prior_table}: no MOS column {column!r}")
+        mos = prior[column].to_numpy(zero_copy_only=False).astype(float)
+        known = np.isfinite(mos)
+        means = {g: float(mos[known & (prior_groups == g)].mean())
+                 for g in set(prior_groups[known].tolist())}
+        overall = float(mos[known].mean())
+        out[head] = np.array([means.get(g, overall) for g in groups])
+    return out
+
+
 def run_eval(config: EvalConfig, log=print) -> dict:
     import iqray.model
-    from iqray.model.metrics import agreement, bootstrap_srcc_ci
+    from iqray.model.metrics import agreement, bootstrap_srcc_ci, bootstrap_srcc_difference
 
     image_root = config.image_root or (config.input.rsplit("/", 1)[0]
                                        if "/" in config.input else ".")
@@ -77,6 +108,7 @@ def run_eval(config: EvalConfig, log=print) -> dict:
                     "mode": model.mode, "heads": {}}
     baselines = baseline_scores(config.model_copy(update={"image_root": image_root}), rows) \
         if config.baselines else {}
+    prior = group_prior_scores(config, groups) if config.prior_table else {}
     for head in HEADS:
         mos = labelled.mos[head]
         if head not in scores or np.isfinite(mos).sum() < 3:
@@ -87,8 +119,14 @@ def run_eval(config: EvalConfig, log=print) -> dict:
             result["srcc_ci95"] = list(bootstrap_srcc_ci(pred, mos, samples=config.bootstrap))
         result["groups"] = {g: agreement(pred[np.array(groups) == g], mos[np.array(groups) == g])
                             for g in sorted(set(groups))}
+        head_baselines = {**baselines, **({"group_prior": prior[head]} if head in prior
+                                          else {})}
         result["baselines"] = {name: agreement(values, mos)
-                               for name, values in baselines.items()}
+                               for name, values in head_baselines.items()}
+        if config.bootstrap:
+            for name, values in head_baselines.items():
+                result["baselines"][name]["model_minus_baseline"] = bootstrap_srcc_difference(
+                    pred, values, mos, samples=config.bootstrap)
         report["heads"][head] = result
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -96,7 +134,9 @@ def run_eval(config: EvalConfig, log=print) -> dict:
     plot_scatter(scores, labelled.mos, groups, report, output / "scatter.png")
     for head, result in report["heads"].items():
         low, high = result.get("srcc_ci95", [float("nan")] * 2)
-        base = ", ".join(f"{k} {v['srcc']:.3f}" for k, v in result["baselines"].items())
+        base = ", ".join(f"{k} {v['srcc']:.3f}" + (
+            f" (model better in {v['model_minus_baseline']['p_better']:.0%} of resamples)"
+            if "model_minus_baseline" in v else "") for k, v in result["baselines"].items())
         log(f"{head}: SRCC {result['srcc']:.3f} [{low:.3f}, {high:.3f}], KRCC "
             f"{result['krcc']:.3f}, PLCC {result['plcc']:.3f}, PLCC (logistic) "
             f"{result['plcc_logistic']:.3f} on {result['n']} rows"

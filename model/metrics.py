@@ -81,6 +81,32 @@ def bootstrap_srcc_ci(pred, mos, samples: int = 1000, seed: int = 0,
     return float(low), float(high)
 
 
+def bootstrap_srcc_difference(pred, baseline, mos, samples: int = 1000, seed: int = 0,
+                              level: float = 0.95) -> dict[str, float]:
+    """Paired bootstrap of SRCC(pred) - SRCC(baseline): the same resampled rows score both,
+    so the interval is of the difference itself (two separate intervals overlap far more
+    than the difference is uncertain). ``p_better`` is the share of resamples where ``pred``
+    ranks better."""
+    pred, baseline, mos = (np.asarray(a, float) for a in (pred, baseline, mos))
+    keep = np.isfinite(pred) & np.isfinite(baseline) & np.isfinite(mos)
+    pred, baseline, mos = pred[keep], baseline[keep], mos[keep]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(samples):
+        index = rng.integers(0, len(pred), len(pred))
+        value = srcc(pred[index], mos[index]) - srcc(baseline[index], mos[index])
+        if np.isfinite(value):
+            values.append(value)
+    nan = float("nan")
+    if not values:
+        return {"difference": nan, "ci95": [nan, nan], "p_better": nan, "samples": 0}
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return {"difference": srcc(pred, mos) - srcc(baseline, mos),
+            "ci95": [float(low), float(high)],
+            "p_better": float(np.mean(np.asarray(values) > 0)), "samples": len(values)}
+
+
 def mean_std(values) -> dict[str, float]:
     values = np.asarray(values, float)
     return {"mean": float(np.mean(values)),

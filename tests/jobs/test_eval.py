@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pytest
 import torch
 from PIL import Image
@@ -33,11 +35,19 @@ def trained_checkpoint(tmp_path):
 def test_eval_writes_metrics_per_group_with_baselines_and_a_plot(ray_local, tmp_path,
                                                                  trained_checkpoint,
                                                                  sample_rows):
+    # The prior table: other images' MOS per generator; glide is missing from it.
+    rng = np.random.default_rng(0)
+    prior_rows = [{"name": f"{g}_normal_{i:03d}.jpg", "mos_quality": m + rng.random(),
+                   "mos_align": 5 - m - rng.random()}
+                  for g, m in (("AttnGAN", 1.0), ("DALLE2", 2.5), ("midjourney", 3.5),
+                               ("sd1.5", 2.8), ("xl2.2", 3.2)) for i in range(5)]
+    pa_csv.write_csv(pa.Table.from_pylist(prior_rows), tmp_path / "prior.csv")
     report = run_eval(EvalConfig(
         input=str(SAMPLE / "prompts.csv"), image_root=str(SAMPLE / "images"),
         model=str(trained_checkpoint), cache=str(tmp_path / "cache"),
         output=str(tmp_path / "eval"), group_pattern=r"^([^_]+)_", bootstrap=200,
-        progress=False, **SAMPLE_COLUMNS), log=lambda *a: None)
+        prior_table=str(tmp_path / "prior.csv"), progress=False, **SAMPLE_COLUMNS),
+        log=lambda *a: None)
 
     written = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert written == json.loads(json.dumps(report))
@@ -66,6 +76,24 @@ def test_eval_writes_metrics_per_group_with_baselines_and_a_plot(ray_local, tmp_
     assert quality["baselines"]["file_size"]["srcc"] == pytest.approx(
         stats.spearmanr(sizes, mos_q).statistic)
     assert "alignment" in report["heads"]
+
+    # The group prior predicts each image's generator mean in the prior table (the overall
+    # mean for glide), and is compared with the model row for row.
+    for head, column in (("quality", "mos_quality"), ("alignment", "mos_align")):
+        means = {}
+        for row in prior_rows:
+            means.setdefault(row["name"].split("_")[0], []).append(row[column])
+        overall = np.mean([row[column] for row in prior_rows])
+        prior_pred = [np.mean(means[r["name"].split("_")[0]])
+                      if r["name"].split("_")[0] in means else overall for r in sample_rows]
+        mos = np.array([float(r[column]) for r in sample_rows])
+        prior = report["heads"][head]["baselines"]["group_prior"]
+        assert prior["srcc"] == pytest.approx(stats.spearmanr(prior_pred, mos).statistic)
+        model_srcc = report["heads"][head]["srcc"]
+        paired = prior["model_minus_baseline"]
+        assert paired["difference"] == pytest.approx(model_srcc - prior["srcc"])
+        assert paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+        assert 0.0 <= paired["p_better"] <= 1.0
 
 
 def test_laplacian_variance_ranks_blur_below_sharp():

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from iqray.model.metrics import agreement, bootstrap_srcc_ci, fit_logistic4, logistic4, mean_std
+from iqray.model.metrics import (
+    agreement,
+    bootstrap_srcc_ci,
+    bootstrap_srcc_difference,
+    fit_logistic4,
+    logistic4,
+    mean_std,
+)
 
 
 def test_correlations_match_scipy_on_known_arrays():
@@ -51,3 +58,25 @@ def test_bootstrap_interval_brackets_the_estimate():
 def test_mean_std_over_repeats():
     assert mean_std([0.7, 0.8, 0.9]) == {"mean": pytest.approx(0.8), "std": pytest.approx(0.1),
                                          "n": 3}
+
+
+def test_paired_bootstrap_of_the_srcc_difference():
+    rng = np.random.default_rng(0)
+    mos = rng.random(200)
+    good = mos + 0.1 * rng.random(200)
+    noisy = mos + 2.0 * rng.random(200)
+    result = bootstrap_srcc_difference(good, noisy, mos, samples=300, seed=1)
+    expected = stats.spearmanr(good, mos).statistic - stats.spearmanr(noisy, mos).statistic
+    assert result["difference"] == pytest.approx(expected)
+    low, high = result["ci95"]
+    assert 0 < low <= result["difference"] <= high
+    assert result["p_better"] == 1.0 and result["samples"] == 300
+    # The baseline against itself: no difference in any resample, never better.
+    same = bootstrap_srcc_difference(noisy, noisy, mos, samples=50)
+    assert same["ci95"] == [0.0, 0.0] and same["p_better"] == 0.0
+    # Rows missing in either prediction are left out of both.
+    with_gap = good.copy()
+    with_gap[0] = np.nan
+    assert bootstrap_srcc_difference(with_gap, noisy, mos, samples=10)["difference"] == \
+        pytest.approx(stats.spearmanr(good[1:], mos[1:]).statistic
+                      - stats.spearmanr(noisy[1:], mos[1:]).statistic)
