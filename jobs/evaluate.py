@@ -84,9 +84,33 @@ def group_prior_scores(config: EvalConfig, groups: list[str]) -> dict[str, np.nd
     return out
 
 
+def group_means(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each row's group mean of ``values`` (finite values only)."""
+    out = np.full(len(values), np.nan)
+    for group in set(groups.tolist()):
+        mask = groups == group
+        finite = values[mask][np.isfinite(values[mask])]
+        if finite.size:
+            out[mask] = finite.mean()
+    return out
+
+
+def group_breakdown(pred: np.ndarray, mos: np.ndarray, groups: np.ndarray) -> dict:
+    """Agreement within each group, with the group's mean prediction and mean MOS."""
+    from iqray.model.metrics import agreement
+
+    out = {}
+    for group in sorted(set(groups.tolist())):
+        mask = groups == group
+        out[group] = {**agreement(pred[mask], mos[mask]),
+                      "mean_prediction": float(np.nanmean(pred[mask])),
+                      "mean_mos": float(np.nanmean(mos[mask]))}
+    return out
+
+
 def run_eval(config: EvalConfig, log=print) -> dict:
     import iqray.model
-    from iqray.model.metrics import agreement, bootstrap_srcc_ci, bootstrap_srcc_difference
+    from iqray.model.metrics import agreement, bootstrap_srcc_ci, bootstrap_srcc_difference, srcc
 
     image_root = config.image_root or (config.input.rsplit("/", 1)[0]
                                        if "/" in config.input else ".")
@@ -117,8 +141,10 @@ def run_eval(config: EvalConfig, log=print) -> dict:
         result = agreement(pred, mos)
         if config.bootstrap:
             result["srcc_ci95"] = list(bootstrap_srcc_ci(pred, mos, samples=config.bootstrap))
-        result["groups"] = {g: agreement(pred[np.array(groups) == g], mos[np.array(groups) == g])
-                            for g in sorted(set(groups))}
+        result["groups"] = group_breakdown(pred, mos, np.array(groups))
+        # Each row scored by its group's mean prediction: how well the model orders the
+        # groups alone (compare group_prior), apart from ranking within them.
+        result["between_groups_srcc"] = srcc(group_means(pred, np.array(groups)), mos)
         head_baselines = {**baselines, **({"group_prior": prior[head]} if head in prior
                                           else {})}
         result["baselines"] = {name: agreement(values, mos)

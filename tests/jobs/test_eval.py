@@ -68,6 +68,15 @@ def test_eval_writes_metrics_per_group_with_baselines_and_a_plot(ray_local, tmp_
                                       "xl2.2"}
     midjourney = sum(r["name"].startswith("midjourney_") for r in sample_rows)
     assert quality["groups"]["midjourney"]["n"] == midjourney == 9
+    in_midjourney = [i for i, r in enumerate(sample_rows) if r["name"].startswith("midjourney_")]
+    assert quality["groups"]["midjourney"]["mean_mos"] == pytest.approx(mos_q[in_midjourney].mean())
+    assert quality["groups"]["midjourney"]["mean_prediction"] == pytest.approx(
+        scores["quality"][in_midjourney].mean(), abs=0.02)
+    # Ordering the groups alone: every row scored by its group's mean prediction.
+    own_group_means = [quality["groups"][r["name"].split("_")[0]]["mean_prediction"]
+                       for r in sample_rows]
+    assert quality["between_groups_srcc"] == pytest.approx(
+        stats.spearmanr(own_group_means, mos_q).statistic)
 
     sharpness = [laplacian_variance(r["path"].read_bytes()) for r in sample_rows]
     expected = stats.spearmanr(sharpness, mos_q).statistic
