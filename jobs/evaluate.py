@@ -60,14 +60,15 @@ def baseline_scores(config: EvalConfig, rows: list[int]) -> dict[str, np.ndarray
             "file_size": np.array([size.get(r, np.nan) for r in rows])}
 
 
-def group_prior_scores(config: EvalConfig, groups: list[str]) -> dict[str, np.ndarray]:
+def group_prior_scores(config: EvalConfig, groups: np.ndarray) -> dict[str, np.ndarray]:
     """Per head, each row's group mean MOS in ``config.prior_table``."""
     from iqray.pipeline.readers import read_table
 
     if config.group_column is None and config.group_pattern is None:
         raise ValueError("--prior-table needs groups: give --group-column or --group-pattern")
     prior = read_table(config.prior_table, config.storage_config())
-    prior_groups = np.array(groups_for(config, config.prior_table, list(range(prior.num_rows))))
+    prior_groups = np.array(groups_for(config, config.prior_table, list(range(prior.num_rows)),
+                                       table=prior))
     out = {}
     for head, column in (("quality", config.quality_column),
                          ("alignment", config.alignment_column)):
@@ -81,17 +82,6 @@ def group_prior_scores(config: EvalConfig, groups: list[str]) -> dict[str, np.nd
                  for g in set(prior_groups[known].tolist())}
         overall = float(mos[known].mean())
         out[head] = np.array([means.get(g, overall) for g in groups])
-    return out
-
-
-def group_means(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each row's group mean of ``values`` (finite values only)."""
-    out = np.full(len(values), np.nan)
-    for group in set(groups.tolist()):
-        mask = groups == group
-        finite = values[mask][np.isfinite(values[mask])]
-        if finite.size:
-            out[mask] = finite.mean()
     return out
 
 
@@ -127,7 +117,7 @@ def run_eval(config: EvalConfig, log=print) -> dict:
         data = head_data(cache, labelled, {h: (0.0, 1.0) for h in HEADS})
         scores = model.score_embeddings(data.coarse, data.fine, labelled.prompts)
     rows = labelled.rows
-    groups = groups_for(config, config.input, rows)
+    groups = np.array(groups_for(config, config.input, rows))
     report: dict = {"model": config.model, "data": config.input, "rows": len(rows),
                     "mode": model.mode, "heads": {}}
     baselines = baseline_scores(config.model_copy(update={"image_root": image_root}), rows) \
@@ -141,10 +131,11 @@ def run_eval(config: EvalConfig, log=print) -> dict:
         result = agreement(pred, mos)
         if config.bootstrap:
             result["srcc_ci95"] = list(bootstrap_srcc_ci(pred, mos, samples=config.bootstrap))
-        result["groups"] = group_breakdown(pred, mos, np.array(groups))
+        result["groups"] = group_breakdown(pred, mos, groups)
         # Each row scored by its group's mean prediction: how well the model orders the
         # groups alone (compare group_prior), apart from ranking within them.
-        result["between_groups_srcc"] = srcc(group_means(pred, np.array(groups)), mos)
+        result["between_groups_srcc"] = srcc(
+            np.array([result["groups"][g]["mean_prediction"] for g in groups]), mos)
         head_baselines = {**baselines, **({"group_prior": prior[head]} if head in prior
                                           else {})}
         result["baselines"] = {name: agreement(values, mos)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from pydantic import Field, model_validator
@@ -87,23 +88,25 @@ class Labelled:
     fine_areas: torch.Tensor | None = None  # end-to-end training of two-view models
 
 
-def groups_for(config: LabelledDataConfig, url: str, rows: list[int]) -> list[str]:
-    """Each row's group (column, or a regex on the image name); 'all' when neither is set."""
-    if config.group_column is not None:
+def groups_for(config: LabelledDataConfig, url: str, rows: list[int],
+               table: pa.Table | None = None) -> list[str]:
+    """Each row's group (column, or a regex on the image name); 'all' when neither is set.
+    ``table`` is the table at ``url`` when the caller has read it already."""
+    if config.group_column is None and config.group_pattern is None:
+        return ["all"] * len(rows)
+    if table is None:
         table = read_table(url, config.storage_config())
+    if config.group_column is not None:
         if config.group_column not in table.column_names:
             raise ValueError(f"{url}: no group column {config.group_column!r}")
         values = table[config.group_column]
         return [str(values[r].as_py()) for r in rows]
-    if config.group_pattern is not None:
-        table = read_table(url, config.storage_config())
-        column = config.image_path_column or (config.key_columns or [None])[0]
-        if column is None or column not in table.column_names:
-            raise ValueError("--group-pattern needs --image-path-column or --key-columns to "
-                             "name the images")
-        names = table[column].to_pylist()
-        return pattern_labels([Path(str(names[r])).name for r in rows], config.group_pattern)
-    return ["all"] * len(rows)
+    column = config.image_path_column or (config.key_columns or [None])[0]
+    if column is None or column not in table.column_names:
+        raise ValueError("--group-pattern needs --image-path-column or --key-columns to "
+                         "name the images")
+    names = table[column].to_pylist()
+    return pattern_labels([Path(str(names[r])).name for r in rows], config.group_pattern)
 
 
 def split_tables(config: TrainConfig, storage: StorageConfig, workdir: Path

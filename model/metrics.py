@@ -63,22 +63,32 @@ def srcc(pred, mos) -> float:
     return float(stats.spearmanr(pred, mos).statistic)
 
 
+def _resampled(statistic, n: int, samples: int, seed: int) -> list[float]:
+    """``statistic(index)`` on ``samples`` resamples of n rows with replacement (finite
+    values only)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(samples):
+        value = statistic(rng.integers(0, n, n))
+        if np.isfinite(value):
+            values.append(value)
+    return values
+
+
+def _percentile_interval(values: list[float], level: float) -> tuple[float, float]:
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_srcc_ci(pred, mos, samples: int = 1000, seed: int = 0,
                       level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of SRCC (rows resampled with replacement)."""
     pred, mos = _finite(pred, mos)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(samples):
-        index = rng.integers(0, len(pred), len(pred))
-        value = srcc(pred[index], mos[index])
-        if np.isfinite(value):
-            values.append(value)
+    values = _resampled(lambda index: srcc(pred[index], mos[index]), len(pred), samples, seed)
     if not values:
         return float("nan"), float("nan")
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    return _percentile_interval(values, level)
 
 
 def bootstrap_srcc_difference(pred, baseline, mos, samples: int = 1000, seed: int = 0,
@@ -90,20 +100,13 @@ def bootstrap_srcc_difference(pred, baseline, mos, samples: int = 1000, seed: in
     pred, baseline, mos = (np.asarray(a, float) for a in (pred, baseline, mos))
     keep = np.isfinite(pred) & np.isfinite(baseline) & np.isfinite(mos)
     pred, baseline, mos = pred[keep], baseline[keep], mos[keep]
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(samples):
-        index = rng.integers(0, len(pred), len(pred))
-        value = srcc(pred[index], mos[index]) - srcc(baseline[index], mos[index])
-        if np.isfinite(value):
-            values.append(value)
+    values = _resampled(lambda index: srcc(pred[index], mos[index])
+                        - srcc(baseline[index], mos[index]), len(pred), samples, seed)
     nan = float("nan")
     if not values:
         return {"difference": nan, "ci95": [nan, nan], "p_better": nan, "samples": 0}
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
     return {"difference": srcc(pred, mos) - srcc(baseline, mos),
-            "ci95": [float(low), float(high)],
+            "ci95": list(_percentile_interval(values, level)),
             "p_better": float(np.mean(np.asarray(values) > 0)), "samples": len(values)}
 
 
