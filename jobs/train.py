@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 
 from iqray.model.training import HEADS, HeadData, TrainSettings
-from iqray.pipeline.embed import EmbedConfig, index_table, run_embed
+from iqray.pipeline.embed import EmbedConfig, run_embed, shard_index
 from iqray.pipeline.embed_cache import EmbeddingCache
 from iqray.pipeline.filtering import pattern_labels
 from iqray.pipeline.readers import discover_shards, read_table
@@ -141,7 +141,7 @@ def embed_table(config: LabelledDataConfig, url: str, image_root: str | None,
 def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache) -> Labelled:
     storage = config.storage_config()
     (shard,) = discover_shards(url, config.read_config(), storage)
-    index = index_table(cache, [shard.output_name])
+    index = shard_index(cache, shard)
     source = read_table(url, storage)
     ok = index.filter(pc.equal(index["status"], "ok"))
     rows = ok["source_row"].to_pylist()

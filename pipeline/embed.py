@@ -9,6 +9,7 @@ images already in the cache are not embedded again, wherever they came from.
 
 from __future__ import annotations
 
+import posixpath
 import time
 from typing import Any, Literal
 
@@ -22,9 +23,9 @@ from pydantic import Field
 from iqray.model.checkpoint import iqray_version
 from iqray.pipeline.embed_cache import EmbeddingCache
 from iqray.pipeline.execution import RunConfig, RunSummary, ensure_ray, execute
-from iqray.pipeline.readers import discover_shards, key_columns_for
+from iqray.pipeline.readers import Shard, discover_shards, key_columns_for
 from iqray.pipeline.scoring import ModelSpec, ModelStage, split_on_oom, stage_model
-from iqray.pipeline.writer import ShardWriter, plan_resume
+from iqray.pipeline.writer import ShardWriter, plan_resume, read_output_metadata
 
 INDEX_COLUMNS = {
     "source_file": pa.string(),
@@ -160,6 +161,26 @@ def index_table(cache: EmbeddingCache, output_names: list[str] | None = None) ->
             tables.append(pq.read_table(handle))
     return pa.concat_tables(tables, promote_options="permissive") if tables else \
         pa.table({k: pa.array([], t) for k, t in INDEX_COLUMNS.items()})
+
+
+def shard_index(cache: EmbeddingCache, shard: Shard) -> pa.Table:
+    """One input shard's row index, checked to be this shard's: index files are named after
+    the input file, so another input of the same name embedded into the same cache (two
+    datasets' train.csv, or a concurrent run) replaces it, and its source rows would then
+    point into the wrong table."""
+    fs, root = cache.storage.filesystem(cache.index_url())
+    path = posixpath.join(root, shard.output_name)
+    meta = read_output_metadata(fs, path)
+    if meta is None or not meta.get("complete"):
+        raise ValueError(f"{shard.url}: the cache {cache.url} holds no complete index for it "
+                         "(run iqray embed first)")
+    if meta.get("input_fingerprint") != shard.fingerprint or \
+            meta.get("tower_identity") != (cache.manifest or {}).get("tower_identity"):
+        raise ValueError(f"{shard.url}: the cache's index {shard.output_name} was written for "
+                         f"another file of that name ({meta.get('input')}, or an older version "
+                         "of this one); embed into a separate --cache, or rerun to re-index")
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle)
 
 
 def run_embed(config: EmbedConfig, log=print) -> RunSummary:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.csv as pacsv
 import pytest
 import torch
 from pipeline_data import SAMPLE, TEST_MODEL, img2dataset_table, write_parquet
 
 import iqray.model
-from iqray.pipeline.embed import EmbedConfig, index_table, run_embed
+from iqray.pipeline.embed import EmbedConfig, index_table, run_embed, shard_index
 from iqray.pipeline.embed_cache import EmbeddingCache, EmbeddingCacheMismatch
+from iqray.pipeline.readers import discover_shards
 
 
 def embed(**kwargs):
@@ -75,6 +77,34 @@ def test_a_cache_refuses_other_towers(ray_local, tmp_path, sample):
     same_towers.config = same_towers.config.model_copy(update={"trained": True})
     checkpoint = iqray.model.save_checkpoint(same_towers, tmp_path / "same-towers")
     assert embed(cache=cache, model=str(checkpoint), **sample_index()).shards_skipped == 1
+
+
+def test_an_index_replaced_by_a_same_named_input_is_refused_not_misread(ray_local, tmp_path):
+    # Two datasets' rows.csv embedded into one cache: index files are named after the input
+    # file, so the second replaces the first's, whose source rows would then point into the
+    # wrong table.
+    table = pacsv.read_csv(SAMPLE / "prompts.csv")
+    inputs = {}
+    for name, rows in (("a", slice(0, 8)), ("b", slice(8, 20))):
+        (tmp_path / name).mkdir()
+        inputs[name] = str(tmp_path / name / "rows.csv")
+        pacsv.write_csv(table[rows], inputs[name])
+    cache_url = str(tmp_path / "cache")
+    settings = dict(image_path_column="name", image_root=str(SAMPLE / "images"),
+                    key_columns=["name"], cache=cache_url)
+    embed(input=inputs["a"], **settings)
+    config = EmbedConfig(input=inputs["a"], model=TEST_MODEL, **settings)
+    (shard_a,) = discover_shards(inputs["a"], config.read_config(), config.storage_config())
+    assert shard_index(EmbeddingCache(cache_url), shard_a)["name"].to_pylist() == \
+        table["name"].to_pylist()[:8]
+
+    embed(input=inputs["b"], **settings)
+    with pytest.raises(ValueError, match="another file of that name"):
+        shard_index(EmbeddingCache(cache_url), shard_a)
+
+    embed(input=inputs["a"], **settings)  # a rerun re-indexes a; its images are all cached
+    assert shard_index(EmbeddingCache(cache_url), shard_a)["name"].to_pylist() == \
+        table["name"].to_pylist()[:8]
 
 
 def test_missing_entries_are_named(tmp_path):
