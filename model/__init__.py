@@ -10,40 +10,35 @@ The one call a user needs::
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
-
-import open_clip
-import torch
-
-from iqray.model.bpclip import BPCLIP, LevelFeatures
-from iqray.model.checkpoint import (
-    CheckpointError,
-    checkpoint_files,
-    load_trainable,
-    read_checkpoint_config,
-    save_checkpoint,
-)
-from iqray.model.config import (
-    BPCLIPConfig,
-    HeadsConfig,
-    ModelConfig,
-    MSTConfig,
-    ScoreScale,
-    TowerConfig,
-    load_preset,
-    preset_names,
-    shipped_models,
-)
-from iqray.model.mst_clipiqa import MSTClipIQA, PromptBatch, ScoreSpec
-from iqray.model.preprocess import ImageDecodeError, ImageTransform, open_image
-from iqray.model.weights import UnsafeCheckpointError, WeightsNotFoundError, resolve_tower_weights
-
-# Tiny test/demo towers are just more open_clip model configs.
-open_clip.add_model_config(Path(__file__).parent / "configs" / "towers")
+from typing import TYPE_CHECKING
 
 # The trained offline model that ships in the package (AGIQA-3K, small towers from scratch).
 DEFAULT_MODEL = "iqray-small-agiqa3k"
+
+# Public names and the submodule that defines each, imported on first use: Ray's read and
+# write tasks import this package for configs and constants, and torch + open_clip cost about
+# 7 s of start-up in every worker process on a 2-core machine.
+_EXPORTS = {
+    "bpclip": ("BPCLIP", "LevelFeatures"),
+    "checkpoint": ("CheckpointError", "checkpoint_files", "load_trainable",
+                   "read_checkpoint_config", "save_checkpoint"),
+    "config": ("BPCLIPConfig", "HeadsConfig", "ModelConfig", "MSTConfig", "ScoreScale",
+               "TowerConfig", "load_preset", "preset_names", "shipped_models"),
+    "mst_clipiqa": ("MSTClipIQA", "PromptBatch", "ScoreSpec"),
+    "preprocess": ("ImageDecodeError", "ImageTransform", "open_image"),
+    "weights": ("UnsafeCheckpointError", "WeightsNotFoundError", "resolve_tower_weights"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    import torch
+
+    from iqray.model.bpclip import BPCLIP, LevelFeatures
+    from iqray.model.config import ModelConfig
+    from iqray.model.mst_clipiqa import MSTClipIQA
 
 __all__ = [
     "BPCLIP", "BPCLIPConfig", "LevelFeatures", "ModelConfig",
@@ -54,7 +49,24 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    elif not name.startswith("_") and (Path(__file__).parent / f"{name}.py").exists():
+        value = importlib.import_module(f"{__name__}.{name}")  # iqray.model.weights, ...
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    import torch
+
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -63,6 +75,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def with_mode(config: ModelConfig, mode: str | None) -> ModelConfig:
     """``config`` in BPCLIP mode ``mode`` ('nr'/'fr'; None keeps it). A trained checkpoint
     keeps the mode it was trained in; MST-CLIPIQA has no full-reference mode."""
+    from iqray.model.config import BPCLIPConfig
+
     if mode is None or mode == ("fr" if config.full_reference else "nr"):
         return config
     if not isinstance(config, BPCLIPConfig):
@@ -75,6 +89,10 @@ def with_mode(config: ModelConfig, mode: str | None) -> ModelConfig:
 
 def build(config: ModelConfig, **kwargs) -> MSTClipIQA | BPCLIP:
     """The module a config describes (towers resolved as in :mod:`iqray.model.weights`)."""
+    from iqray.model.bpclip import BPCLIP
+    from iqray.model.config import BPCLIPConfig
+    from iqray.model.mst_clipiqa import MSTClipIQA
+
     cls = BPCLIP if isinstance(config, BPCLIPConfig) else MSTClipIQA
     return cls.from_config(config, **kwargs)
 
@@ -88,6 +106,15 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
     come from the checkpoint's ``model.safetensors`` (never a pickle). ``mode`` ('nr'/'fr')
     picks BPCLIP's no-/full-reference mode for an untrained preset.
     """
+    from iqray.model.checkpoint import (
+        CheckpointError,
+        checkpoint_files,
+        load_trainable,
+        read_checkpoint_config,
+    )
+    from iqray.model.config import load_preset, preset_names, shipped_models
+    from iqray.model.mst_clipiqa import MSTClipIQA
+
     name = str(name_or_path)
     shipped = shipped_models()
     if name in shipped:

@@ -13,6 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# A generated image is rarely above 4k x 4k; a decompression bomb is far above. Bounding the
+# pixel count keeps one hostile file from stalling or exhausting a decode worker.
+DEFAULT_MAX_PIXELS = 50_000_000
+
 
 class _Strict(BaseModel):
     # A typo in a config field must fail loudly, not silently fall back to a default.

@@ -18,9 +18,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-# A generated image is rarely above 4k x 4k; a decompression bomb is far above. Bounding the
-# pixel count keeps one hostile file from stalling or exhausting a decode worker.
-DEFAULT_MAX_PIXELS = 50_000_000
+from iqray.model.config import DEFAULT_MAX_PIXELS
 
 ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike | np.ndarray
 

@@ -28,6 +28,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from iqray.model.config import TowerConfig
 
+# The tiny test towers and the shipped small towers are just more open_clip model configs.
+open_clip.add_model_config(Path(__file__).parent / "configs" / "towers")
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 SAFE_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
 

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 import iqray.model
-from iqray.model.preprocess import DEFAULT_MAX_PIXELS
+from iqray.model.config import DEFAULT_MAX_PIXELS
 from iqray.pipeline.readers import ReadConfig, Shard, read_shard, wants_references
 from iqray.pipeline.storage import StorageConfig
 

@@ -24,6 +24,16 @@ def test_the_model_package_never_imports_ray():
     assert out.strip() == "False"
 
 
+def test_read_and_write_tasks_start_without_torch():
+    # Ray runs read_shards and the writer in worker processes that import these modules; torch
+    # and open_clip would add about 7 s to each worker's start on a 2-core machine.
+    code = ("import sys, iqray.model, iqray.pipeline.execution, iqray.pipeline.writer; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd="/").stdout
+    assert out.strip() == "[]"
+
+
 def test_the_wheel_holds_the_packages_their_data_and_the_console_script(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
