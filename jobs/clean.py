@@ -36,7 +36,8 @@ from iqray.pipeline.storage import join_url, write_atomic
 class CleanConfig(RunConfig):
     """`iqray clean`: score new shards of every source, filter, write manifests + run record."""
 
-    input: str = Field(default="", description="unused: see --sources")
+    input: str = Field(default="", description="unused: see sources",
+                       json_schema_extra={"cli": False})
     sources: list[str] = Field(description="dataset URLs/globs to score (each like `iqray "
                                "score` input)")
     output: str = Field(description="root directory for scores, manifests and run records")

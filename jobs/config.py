@@ -44,6 +44,8 @@ def _flag_name(path: tuple[str, ...]) -> str:
 
 def _iter_fields(model_cls: type[BaseModel], prefix: tuple[str, ...] = ()):
     for name, field in model_cls.model_fields.items():
+        if (field.json_schema_extra or {}).get("cli") is False:
+            continue  # inherited but meaningless for this job: no flag to pass in vain
         annotation = _unwrap_optional(field.annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _iter_fields(annotation, prefix + (name,))
@@ -84,6 +86,8 @@ def add_config_flags(parser: argparse.ArgumentParser, model_cls: type[BaseModel]
             kwargs["type"] = Path
         else:  # dicts and other structured values: parse the flag as YAML
             kwargs["type"] = yaml.safe_load
+        if annotation is not bool and origin is not Literal:
+            kwargs["metavar"] = path[-1].upper()  # argparse would show the dest, CFG:...
         parser.add_argument(_flag_name(path), **kwargs)
 
 

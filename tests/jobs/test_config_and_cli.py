@@ -65,6 +65,18 @@ def test_help_lists_every_job():
     assert "info" in out
 
 
+def test_clean_takes_sources_and_offers_no_input_flag(capsys):
+    with pytest.raises(SystemExit) as shown:
+        main(["clean", "--help"])
+    assert shown.value.code == 0
+    flags = capsys.readouterr().out.split()
+    assert "--sources" in flags and "--input" not in flags
+    assert "OUTPUT" in flags and not any("CFG:" in f for f in flags)  # metavars read as names
+    with pytest.raises(SystemExit) as refused:  # an --input would have been ignored
+        main(["clean", "--input", "s3://x", "--sources", "s3://y", "--output", "out"])
+    assert refused.value.code == 2
+
+
 def test_info_describes_the_default_model(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
