@@ -100,7 +100,13 @@ def group_breakdown(pred: np.ndarray, mos: np.ndarray, groups: np.ndarray) -> di
 
 def run_eval(config: EvalConfig, log=print) -> dict:
     import iqray.model
-    from iqray.model.metrics import agreement, bootstrap_srcc_ci, bootstrap_srcc_difference, srcc
+    from iqray.model.metrics import (
+        agreement,
+        bootstrap_srcc_ci,
+        bootstrap_srcc_difference,
+        srcc,
+        within_groups_srcc,
+    )
 
     image_root = config.image_root or (config.input.rsplit("/", 1)[0]
                                        if "/" in config.input else ".")
@@ -138,8 +144,12 @@ def run_eval(config: EvalConfig, log=print) -> dict:
             np.array([result["groups"][g]["mean_prediction"] for g in groups]), mos)
         head_baselines = {**baselines, **({"group_prior": prior[head]} if head in prior
                                           else {})}
-        result["baselines"] = {name: agreement(values, mos)
-                               for name, values in head_baselines.items()}
+        # Ranking inside each group (one generator), where a group prior ranks nothing.
+        result["within_groups"] = within_groups_srcc(pred, mos, groups)
+        result["baselines"] = {
+            name: {**agreement(values, mos), "within_groups": within_groups_srcc(values, mos,
+                                                                                 groups)}
+            for name, values in head_baselines.items()}
         if config.bootstrap:
             for name, values in head_baselines.items():
                 result["baselines"][name]["model_minus_baseline"] = bootstrap_srcc_difference(
@@ -158,6 +168,14 @@ def run_eval(config: EvalConfig, log=print) -> dict:
             f"{result['krcc']:.3f}, PLCC {result['plcc']:.3f}, PLCC (logistic) "
             f"{result['plcc_logistic']:.3f} on {result['n']} rows"
             + (f"; baselines SRCC: {base}" if base else ""))
+        if result["within_groups"]["groups"] > 1:
+            inside = ", ".join(
+                f"{k} {v['within_groups']['srcc']:.3f}" if v["within_groups"]["groups"]
+                else f"{k} none (constant inside each group)"
+                for k, v in result["baselines"].items())
+            log(f"{head} within groups (mean SRCC inside each of "
+                f"{result['within_groups']['groups']} groups): model "
+                f"{result['within_groups']['srcc']:.3f}" + (f", {inside}" if inside else ""))
     log(f"wrote {output}/eval.json and scatter.png")
     return report
 

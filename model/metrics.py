@@ -63,6 +63,25 @@ def srcc(pred, mos) -> float:
     return float(stats.spearmanr(pred, mos).statistic)
 
 
+def within_groups_srcc(pred, mos, groups) -> dict[str, float | int | None]:
+    """SRCC inside each group, averaged with the groups' row counts as weights: how well a
+    score ranks images of one group (one generator), the ranking a team scoring its own
+    model's outputs needs. Groups with fewer than 3 rows or a constant score count as
+    unranked (a per-group constant such as a group prior ranks nothing inside a group):
+    ``groups`` is how many were ranked, ``rows`` their rows, ``srcc`` None if none were
+    (null in JSON, where NaN is not valid)."""
+    pred, mos, groups = np.asarray(pred, float), np.asarray(mos, float), np.asarray(groups)
+    values, weights = [], []
+    for group in dict.fromkeys(groups.tolist()):
+        mask = groups == group
+        value = srcc(pred[mask], mos[mask])
+        if np.isfinite(value):
+            values.append(value)
+            weights.append(int((np.isfinite(pred[mask]) & np.isfinite(mos[mask])).sum()))
+    return {"srcc": float(np.average(values, weights=weights)) if values else None,
+            "groups": len(values), "rows": int(sum(weights))}
+
+
 def _resampled(statistic, n: int, samples: int, seed: int) -> list[float]:
     """``statistic(index)`` on ``samples`` resamples of n rows with replacement (finite
     values only)."""

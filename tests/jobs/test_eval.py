@@ -78,6 +78,11 @@ def test_eval_writes_metrics_per_group_with_baselines_and_a_plot(ray_local, tmp_
     assert quality["between_groups_srcc"] == pytest.approx(
         stats.spearmanr(own_group_means, mos_q).statistic)
 
+    # Ranking inside each generator: its SRCCs weighted by rows (groups of >= 3 rows).
+    ranked = {g: v for g, v in quality["groups"].items() if v["n"] >= 3}
+    assert quality["within_groups"]["groups"] == len(ranked)
+    assert quality["within_groups"]["srcc"] == pytest.approx(
+        sum(v["srcc"] * v["n"] for v in ranked.values()) / sum(v["n"] for v in ranked.values()))
     sharpness = [laplacian_variance(r["path"].read_bytes()) for r in sample_rows]
     expected = stats.spearmanr(sharpness, mos_q).statistic
     assert quality["baselines"]["laplacian_variance"]["srcc"] == pytest.approx(expected)
@@ -98,6 +103,8 @@ def test_eval_writes_metrics_per_group_with_baselines_and_a_plot(ray_local, tmp_
         mos = np.array([float(r[column]) for r in sample_rows])
         prior = report["heads"][head]["baselines"]["group_prior"]
         assert prior["srcc"] == pytest.approx(stats.spearmanr(prior_pred, mos).statistic)
+        # Inside a generator the prior is a constant: it ranks nothing there.
+        assert prior["within_groups"] == {"srcc": None, "groups": 0, "rows": 0}
         model_srcc = report["heads"][head]["srcc"]
         paired = prior["model_minus_baseline"]
         assert paired["difference"] == pytest.approx(model_srcc - prior["srcc"])

@@ -13,6 +13,7 @@ from iqray.model.metrics import (
     fit_logistic4,
     logistic4,
     mean_std,
+    within_groups_srcc,
 )
 
 
@@ -80,3 +81,18 @@ def test_paired_bootstrap_of_the_srcc_difference():
     assert bootstrap_srcc_difference(with_gap, noisy, mos, samples=10)["difference"] == \
         pytest.approx(stats.spearmanr(good[1:], mos[1:]).statistic
                       - stats.spearmanr(noisy[1:], mos[1:]).statistic)
+
+
+def test_within_groups_srcc_weights_each_groups_own_ranking_by_its_rows():
+    rng = np.random.default_rng(3)
+    groups = np.array(["a"] * 10 + ["b"] * 6 + ["c"] * 2 + ["d"] * 5)
+    mos = rng.random(groups.size)
+    pred = mos + rng.normal(0, 0.3, groups.size)
+    pred[groups == "b"] += 5  # an offset between groups changes nothing inside them
+    pred[groups == "d"] = 1.0  # constant inside d: ranks nothing, so d is left out
+    result = within_groups_srcc(pred, mos, groups)
+    a = stats.spearmanr(pred[:10], mos[:10]).statistic
+    b = stats.spearmanr(pred[10:16], mos[10:16]).statistic
+    assert result == {"srcc": pytest.approx((10 * a + 6 * b) / 16), "groups": 2, "rows": 16}
+    constant = np.repeat([1.0, 2.0, 3.0, 4.0], [10, 6, 2, 5])  # a group prior
+    assert within_groups_srcc(constant, mos, groups) == {"srcc": None, "groups": 0, "rows": 0}
