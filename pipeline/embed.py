@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from iqray.model.checkpoint import iqray_version
-from iqray.pipeline.embed_cache import EmbeddingCache
+from iqray.pipeline.embed_cache import EmbeddingCache, index_written_for
 from iqray.pipeline.execution import RunConfig, RunSummary, ensure_ray, execute
 from iqray.pipeline.readers import Shard, discover_shards, key_columns_for
 from iqray.pipeline.scoring import ModelSpec, ModelStage, split_on_oom, stage_model
@@ -174,8 +174,8 @@ def shard_index(cache: EmbeddingCache, shard: Shard) -> pa.Table:
     if meta is None or not meta.get("complete"):
         raise ValueError(f"{shard.url}: the cache {cache.url} holds no complete index for it "
                          "(run iqray embed first)")
-    if meta.get("input_fingerprint") != shard.fingerprint or \
-            meta.get("tower_identity") != (cache.manifest or {}).get("tower_identity"):
+    if not index_written_for(meta, shard.fingerprint,
+                             (cache.manifest or {}).get("tower_identity")):
         raise ValueError(f"{shard.url}: the cache's index {shard.output_name} was written for "
                          f"another file of that name ({meta.get('input')}, or an older version "
                          "of this one); embed into a separate --cache, or rerun to re-index")

@@ -32,6 +32,14 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+def index_written_for(meta: dict[str, Any] | None, fingerprint: str, tower_identity: str) -> bool:
+    """Whether a shard's index file (its writer metadata) is complete and was written for
+    this very input file (fingerprint) by these towers; index files are named after the
+    input file, so a same-named input can have replaced it."""
+    return bool(meta and meta.get("complete") and meta.get("input_fingerprint") == fingerprint
+                and meta.get("tower_identity") == tower_identity)
+
+
 class EmbeddingCacheMismatch(ValueError):
     """The cache was made by other towers than the model at hand."""
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iqray.pipeline.embed_cache import EmbeddingCache
+from iqray.pipeline.embed_cache import EmbeddingCache, index_written_for
 from iqray.pipeline.execution import RunSummary
 from iqray.pipeline.readers import Shard
 from iqray.pipeline.scoring import ModelSpec
@@ -29,8 +29,7 @@ def cached_shards(shards: list[Shard], cache_url: str, storage: StorageConfig,
     usable = []
     for shard in shards:
         meta = read_output_metadata(fs, posixpath.join(root, shard.output_name))
-        if meta and meta.get("input_fingerprint") == shard.fingerprint and \
-                meta.get("tower_identity") == spec.tower_identity and meta.get("complete"):
+        if index_written_for(meta, shard.fingerprint, spec.tower_identity):
             usable.append(shard)
     return usable
 
