@@ -104,6 +104,7 @@ def run_eval(config: EvalConfig, log=print) -> dict:
         agreement,
         bootstrap_srcc_ci,
         bootstrap_srcc_difference,
+        json_ready,
         srcc,
         within_groups_srcc,
     )
@@ -157,7 +158,9 @@ def run_eval(config: EvalConfig, log=print) -> dict:
         report["heads"][head] = result
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    # Undefined metrics (NaN in ``report``) are written as null.
+    (output / "eval.json").write_text(json.dumps(json_ready(report), indent=2,
+                                                 allow_nan=False) + "\n")
     plot_scatter(scores, labelled.mos, groups, report, output / "scatter.png")
     for head, result in report["heads"].items():
         low, high = result.get("srcc_ci95", [float("nan")] * 2)

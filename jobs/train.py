@@ -261,7 +261,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
     import iqray.model
     from iqray.model.checkpoint import save_checkpoint
     from iqray.model.config import ScoreScale
-    from iqray.model.metrics import mean_std
+    from iqray.model.metrics import json_ready, mean_std
     from iqray.model.training import (
         embed_rows,
         fit_bpclip,
@@ -362,8 +362,9 @@ def run_train(config: TrainConfig, log=print) -> dict:
                     extra={"training": {"train": tables["train"] if config.val else config.input,
                                         "val": config.val, "split_column": config.split_column,
                                         "cache": config.cache, "towers": config.towers}})
-    (output / "metrics.json").write_text(json.dumps(
-        {**metrics, "history": {r.seed: r.history for r in results}}, indent=2) + "\n")
+    (output / "metrics.json").write_text(json.dumps(json_ready(
+        {**metrics, "history": {r.seed: r.history for r in results}}), indent=2,
+        allow_nan=False) + "\n")
     plot_training_curves(results, output / "training_curves.png")
     log("val SRCC (mean +- std over seeds): " + ", ".join(
         f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in summary.items()))

@@ -55,6 +55,8 @@ def save_checkpoint(model, directory: str | os.PathLike, *, metrics: dict | None
     towers trained here, which no pretrained tag can name. ``weights_dtype="float16"`` halves
     the files (floating tensors only; loading casts back to the model's dtype).
     """
+    from iqray.model.metrics import json_ready
+
     if weights_dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"weights_dtype must be float32, float16 or bfloat16, "
                          f"got {weights_dtype!r}")
@@ -87,7 +89,7 @@ def save_checkpoint(model, directory: str | os.PathLike, *, metrics: dict | None
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model_config.model_dump(mode="json"),
         "trainable_parameters": {k: list(v.shape) for k, v in tensors.items()},
-        "metrics": metrics or {},
+        "metrics": json_ready(metrics or {}),  # strict JSON: undefined metrics are null
         "data_hash": data_hash,
         **(extra or {}),
     }

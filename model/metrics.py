@@ -129,6 +129,22 @@ def bootstrap_srcc_difference(pred, baseline, mos, samples: int = 1000, seed: in
             "p_better": float(np.mean(np.asarray(values) > 0)), "samples": len(values)}
 
 
+def json_ready(value):
+    """``value`` with every non-finite float (NaN, +-inf) replaced by None, so that reports
+    are strict JSON: Python writes NaN as a bare ``NaN``, which jq, browsers and most JSON
+    parsers reject. Metrics are NaN where they are undefined (a group of two rows, a
+    constant score), and null says the same in JSON."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def mean_std(values) -> dict[str, float]:
     values = np.asarray(values, float)
     return {"mean": float(np.mean(values)),

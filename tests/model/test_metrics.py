@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -11,6 +13,7 @@ from iqray.model.metrics import (
     bootstrap_srcc_ci,
     bootstrap_srcc_difference,
     fit_logistic4,
+    json_ready,
     logistic4,
     mean_std,
     within_groups_srcc,
@@ -96,3 +99,15 @@ def test_within_groups_srcc_weights_each_groups_own_ranking_by_its_rows():
     assert result == {"srcc": pytest.approx((10 * a + 6 * b) / 16), "groups": 2, "rows": 16}
     constant = np.repeat([1.0, 2.0, 3.0, 4.0], [10, 6, 2, 5])  # a group prior
     assert within_groups_srcc(constant, mos, groups) == {"srcc": None, "groups": 0, "rows": 0}
+
+
+def test_json_ready_writes_undefined_metrics_as_null():
+    constant = agreement([1.0, 1.0, 1.0, 1.0], [0.5, 1.0, 2.0, 3.0])  # SRCC undefined
+    report = {"groups": {"glide": constant}, "ci": (np.float32(0.25), float("inf")),
+              "n": np.int64(4), "name": "x"}
+    ready = json_ready(report)
+    assert ready["groups"]["glide"]["srcc"] is None and ready["groups"]["glide"]["n"] == 4
+    assert ready["ci"] == [0.25, None] and ready["n"] == 4 and ready["name"] == "x"
+    # Strict JSON: the default encoder would have written a bare NaN.
+    assert "NaN" in json.dumps(report, default=int)
+    assert json.loads(json.dumps(ready, allow_nan=False)) == ready
