@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,23 @@ READ_TASK_CPUS = 0.25
 DECODE_TASK_CPUS = 0.5
 MIN_IN_FLIGHT_BYTES = 256 * 2**20
 DECODE_TASK_MEMORY = 2**30  # the worker (torch imported) plus a batch of decoded images
+RAY_PROGRESS_LOGGER = "ray.data._internal.progress"
+
+
+class _DropProgressBarsDisabled(logging.Filter):
+    """Ray Data warns "Progress bars disabled. To enable, set ..." whenever its bars are off;
+    ours are off because the job shows its own bar (counting images), so the advice to turn
+    them back on is wrong here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def _disable_ray_progress_bars(context) -> None:
+    context.enable_progress_bars = False  # one bar, ours, counting images
+    logger = logging.getLogger(RAY_PROGRESS_LOGGER)
+    if not any(isinstance(f, _DropProgressBarsDisabled) for f in logger.filters):
+        logger.addFilter(_DropProgressBarsDisabled())
 
 
 class RunConfig(ReadConfig, StorageConfig):
@@ -260,7 +278,7 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
     read, storage = config.read_config(), config.storage_config()
     plan = plan_resources(config, ray.cluster_resources())
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # one bar, ours, counting images
+    _disable_ray_progress_bars(context)
     context.wait_for_min_actors_s = config.actor_start_timeout_s or -1
     from iqray.pipeline.decode import decode_batch, decoded_channels
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ from pipeline_data import (
     write_tar,
 )
 
+from iqray.pipeline.execution import RAY_PROGRESS_LOGGER
 from iqray.pipeline.score import ScoreConfig, run_score
 
 
@@ -30,8 +32,28 @@ def score(**kwargs):
     return run_score(ScoreConfig(**kwargs), log=lambda *a: None)
 
 
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def test_folder_with_a_csv_sidecar(ray_local, tmp_path, sample, reference_model):
-    summary = score(input=str(SAMPLE), output=str(tmp_path / "out"))
+    # Ray's "Progress bars disabled. To enable, ..." is logged once per process: reset it so
+    # that this run would log it, and listen where Ray logs it.
+    from ray.util.debug import reset_log_once
+
+    reset_log_once("ray_data_progress_manager_disabled")
+    ray_progress = Records()
+    logging.getLogger(RAY_PROGRESS_LOGGER).addHandler(ray_progress)
+    try:
+        summary = score(input=str(SAMPLE), output=str(tmp_path / "out"))
+    finally:
+        logging.getLogger(RAY_PROGRESS_LOGGER).removeHandler(ray_progress)
+    assert not [m for m in ray_progress.messages if "Progress bars disabled" in m]
     table = read_output(None, summary.outputs)
     names, images, prompts = sample
     by_name = dict(zip(names, zip(images, prompts, strict=True), strict=True))
