@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from iqray.model.config import BPCLIPConfig
-from iqray.model.mst_clipiqa import MAX_LOGIT_SCALE, ScoreSpec, ScoringModel, _as_int
+from iqray.model.mst_clipiqa import MAX_LOGIT_SCALE, ScoreSpec, ScoringModel
 from iqray.model.preprocess import ImageSource, ImageTransform
-from iqray.model.weights import create_tower, tower_preprocess_stats
+from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
 
 
 @dataclass
@@ -209,7 +209,7 @@ class BPCLIP(ScoringModel):
                  mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.config = config
-        size = _as_int(tower.visual.image_size)
+        size = tower_input_size(tower)
         if size != config.image_size:
             raise ValueError(f"backbone {config.backbone.model_name} takes {size} px input, "
                              f"config says image_size={config.image_size}")

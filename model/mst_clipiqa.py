@@ -38,7 +38,7 @@ from torch import nn
 
 from iqray.model.config import MSTConfig
 from iqray.model.preprocess import ImageSource, ImageTransform
-from iqray.model.weights import create_tower, tower_preprocess_stats
+from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
 
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021: CLIPScore = 2.5 * max(cos, 0)
 MAX_LOGIT_SCALE = 100.0  # CLIP's own clamp
@@ -190,7 +190,7 @@ class MSTClipIQA(ScoringModel):
         super().__init__()
         self.config = config
         for name, tower in (("coarse", coarse), ("fine", fine)):
-            size = _as_int(tower.visual.image_size)
+            size = tower_input_size(tower)
             if size != config.image_size:
                 raise ValueError(f"{name} tower {getattr(config, name).model_name} takes "
                                  f"{size} px input, config says image_size={config.image_size}")
@@ -585,10 +585,6 @@ def _clean_prompt(prompt: str | None) -> str | None:
     if not isinstance(prompt, str):
         raise TypeError(f"prompts must be str or None, got {type(prompt).__name__}")
     return prompt if prompt.strip() else None
-
-
-def _as_int(size) -> int:
-    return int(size[0] if isinstance(size, tuple | list) else size)
 
 
 def _tower_embed_dim(tower: nn.Module) -> int:

@@ -197,6 +197,13 @@ def tower_preprocess_stats(tower: TowerConfig) -> tuple[tuple[float, ...], tuple
     return tuple(cfg.get("mean", OPENAI_DATASET_MEAN)), tuple(cfg.get("std", OPENAI_DATASET_STD))
 
 
+def tower_input_size(tower: torch.nn.Module) -> int:
+    """The square input size an open_clip model's image tower takes (``image_size`` is an
+    int or an (h, w) pair depending on the tower type)."""
+    size = tower.visual.image_size
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
 def create_tower(
     tower: TowerConfig,
     cache_dir: str | os.PathLike | None = None,
