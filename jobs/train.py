@@ -53,6 +53,10 @@ class TrainConfig(LabelledDataConfig, TrainSettings):
         "rows are ever read")
     output: str = Field(default="runs/train", description="checkpoint directory to write")
     repeats: int = Field(default=1, gt=0, description="seeds to train; reports mean +- std")
+    # Declared here because the field is inherited twice and the read config's description
+    # ("seed of --sample") would otherwise be the one --help shows.
+    seed: int = Field(default=0, description="seed of the first repeat (repeat k uses seed + "
+                      "k: towers from scratch, heads, batch order, flips); also of --sample")
     towers: Literal["frozen", "finetune"] = Field(
         default="frozen", description="frozen: heads from cached embeddings; finetune: towers "
         "and heads end to end from images (small towers trained from scratch)")

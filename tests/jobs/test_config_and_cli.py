@@ -77,6 +77,13 @@ def test_clean_takes_sources_and_offers_no_input_flag(capsys):
     assert refused.value.code == 2
 
 
+def test_train_help_says_what_seed_seeds(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--seed SEED seed of the first repeat (repeat k uses seed + k" in help_text
+
+
 def test_info_describes_the_default_model(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
