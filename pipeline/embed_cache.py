@@ -94,7 +94,7 @@ class EmbeddingCache:
                 raise EmbeddingCacheMismatch(
                     f"{self.url} holds embeddings of other towers ({existing['towers']}); this "
                     f"model's towers are {towers}. Mixing them would corrupt training and "
-                    "scores: use another cache directory.")
+                    "scores: give this model its own cache directory (--cache DIR).")
             return
         self._manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                           "tower_identity": tower_identity, "towers": towers,

@@ -70,7 +70,8 @@ def test_a_cache_refuses_other_towers(ray_local, tmp_path, sample):
     other.config = other.config.model_copy(update={
         "fine": other.config.fine.model_copy(update={"init_seed": 7})})
     checkpoint = iqray.model.save_checkpoint(other, tmp_path / "other-towers")
-    with pytest.raises(EmbeddingCacheMismatch, match="other towers"):
+    with pytest.raises(EmbeddingCacheMismatch,
+                       match=r"other towers.*its own cache directory \(--cache DIR\)"):
         embed(cache=cache, model=str(checkpoint), **sample_index())
     # Heads alone do not change what the towers compute: a trained checkpoint shares the cache.
     same_towers = iqray.model.load(TEST_MODEL)
