@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iqray.model.config import BPCLIPConfig
-from iqray.model.mst_clipiqa import MAX_LOGIT_SCALE, ScoreSpec, ScoringModel
+from iqray.model.mst_clipiqa import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoreSpec, ScoringModel
 from iqray.model.preprocess import ImageSource, ImageTransform
 from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
 
@@ -236,8 +236,12 @@ class BPCLIP(ScoringModel):
             start += count
         self.register_buffer("dimension_weights", membership, persistent=False)
         self.log_logit_scale = nn.Parameter(torch.zeros(()))
-        self.quality_layer = nn.Linear(len(pairs), 1)
-        self._fresh_trainable(self._probe_channels())
+        channels = self._probe_channels()
+        # Seeded so that the same config builds the same model in every process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(HEAD_INIT_SEED)
+            self.quality_layer = nn.Linear(len(pairs), 1)
+            self._fresh_trainable(channels)
 
     def _fresh_trainable(self, channels: list[int]) -> None:
         """New levels and blocks for levels of ``channels``; the output projection, quality

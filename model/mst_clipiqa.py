@@ -42,6 +42,7 @@ from iqray.model.weights import create_tower, tower_input_size, tower_preprocess
 
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021: CLIPScore = 2.5 * max(cos, 0)
 MAX_LOGIT_SCALE = 100.0  # CLIP's own clamp
+HEAD_INIT_SEED = 0  # seeds the trainable heads a model is built with (training reseeds per repeat)
 
 
 @dataclass(frozen=True)
@@ -207,10 +208,14 @@ class MSTClipIQA(ScoringModel):
             if out != dim:
                 raise ValueError(f"{name} tower embeds to {out}-d, heads expect {dim}-d "
                                  "(heads.embed_dim)")
-        self.fusion = GatedFusion(dim, config.heads.fusion_hidden)
-        self.quality_head = QualityHead(self._grade_text(), float(coarse.logit_scale.exp()))
-        self.alignment_head = AlignmentHead(dim, config.heads.attn_heads,
-                                            config.heads.align_mlp_hidden)
+        # Seeded like the towers: the same config builds the same model in every process
+        # (an unseeded init made untrained heads, and any test built on them, vary by run).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(HEAD_INIT_SEED)
+            self.fusion = GatedFusion(dim, config.heads.fusion_hidden)
+            self.quality_head = QualityHead(self._grade_text(), float(coarse.logit_scale.exp()))
+            self.alignment_head = AlignmentHead(dim, config.heads.attn_heads,
+                                                config.heads.align_mlp_hidden)
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, bool]] = (
             OrderedDict()
         )
