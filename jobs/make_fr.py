@@ -5,7 +5,7 @@ a reference (square, ``--size`` px, PNG) and 25 distorted versions (5 kinds x 5 
 that no extra compression is added), plus the reference itself as level 0. The target is
 ``quality = 5 - level``. Sources are split into train and val *by source image*, so a val
 score is measured on images whose content the model never saw. Glue only: the distortions
-are :mod:`iqray.pipeline.distortions`.
+are :mod:`iqray.model.distortions`.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def _rank(seed: int, image: bytes) -> int:
 def run_make_fr(config: MakeFRConfig, log=print) -> dict:
     from PIL import Image
 
+    from iqray.model.distortions import KINDS, LEVELS, distort, square
     from iqray.model.preprocess import ImageDecodeError, open_image
-    from iqray.pipeline.distortions import KINDS, LEVELS, distort, square
     from iqray.pipeline.readers import discover_shards, read_shard
 
     unknown = sorted(set(config.kinds) - set(KINDS))
@@ -140,7 +140,7 @@ def distortion_grid(image, kinds: list[str], thumb: int = 128):
     """One row per kind, levels 0..5 left to right: what the targets mean, at a glance."""
     from PIL import Image, ImageDraw
 
-    from iqray.pipeline.distortions import LEVELS, distort, square
+    from iqray.model.distortions import LEVELS, distort, square
 
     small = square(image, thumb * 2)
     label_w = 80

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 from pydantic import Field, model_validator
 
-from iqray.model.training import HEADS, HeadData, TrainSettings
+from iqray.model.training import DISTORTION_CLASSES, HEADS, HeadData, TrainSettings
 from iqray.pipeline.embed import EmbedConfig, run_embed, shard_index
 from iqray.pipeline.embed_cache import EmbeddingCache
 from iqray.pipeline.filtering import pattern_labels
@@ -76,6 +76,9 @@ class TrainConfig(LabelledDataConfig, TrainSettings):
         if (self.val is None) == (self.split_column is None):
             raise ValueError("give either --val (a separate validation table) or "
                              "--split-column (train/val rows in one table)")
+        if self.pretrain_distortions and self.towers != "finetune":
+            raise ValueError("--pretrain-distortions trains the image towers: it needs "
+                             "--towers finetune")
         return self
 
 
@@ -330,13 +333,23 @@ def run_train(config: TrainConfig, log=print) -> dict:
     results = []
     for repeat in range(config.repeats):
         seed = config.seed + repeat
-        bar = _epoch_bar(config, seed)
+        pretraining = config.towers == "finetune" and config.pretrain_distortions > 0
+        bar = _EpochBar(config.epochs, seed, config.progress, start=not pretraining)
         if bpclip:
             result = fit_bpclip(model, train, val, settings, seed=seed,
                                 on_epoch=bar.update_epoch)
         elif config.towers == "finetune":
+            pretrain_bar = _PretrainBar(config.pretrain_distortions, seed, config.progress,
+                                        then=bar)
             result = fit_end_to_end(model, train, val, settings, seed=seed,
-                                    tower_lr=config.tower_lr, on_epoch=bar.update_epoch)
+                                    tower_lr=config.tower_lr, on_epoch=bar.update_epoch,
+                                    on_pretrain_epoch=pretrain_bar.update_epoch)
+            pretrain_bar.close()
+            if result.pretrain_history:
+                last = result.pretrain_history[-1]
+                log(f"seed {seed}: distortion pretraining, {len(result.pretrain_history)} "
+                    f"epochs, train accuracy coarse {last['accuracy_coarse']:.2f}, fine "
+                    f"{last['accuracy_fine']:.2f} (chance {1 / DISTORTION_CLASSES:.2f})")
         else:
             result = fit_heads(model, train, val, settings, seed=seed,
                                on_epoch=bar.update_epoch)
@@ -366,9 +379,11 @@ def run_train(config: TrainConfig, log=print) -> dict:
                     extra={"training": {"train": tables["train"] if config.val else config.input,
                                         "val": config.val, "split_column": config.split_column,
                                         "cache": config.cache, "towers": config.towers}})
-    (output / "metrics.json").write_text(json.dumps(json_ready(
-        {**metrics, "history": {r.seed: r.history for r in results}}), indent=2,
-        allow_nan=False) + "\n")
+    histories = {"history": {r.seed: r.history for r in results}}
+    if any(r.pretrain_history for r in results):
+        histories["pretrain_history"] = {r.seed: r.pretrain_history for r in results}
+    (output / "metrics.json").write_text(json.dumps(json_ready({**metrics, **histories}),
+                                                    indent=2, allow_nan=False) + "\n")
     plot_training_curves(results, output / "training_curves.png")
     log("val SRCC (mean +- std over seeds): " + ", ".join(
         f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in summary.items()))
@@ -381,14 +396,21 @@ def _default_root(table_url: str) -> str:
 
 
 class _EpochBar:
-    def __init__(self, total: int, seed: int, enabled: bool):
-        self.bar = None
-        if enabled:
+    def __init__(self, total: int, seed: int, enabled: bool, start: bool = True):
+        self.total, self.seed, self.enabled, self.bar = total, seed, enabled, None
+        if start:
+            self.open()
+
+    def open(self) -> None:
+        """Show the bar (after distortion pretraining, so only one bar moves at a time)."""
+        if self.enabled and self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"seed {seed}", unit="epoch", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, desc=f"seed {self.seed}", unit="epoch",
+                            dynamic_ncols=True)
 
     def update_epoch(self, record: dict) -> None:
+        self.open()
         if self.bar is not None:
             heads = {h[0]: record[f"val_srcc_{h}"] for h in HEADS
                      if f"val_srcc_{h}" in record}  # q=..., a=...: each head's val SRCC
@@ -401,8 +423,31 @@ class _EpochBar:
             self.bar.close()
 
 
-def _epoch_bar(config: TrainConfig, seed: int) -> _EpochBar:
-    return _EpochBar(config.epochs, seed, config.progress)
+class _PretrainBar:
+    """Distortion-pretraining epochs of one seed (before its MOS epochs)."""
+
+    def __init__(self, total: int, seed: int, enabled: bool, then: _EpochBar):
+        self.bar, self.total, self.then = None, total, then
+        if enabled and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"seed {seed} distortion pretraining",
+                            unit="epoch", dynamic_ncols=True)
+
+    def update_epoch(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                 accuracy=f"{record['accuracy_coarse']:.2f}/"
+                                          f"{record['accuracy_fine']:.2f}")
+            self.bar.update(1)
+        if record["epoch"] == self.total:
+            self.close()
+            self.then.open()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def plot_training_curves(results, path: Path) -> None:
@@ -411,7 +456,19 @@ def plot_training_curves(results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, srcc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    pretrained = any(r.pretrain_history for r in results)
+    fig, axes = plt.subplots(1, 3 if pretrained else 2, figsize=(15 if pretrained else 10, 4))
+    loss_ax, srcc_ax = axes[:2]
+    if pretrained:  # how well each tower learned to name the distortions, per seed
+        for result in results:
+            epochs = [h["epoch"] for h in result.pretrain_history]
+            for tower, style in (("coarse", "-"), ("fine", "--")):
+                axes[2].plot(epochs, [h[f"accuracy_{tower}"] for h in result.pretrain_history],
+                             style, label=f"{tower}, seed {result.seed}")
+        axes[2].axhline(1 / DISTORTION_CLASSES, color="grey", alpha=0.3)
+        axes[2].set(title="distortion pretraining: train accuracy (grey: chance)",
+                    xlabel="pretraining epoch")
+        axes[2].legend(fontsize=7)
     for result in results:
         epochs = [h["epoch"] for h in result.history]
         loss_ax.plot(epochs, [h["train_loss"] for h in result.history], label=f"seed {result.seed}")

@@ -17,6 +17,13 @@ away after training and never sees validation labels.
 Optional weight averaging (``ema_decay`` > 0): an exponential moving average of the weights
 is what gets validated, selected and saved; training itself takes exactly the same steps.
 With a few thousand images, validation SRCC swings from epoch to epoch and seed to seed.
+
+Optional distortion pretraining (``pretrain_distortions`` > 0 epochs, end to end only): before
+the MOS loss, each image tower learns to name which synthetic distortion (clean, or one of
+:mod:`iqray.model.distortions`' 5 kinds x 5 levels) was applied to the training images' own
+views. Towers trained from scratch on ~2k rated images otherwise learn mostly content and
+generator; naming blur, noise, JPEG, contrast and colour casts teaches them the low-level
+cues quality depends on, from labels that cost nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from iqray.model.bpclip import BPCLIP, LevelFeatures
+from iqray.model.distortions import KINDS, LEVELS, distort
 from iqray.model.metrics import srcc
 from iqray.model.mst_clipiqa import MSTClipIQA
 
@@ -58,6 +66,10 @@ class TrainSettings(BaseModel):
         default=0.0, ge=0, lt=1, description="exponential moving average of the weights "
         "(e.g. 0.99): validation, epoch selection and the checkpoint use the averaged weights; "
         "0 = off")
+    pretrain_distortions: int = Field(
+        default=0, ge=0, description="towers finetune: epochs of pretraining the image towers "
+        "to name a synthetic distortion of the training images (clean or 5 kinds x 5 levels) "
+        "before the MOS loss, at --lr, --weight-decay and --train-batch-size; 0 = off")
 
 
 @dataclass
@@ -87,6 +99,7 @@ class TrainResult:
     best_val: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    pretrain_history: list[dict[str, float]] = field(default_factory=list)
 
 
 def ranking_hinge(pred: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
@@ -262,9 +275,108 @@ def fit_heads(model: MSTClipIQA, train: HeadData, val: HeadData, settings: Train
                 lambda: validation_srcc(model, val), model.trainable_state_dict, on_epoch)
 
 
+DISTORTION_CLASSES = 1 + len(KINDS) * LEVELS  # 0 = clean, then kind-major, level 1..5
+
+
+def distortion_class(label: int) -> tuple[str, int] | None:
+    """(kind, level) of a pretraining class; None for class 0 (clean)."""
+    if not 0 <= label < DISTORTION_CLASSES:
+        raise ValueError(f"distortion class must be 0..{DISTORTION_CLASSES - 1}, got {label}")
+    if label == 0:
+        return None
+    return KINDS[(label - 1) // LEVELS], (label - 1) % LEVELS + 1
+
+
+def distorted_view(view: torch.Tensor, label: int, seed: int) -> torch.Tensor:
+    """A uint8 (3, H, W) view with pretraining class ``label``'s distortion applied."""
+    which = distortion_class(label)
+    if which is None:
+        return view
+    from PIL import Image
+
+    image = Image.fromarray(view.permute(1, 2, 0).numpy())
+    out = distort(image, *which, seed=seed)
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
+
+
+def distortion_batch(views: torch.Tensor, rng: np.random.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pretraining batch from uint8 (N, 3, H, W) views: each view gets a random class, its
+    own distortion seed and a random horizontal flip. Returns (views, int64 labels)."""
+    labels = rng.integers(0, DISTORTION_CLASSES, len(views))
+    out = torch.stack([distorted_view(view, int(label), int(rng.integers(1 << 30)))
+                       for view, label in zip(views, labels, strict=True)])
+    flip = torch.from_numpy(rng.random(len(views)) < 0.5)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out), torch.from_numpy(labels)
+
+
+def pretrain_on_distortions(model: MSTClipIQA, pixels: torch.Tensor, settings: TrainSettings,
+                            seed: int,
+                            on_epoch: Callable[[dict[str, float]], None] | None = None
+                            ) -> list[dict[str, float]]:
+    """Train both image towers for ``settings.pretrain_distortions`` epochs to classify which
+    distortion each of their views carries (uint8 crops as in :class:`ImageRows`: 3 channels
+    for both towers, or 6 = coarse view, fine view). Every view gets its own random class,
+    distortion seed and horizontal flip; one linear classifier per tower is thrown away
+    afterwards. AdamW at ``settings.lr`` / ``weight_decay``, cosine schedule. Returns one
+    record per epoch: mean loss and each tower's training accuracy (chance is
+    1 / ``DISTORTION_CLASSES``)."""
+    epochs, batch_size = settings.pretrain_distortions, settings.train_batch_size
+    rng = np.random.default_rng(seed + 7)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7)
+        classifiers = torch.nn.ModuleList(
+            torch.nn.Linear(model.config.heads.embed_dim, DISTORTION_CLASSES) for _ in range(2))
+    classifiers.to(model.device)
+    towers = [model.coarse.visual, model.fine_visual]
+    tower_params = [p for t in towers for p in t.parameters()]
+    trainable = [p.requires_grad for p in tower_params]
+    params = tower_params + list(classifiers.parameters())
+    for tower in towers:
+        tower.requires_grad_(True)
+        tower.train()
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimiser, T_max=max(1, epochs * math.ceil(len(pixels) / batch_size)))
+    views_of = [slice(0, 3), slice(0, 3) if pixels.shape[1] == 3 else slice(3, 6)]
+    history = []
+    try:
+        for epoch in range(1, epochs + 1):
+            order, losses, correct = rng.permutation(len(pixels)), [], [0, 0]
+            for start in range(0, len(pixels), batch_size):
+                index = order[start:start + batch_size]
+                loss = torch.zeros((), device=model.device)
+                for role, (tower, classifier) in enumerate(zip(towers, classifiers, strict=True)):
+                    views, target = distortion_batch(pixels[index, views_of[role]], rng)
+                    with model._autocast():
+                        features = tower(model.transform.normalize(views).to(model.device))
+                    logits = classifier(features.float())
+                    target = target.to(model.device)
+                    loss = loss + torch.nn.functional.cross_entropy(logits, target)
+                    correct[role] += int((logits.argmax(-1) == target).sum())
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+            record = {"epoch": epoch, "loss": float(np.mean(losses)),
+                      "accuracy_coarse": correct[0] / len(pixels),
+                      "accuracy_fine": correct[1] / len(pixels)}
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        for p, was in zip(tower_params, trainable, strict=True):
+            p.requires_grad_(was)
+        model.train(False)
+    return history
+
+
 def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
                    settings: TrainSettings, seed: int, tower_lr: float,
-                   on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+                   on_epoch: Callable[[dict[str, float]], None] | None = None,
+                   on_pretrain_epoch: Callable[[dict[str, float]], None] | None = None
+                   ) -> TrainResult:
     """Train towers and heads together; random-init towers are re-initialised from ``seed``
     (small towers from scratch), the text tower learns too, images are flipped at random.
 
@@ -272,10 +384,16 @@ def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
     image's fine area rather than its centre: blur and noise do not depend on where one
     looks, and a 512 px area holds many 160 px crops, so the fine tower sees far more
     distinct inputs than there are images. Validation uses the centre, as scoring does.
+
+    With ``settings.pretrain_distortions`` the image towers first learn to name synthetic
+    distortions of the training views (:func:`pretrain_on_distortions`).
     """
     model.config = model.config.model_copy(update={"trained": True})
     if model.config.coarse.pretrained is None and model.config.fine.pretrained is None:
         model.reset_towers(seed)  # from scratch: each repeat gets its own towers
+    pretrain_history = (pretrain_on_distortions(model, train.pixels, settings, seed,
+                                                on_pretrain_epoch)
+                        if settings.pretrain_distortions else [])
     model.reset_heads(seed)
     classifier = group_classifier(model, train, settings, seed)
     model.set_towers_trainable(True)
@@ -312,6 +430,7 @@ def fit_end_to_end(model: MSTClipIQA, train: ImageRows, val: ImageRows,
                       on_epoch)
     finally:
         model.set_towers_trainable(False)
+    result.pretrain_history = pretrain_history
     return result
 
 

@@ -153,6 +153,39 @@ def test_train_needs_exactly_one_way_to_split(tmp_path):
         TrainConfig(input="a.csv", val="b.csv", split_column="split", cache=str(tmp_path))
 
 
+def test_distortion_pretraining_is_logged_recorded_and_plotted(tmp_path):
+    from pipeline_data import SAMPLE
+
+    def train(name: str, **extra) -> tuple[list[str], dict, tuple[int, int]]:
+        config = TrainConfig(input=str(SAMPLE / "prompts.csv"), val=str(SAMPLE / "prompts.csv"),
+                             model=TEST_MODEL, image_root=str(SAMPLE / "images"),
+                             towers="finetune", epochs=1, train_batch_size=16, repeats=2,
+                             output=str(tmp_path / name), progress=False,
+                             cache=str(tmp_path / "cache"), **SAMPLE_COLUMNS, **extra)
+        lines: list[str] = []
+        run_train(config, log=lines.append)
+        with Image.open(tmp_path / name / "training_curves.png") as png:
+            size = png.size
+        return lines, json.loads((tmp_path / name / "metrics.json").read_text()), size
+
+    lines, metrics, size = train("pretrained", pretrain_distortions=2)
+    assert metrics["settings"]["pretrain_distortions"] == 2
+    assert sorted(metrics["pretrain_history"]) == ["0", "1"]  # one record per epoch and seed
+    assert all([r["epoch"] for r in history] == [1, 2]
+               for history in metrics["pretrain_history"].values())
+    assert sum("distortion pretraining, 2 epochs" in line for line in lines) == 2
+    plain_lines, plain, plain_size = train("plain")
+    assert "pretrain_history" not in plain
+    assert not any("distortion pretraining" in line for line in plain_lines)
+    assert size[0] > plain_size[0]  # a third panel: pretraining accuracy per tower
+    assert metrics["val_srcc"] != plain["val_srcc"]  # the towers started elsewhere
+
+
+def test_distortion_pretraining_needs_trainable_towers(tmp_path):
+    with pytest.raises(ValueError, match="--pretrain-distortions .* needs --towers finetune"):
+        TrainConfig(input="a.csv", val="b.csv", cache=str(tmp_path), pretrain_distortions=1)
+
+
 def test_finetune_trains_small_towers_end_to_end_and_ships_them(ray_local, tmp_path, sample,
                                                                  sample_rows):
     from pipeline_data import SAMPLE, read_output

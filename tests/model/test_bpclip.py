@@ -11,8 +11,8 @@ from PIL import Image
 import iqray.model
 from iqray.model.bpclip import BPCLIP
 from iqray.model.config import DEFAULT_ADJECTIVE_PAIRS, BPCLIPConfig, TowerConfig
+from iqray.model.distortions import distort, square
 from iqray.model.training import LevelRows, TrainSettings, fit_bpclip, level_features, predict
-from iqray.pipeline.distortions import distort, square
 
 DIMENSIONS = ["aesthetics", "color", "exposure", "noise_free", "sharpness", "structure"]
 

@@ -1,19 +1,27 @@
-"""End-to-end training of a two-view model: random fine crops in training, centre in val."""
+"""End-to-end training of a two-view model: random fine crops in training, centre in val;
+weight averaging; distortion pretraining of the towers."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from iqray.model.config import MSTConfig
+from iqray.model.distortions import KINDS, LEVELS, distort
 from iqray.model.mst_clipiqa import MSTClipIQA
 from iqray.model.preprocess import open_image
 from iqray.model.training import (
+    DISTORTION_CLASSES,
     ImageRows,
     TrainSettings,
     WeightAverage,
+    distortion_batch,
+    distortion_class,
     embed_rows,
     fit_end_to_end,
+    pretrain_on_distortions,
     validation_srcc,
 )
 
@@ -119,3 +127,91 @@ def test_end_to_end_training_with_an_average_validates_and_keeps_the_averaged_we
     moved = {k.split(".")[0] for k in plain.state if plain.state[k].is_floating_point()
              and not torch.equal(plain.state[k], averaged.state[k])}
     assert {"coarse", "fine_visual", "fusion", "quality_head"} <= moved
+
+
+def test_distortion_classes_are_clean_plus_every_kind_and_level_once():
+    classes = [distortion_class(c) for c in range(DISTORTION_CLASSES)]
+    assert classes == [None] + [(k, level) for k in KINDS for level in range(1, LEVELS + 1)]
+    with pytest.raises(ValueError, match="0..25"):
+        distortion_class(DISTORTION_CLASSES)
+
+
+def test_each_pretraining_view_carries_the_distortion_its_label_names(sample_rows):
+    model = two_view_model()
+    views = torch.stack([model.transform.crop(open_image(r["path"]))[:3]
+                         for r in sample_rows[:24]])
+    out, labels = distortion_batch(views, np.random.default_rng(3))
+    assert out.dtype == torch.uint8 and out.shape == views.shape
+    assert len(set(labels.tolist())) > 10  # random classes, not one per batch
+    # Replaying the generator gives each view's seed and flip: the view is exactly the
+    # labelled distortion of its own source (so labels can never drift from images).
+    replay = np.random.default_rng(3)
+    replay.integers(0, DISTORTION_CLASSES, len(views))
+    seeds = [int(replay.integers(1 << 30)) for _ in views]
+    flips = replay.random(len(views)) < 0.5
+    for view, label, seed, flip, got in zip(views, labels.tolist(), seeds, flips, out,
+                                            strict=True):
+        which = distortion_class(label)
+        image = Image.fromarray(view.permute(1, 2, 0).numpy())
+        expected = image if which is None else distort(image, *which, seed=seed)
+        expected = torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1)
+        torch.testing.assert_close(got, expected.flip(-1) if flip else expected)
+
+
+def test_distortion_pretraining_trains_each_image_tower_on_its_own_view(sample_rows):
+    model = two_view_model()
+    # Coarse views black, fine views white: every distortion keeps a black view dark and a
+    # white one bright, so the tower inputs show which view each tower was given.
+    pixels = torch.cat([torch.zeros(10, 3, 64, 64, dtype=torch.uint8),
+                        torch.full((10, 3, 64, 64), 255, dtype=torch.uint8)], dim=1)
+    seen = {"coarse": [], "fine": []}
+    hooks = [tower.register_forward_hook(lambda m, args, out, role=role: seen[role].append(
+        args[0].detach().clone())) for role, tower in (("coarse", model.coarse.visual),
+                                                        ("fine", model.fine_visual))]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = []
+    try:
+        history = pretrain_on_distortions(
+            model, pixels, TrainSettings(pretrain_distortions=2, train_batch_size=4), seed=0,
+            on_epoch=records.append)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert history == records and [h["epoch"] for h in history] == [1, 2]
+    assert all(0 <= h["accuracy_coarse"] <= 1 and 0 <= h["accuracy_fine"] <= 1
+               and np.isfinite(h["loss"]) for h in history)
+    raw = {role: torch.cat(seen[role]) for role in seen}
+    black, white = (model.transform.normalize(pixels[:1, :3]),
+                    model.transform.normalize(pixels[:1, 3:]))
+    assert len(raw["coarse"]) == len(raw["fine"]) == 2 * 10
+    assert (raw["coarse"] - black).mean() < (raw["fine"] - black).mean()
+    assert (raw["fine"] - white).abs().mean() < (raw["coarse"] - white).abs().mean()
+    # Only the image towers learned; the text tower, heads and the frozen state are as before.
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any(k.startswith("coarse.visual.") for k in changed)
+    assert any(k.startswith("fine_visual.") for k in changed)
+    assert all(k.startswith(("coarse.visual.", "fine_visual.")) for k in changed)
+    assert not any(p.requires_grad for t in model.towers() for p in t.parameters())
+    assert not model.training
+
+
+def test_end_to_end_training_can_start_from_distortion_pretrained_towers(sample_rows):
+    model = two_view_model()
+    images = [open_image(r["path"]) for r in sample_rows[:12]]
+    pixels = torch.stack([model.transform.crop(i) for i in images])
+    targets = {"quality": torch.linspace(0, 1, 12), "alignment": torch.linspace(1, 0, 12)}
+    prompts = [r["prompt"] for r in sample_rows[:12]]
+    train = ImageRows(pixels[:8], prompts[:8], {k: v[:8] for k, v in targets.items()})
+    val = ImageRows(pixels[8:], prompts[8:], {k: v[8:] for k, v in targets.items()})
+    settings = TrainSettings(epochs=1, train_batch_size=4, pretrain_distortions=2)
+    pretrained = fit_end_to_end(model, train, val, settings, seed=0, tower_lr=1e-3)
+    assert [h["epoch"] for h in pretrained.pretrain_history] == [1, 2]
+    again = fit_end_to_end(model, train, val, settings, seed=0, tower_lr=1e-3)
+    plain = fit_end_to_end(model, train, val, settings.model_copy(
+        update={"pretrain_distortions": 0}), seed=0, tower_lr=1e-3)
+    assert plain.pretrain_history == []
+    # Seeded: the same settings train the same model; pretraining changes what is trained.
+    assert again.pretrain_history == pretrained.pretrain_history
+    torch.testing.assert_close(again.state, pretrained.state, rtol=0, atol=0)
+    assert not torch.equal(plain.state["fine_visual.proj"], pretrained.state["fine_visual.proj"])

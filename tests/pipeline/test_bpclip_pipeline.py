@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline_data import SAMPLE, read_output, write_parquet
 
 import iqray.model
-from iqray.pipeline.distortions import distort
+from iqray.model.distortions import distort
 from iqray.pipeline.score import ScoreConfig, run_score
 
 BPCLIP_TEST_MODEL = "bpclip-tiny-random"
