@@ -346,9 +346,10 @@ def run_train(config: TrainConfig, log=print) -> dict:
                                     on_pretrain_epoch=pretrain_bar.update_epoch)
             pretrain_bar.close()
             if result.pretrain_history:
-                last = result.pretrain_history[-1]
-                log(f"seed {seed}: distortion pretraining, {len(result.pretrain_history)} "
-                    f"epochs, train accuracy coarse {last['accuracy_coarse']:.2f}, fine "
+                last, count = result.pretrain_history[-1], len(result.pretrain_history)
+                log(f"seed {seed}: distortion pretraining, {count} epoch"
+                    f"{'' if count == 1 else 's'}, train accuracy coarse "
+                    f"{last['accuracy_coarse']:.2f}, fine "
                     f"{last['accuracy_fine']:.2f} (chance {1 / DISTORTION_CLASSES:.2f})")
         else:
             result = fit_heads(model, train, val, settings, seed=seed,
@@ -464,7 +465,7 @@ def plot_training_curves(results, path: Path) -> None:
             epochs = [h["epoch"] for h in result.pretrain_history]
             for tower, style in (("coarse", "-"), ("fine", "--")):
                 axes[2].plot(epochs, [h[f"accuracy_{tower}"] for h in result.pretrain_history],
-                             style, label=f"{tower}, seed {result.seed}")
+                             style, marker="o", markersize=3, label=f"{tower}, seed {result.seed}")
         axes[2].axhline(1 / DISTORTION_CLASSES, color="grey", alpha=0.3)
         axes[2].set(title="distortion pretraining: train accuracy (grey: chance)",
                     xlabel="pretraining epoch")
