@@ -36,17 +36,12 @@ _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 if TYPE_CHECKING:
     import torch
 
-    from iqray.model.bpclip import BPCLIP, LevelFeatures
+    from iqray.model.bpclip import BPCLIP
     from iqray.model.config import ModelConfig
     from iqray.model.mst_clipiqa import MSTClipIQA
 
-__all__ = [
-    "BPCLIP", "BPCLIPConfig", "LevelFeatures", "ModelConfig",
-    "DEFAULT_MODEL", "CheckpointError", "HeadsConfig", "ImageDecodeError", "ImageTransform",
-    "MSTClipIQA", "MSTConfig", "PromptBatch", "ScoreScale", "ScoreSpec", "TowerConfig",
-    "UnsafeCheckpointError", "WeightsNotFoundError", "load", "load_preset", "open_image",
-    "preset_names", "shipped_models", "resolve_tower_weights", "resolve_device", "save_checkpoint",
-]
+# Derived, so a name added to _EXPORTS is public without a second list to keep in step.
+__all__ = ["DEFAULT_MODEL", "load", "resolve_device", *_HOME]
 
 
 def __getattr__(name: str):

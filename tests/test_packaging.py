@@ -17,6 +17,17 @@ def test_the_three_packages_import_from_one_namespace():
     assert out.strip() == "iqray.model"
 
 
+def test_every_public_model_name_resolves_and_the_star_import_gets_them():
+    code = ("import iqray.model as m; names = {}; exec('from iqray.model import *', names); "
+            "missing = [n for n in m.__all__ if n not in names]; "
+            "print(len(m.__all__), missing, 'save_checkpoint' in names, "
+            "'read_checkpoint_config' in names)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd="/").stdout
+    count, rest = out.split(" ", 1)
+    assert int(count) > 20 and rest.strip() == "[] True True"
+
+
 def test_the_model_package_never_imports_ray():
     code = "import sys, iqray.model; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
