@@ -33,6 +33,16 @@ def two_view_model() -> MSTClipIQA:
     return MSTClipIQA.from_config(MSTConfig.model_validate(config))
 
 
+def centre_rows(model: MSTClipIQA, sample_rows) -> tuple[ImageRows, ImageRows]:
+    """12 sample images as 8 train and 4 val rows (centre views), targets spread over [0, 1]."""
+    pixels = torch.stack([model.transform.crop(open_image(r["path"]))
+                          for r in sample_rows[:12]])
+    targets = {"quality": torch.linspace(0, 1, 12), "alignment": torch.linspace(1, 0, 12)}
+    prompts = [r["prompt"] for r in sample_rows[:12]]
+    return (ImageRows(pixels[:8], prompts[:8], {k: v[:8] for k, v in targets.items()}),
+            ImageRows(pixels[8:], prompts[8:], {k: v[8:] for k, v in targets.items()}))
+
+
 def test_training_draws_random_fine_crops_and_validates_on_the_centre(sample_rows):
     model = two_view_model()
     images = [open_image(r["path"]) for r in sample_rows[:12]]
@@ -106,12 +116,7 @@ def test_weight_average_follows_the_warmed_up_recurrence_and_swaps_back():
 def test_end_to_end_training_with_an_average_validates_and_keeps_the_averaged_weights(
         sample_rows):
     model = two_view_model()
-    images = [open_image(r["path"]) for r in sample_rows[:12]]
-    pixels = torch.stack([model.transform.crop(i) for i in images])
-    targets = {"quality": torch.linspace(0, 1, 12), "alignment": torch.linspace(1, 0, 12)}
-    prompts = [r["prompt"] for r in sample_rows[:12]]
-    train = ImageRows(pixels[:8], prompts[:8], {k: v[:8] for k, v in targets.items()})
-    val = ImageRows(pixels[8:], prompts[8:], {k: v[8:] for k, v in targets.items()})
+    train, val = centre_rows(model, sample_rows)
     settings = TrainSettings(epochs=3, train_batch_size=4, ema_decay=0.9)
     averaged = fit_end_to_end(model, train, val, settings, seed=0, tower_lr=1e-3)
     # The model ends with the selected epoch's weights, and they score as recorded.
@@ -198,12 +203,7 @@ def test_distortion_pretraining_trains_each_image_tower_on_its_own_view(sample_r
 
 def test_end_to_end_training_can_start_from_distortion_pretrained_towers(sample_rows):
     model = two_view_model()
-    images = [open_image(r["path"]) for r in sample_rows[:12]]
-    pixels = torch.stack([model.transform.crop(i) for i in images])
-    targets = {"quality": torch.linspace(0, 1, 12), "alignment": torch.linspace(1, 0, 12)}
-    prompts = [r["prompt"] for r in sample_rows[:12]]
-    train = ImageRows(pixels[:8], prompts[:8], {k: v[:8] for k, v in targets.items()})
-    val = ImageRows(pixels[8:], prompts[8:], {k: v[8:] for k, v in targets.items()})
+    train, val = centre_rows(model, sample_rows)
     settings = TrainSettings(epochs=1, train_batch_size=4, pretrain_distortions=2)
     pretrained = fit_end_to_end(model, train, val, settings, seed=0, tower_lr=1e-3)
     assert [h["epoch"] for h in pretrained.pretrain_history] == [1, 2]
