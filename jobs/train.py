@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -333,14 +334,16 @@ def run_train(config: TrainConfig, log=print) -> dict:
     results = []
     for repeat in range(config.repeats):
         seed = config.seed + repeat
-        pretraining = config.towers == "finetune" and config.pretrain_distortions > 0
-        bar = _EpochBar(config.epochs, seed, config.progress, start=not pretraining)
+        # --pretrain-distortions implies --towers finetune (the config refuses anything else)
+        bar = _EpochBar(config.epochs, f"seed {seed}", config.progress, _mos_postfix,
+                        start=not config.pretrain_distortions)
         if bpclip:
             result = fit_bpclip(model, train, val, settings, seed=seed,
                                 on_epoch=bar.update_epoch)
         elif config.towers == "finetune":
-            pretrain_bar = _PretrainBar(config.pretrain_distortions, seed, config.progress,
-                                        then=bar)
+            pretrain_bar = _EpochBar(config.pretrain_distortions,
+                                     f"seed {seed} distortion pretraining", config.progress,
+                                     _pretrain_postfix, then=bar)
             result = fit_end_to_end(model, train, val, settings, seed=seed,
                                     tower_lr=config.tower_lr, on_epoch=bar.update_epoch,
                                     on_pretrain_epoch=pretrain_bar.update_epoch)
@@ -397,58 +400,50 @@ def _default_root(table_url: str) -> str:
 
 
 class _EpochBar:
-    def __init__(self, total: int, seed: int, enabled: bool, start: bool = True):
-        self.total, self.seed, self.enabled, self.bar = total, seed, enabled, None
+    """One seed's epochs as a progress bar. ``start=False`` shows it only when ``open()`` is
+    called or the first epoch ends; ``then`` is opened when this bar's last epoch ends (the
+    MOS bar after the pretraining bar, so only one bar moves at a time)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool,
+                 postfix: Callable[[dict], dict[str, str]], start: bool = True,
+                 then: _EpochBar | None = None):
+        self.total, self.desc, self.enabled, self.postfix, self.then = (total, desc, enabled,
+                                                                        postfix, then)
+        self.bar = None
         if start:
             self.open()
 
     def open(self) -> None:
-        """Show the bar (after distortion pretraining, so only one bar moves at a time)."""
-        if self.enabled and self.bar is None:
+        if self.enabled and self.total and self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, desc=f"seed {self.seed}", unit="epoch",
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="epoch", dynamic_ncols=True)
 
     def update_epoch(self, record: dict) -> None:
         self.open()
         if self.bar is not None:
-            heads = {h[0]: record[f"val_srcc_{h}"] for h in HEADS
-                     if f"val_srcc_{h}" in record}  # q=..., a=...: each head's val SRCC
-            self.bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                 val_srcc="/".join(f"{k} {v:.3f}" for k, v in heads.items()))
+            self.bar.set_postfix(**self.postfix(record))
             self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _PretrainBar:
-    """Distortion-pretraining epochs of one seed (before its MOS epochs)."""
-
-    def __init__(self, total: int, seed: int, enabled: bool, then: _EpochBar):
-        self.bar, self.total, self.then = None, total, then
-        if enabled and total:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=f"seed {seed} distortion pretraining",
-                            unit="epoch", dynamic_ncols=True)
-
-    def update_epoch(self, record: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                 accuracy=f"{record['accuracy_coarse']:.2f}/"
-                                          f"{record['accuracy_fine']:.2f}")
-            self.bar.update(1)
-        if record["epoch"] == self.total:
+        if self.then is not None and record["epoch"] == self.total:
             self.close()
             self.then.open()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-            self.bar = None
+            self.enabled = False  # a closed bar stays closed
+
+
+def _mos_postfix(record: dict) -> dict[str, str]:
+    heads = {h[0]: record[f"val_srcc_{h}"] for h in HEADS
+             if f"val_srcc_{h}" in record}  # q=..., a=...: each head's val SRCC
+    return {"loss": f"{record['train_loss']:.4f}",
+            "val_srcc": "/".join(f"{k} {v:.3f}" for k, v in heads.items())}
+
+
+def _pretrain_postfix(record: dict) -> dict[str, str]:
+    return {"loss": f"{record['loss']:.3f}",
+            "accuracy": f"{record['accuracy_coarse']:.2f}/{record['accuracy_fine']:.2f}"}
 
 
 def plot_training_curves(results, path: Path) -> None:
