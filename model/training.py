@@ -23,13 +23,16 @@ the MOS loss, each image tower learns to name which synthetic distortion (clean,
 :mod:`iqray.model.distortions`' 5 kinds x 5 levels) was applied to the training images' own
 views. Towers trained from scratch on ~2k rated images otherwise learn mostly content and
 generator; naming blur, noise, JPEG, contrast and colour casts teaches them the low-level
-cues quality depends on, from labels that cost nothing.
+cues quality depends on, from labels that cost nothing. The distortions are PIL work on the
+CPU: a thread pool applies them ahead of the towers (``distortion_workers``), and every random
+choice is drawn beforehand in one order, so the result does not depend on the thread count.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -70,6 +73,10 @@ class TrainSettings(BaseModel):
         default=0, ge=0, description="towers finetune: epochs of pretraining the image towers "
         "to name a synthetic distortion of the training images (clean or 5 kinds x 5 levels) "
         "before the MOS loss, at --lr, --weight-decay and --train-batch-size; 0 = off")
+    distortion_workers: int | None = Field(
+        default=None, ge=0, description="threads that distort pretraining views ahead of the "
+        "towers (default: CPUs - 1, at most 8; 0 = in the training loop); every random choice "
+        "is drawn in order beforehand, so the result does not depend on it")
 
 
 @dataclass
@@ -299,15 +306,84 @@ def distorted_view(view: torch.Tensor, label: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 
+@dataclass(frozen=True)
+class DistortionDraw:
+    """The random part of one pretraining batch: per view a class, a distortion seed and
+    whether to flip it horizontally."""
+
+    labels: np.ndarray  # int64 (N,)
+    seeds: list[int]
+    flips: np.ndarray  # bool (N,)
+
+
+def draw_distortions(count: int, rng: np.random.Generator) -> DistortionDraw:
+    """Draw a batch's classes, seeds and flips from ``rng`` (the cheap, sequential part;
+    applying them is :func:`apply_distortions`, which may run on another thread)."""
+    labels = rng.integers(0, DISTORTION_CLASSES, count)
+    seeds = [int(rng.integers(1 << 30)) for _ in range(count)]
+    return DistortionDraw(labels, seeds, rng.random(count) < 0.5)
+
+
+def apply_distortions(views: torch.Tensor, draw: DistortionDraw
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, H, W) views with ``draw`` applied. Returns (views, int64 labels)."""
+    out = torch.stack([distorted_view(view, int(label), seed)
+                       for view, label, seed in zip(views, draw.labels, draw.seeds,
+                                                    strict=True)])
+    flip = torch.from_numpy(draw.flips)
+    return (torch.where(flip[:, None, None, None], out.flip(-1), out),
+            torch.from_numpy(draw.labels))
+
+
 def distortion_batch(views: torch.Tensor, rng: np.random.Generator
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """A pretraining batch from uint8 (N, 3, H, W) views: each view gets a random class, its
     own distortion seed and a random horizontal flip. Returns (views, int64 labels)."""
-    labels = rng.integers(0, DISTORTION_CLASSES, len(views))
-    out = torch.stack([distorted_view(view, int(label), int(rng.integers(1 << 30)))
-                       for view, label in zip(views, labels, strict=True)])
-    flip = torch.from_numpy(rng.random(len(views)) < 0.5)
-    return torch.where(flip[:, None, None, None], out.flip(-1), out), torch.from_numpy(labels)
+    return apply_distortions(views, draw_distortions(len(views), rng))
+
+
+def distortion_threads(settings: TrainSettings) -> int:
+    """Threads that distort pretraining views ahead of the towers (0 = in the loop)."""
+    if settings.distortion_workers is not None:
+        return settings.distortion_workers
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+def _in_order_ahead(work: Callable[[int], object], count: int, threads: int
+                    ) -> Iterator[object]:
+    """``work(0)``, ..., ``work(count - 1)`` in order, computed up to ``threads`` items ahead
+    on a thread pool (PIL and numpy release the GIL while the towers train); inline when
+    ``threads`` is 0."""
+    if threads == 0:
+        yield from (work(i) for i in range(count))
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="iqray-distort") as pool:
+        pending = deque(pool.submit(work, i) for i in range(min(threads, count)))
+        for following in range(threads, count + threads):
+            ready = pending.popleft().result()
+            if following < count:
+                pending.append(pool.submit(work, following))
+            yield ready
+
+
+def _distorted_epoch(pixels: torch.Tensor, views_of: list[slice], batch_size: int,
+                     rng: np.random.Generator, threads: int
+                     ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One pretraining epoch in shuffled batches: per batch, (views, labels) for each tower's
+    channels in ``views_of``. Every random choice is drawn now, in the order one loop would
+    draw it, so the batches do not depend on how many threads apply them."""
+    order = rng.permutation(len(pixels))
+    batches = [order[start:start + batch_size] for start in range(0, len(pixels), batch_size)]
+    draws = [[draw_distortions(len(index), rng) for _ in views_of] for index in batches]
+
+    def prepared(i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [apply_distortions(pixels[batches[i], views], draw)
+                for views, draw in zip(views_of, draws[i], strict=True)]
+
+    return _in_order_ahead(prepared, len(batches), threads)
 
 
 def pretrain_on_distortions(model: MSTClipIQA, pixels: torch.Tensor, settings: TrainSettings,
@@ -323,6 +399,7 @@ def pretrain_on_distortions(model: MSTClipIQA, pixels: torch.Tensor, settings: T
     1 / ``DISTORTION_CLASSES``)."""
     epochs, batch_size = settings.pretrain_distortions, settings.train_batch_size
     rng = np.random.default_rng(seed + 7)
+    threads = distortion_threads(settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)
         classifiers = torch.nn.ModuleList(
@@ -342,12 +419,11 @@ def pretrain_on_distortions(model: MSTClipIQA, pixels: torch.Tensor, settings: T
     history = []
     try:
         for epoch in range(1, epochs + 1):
-            order, losses, correct = rng.permutation(len(pixels)), [], [0, 0]
-            for start in range(0, len(pixels), batch_size):
-                index = order[start:start + batch_size]
+            losses, correct = [], [0, 0]
+            for batch in _distorted_epoch(pixels, views_of, batch_size, rng, threads):
                 loss = torch.zeros((), device=model.device)
                 for role, (tower, classifier) in enumerate(zip(towers, classifiers, strict=True)):
-                    views, target = distortion_batch(pixels[index, views_of[role]], rng)
+                    views, target = batch[role]
                     with model._autocast():
                         features = tower(model.transform.normalize(views).to(model.device))
                     logits = classifier(features.float())

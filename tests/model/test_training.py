@@ -3,6 +3,9 @@ weight averaging; distortion pretraining of the towers."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -17,8 +20,10 @@ from iqray.model.training import (
     ImageRows,
     TrainSettings,
     WeightAverage,
+    _in_order_ahead,
     distortion_batch,
     distortion_class,
+    distortion_threads,
     embed_rows,
     fit_end_to_end,
     pretrain_on_distortions,
@@ -199,6 +204,56 @@ def test_distortion_pretraining_trains_each_image_tower_on_its_own_view(sample_r
     assert all(k.startswith(("coarse.visual.", "fine_visual.")) for k in changed)
     assert not any(p.requires_grad for t in model.towers() for p in t.parameters())
     assert not model.training
+
+
+def test_pretraining_views_are_distorted_on_threads_without_changing_the_result(monkeypatch):
+    import iqray.model.training as training
+
+    threads_used = []
+    distorted_view = training.distorted_view
+
+    def recording(view, label, seed):
+        threads_used.append(threading.current_thread().name)
+        return distorted_view(view, label, seed)
+
+    monkeypatch.setattr(training, "distorted_view", recording)
+    pixels = torch.randint(0, 256, (21, 6, 64, 64), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))  # last batch partial
+    runs = {}
+    for workers in (0, 3):
+        model, threads_used[:] = two_view_model(), []
+        settings = TrainSettings(pretrain_distortions=2, train_batch_size=8,
+                                 distortion_workers=workers)
+        history = pretrain_on_distortions(model, pixels, settings, seed=5)
+        runs[workers] = history, model.state_dict(), set(threads_used)
+        assert len(threads_used) == 2 * 2 * len(pixels)  # epochs x towers x views
+    assert runs[0][2] == {"MainThread"}
+    assert runs[3][2] and all(name.startswith("iqray-distort") for name in runs[3][2])
+    assert runs[3][0] == runs[0][0]
+    torch.testing.assert_close(runs[3][1], runs[0][1], rtol=0, atol=0)
+
+
+def test_work_computed_ahead_comes_back_in_order_and_raises_where_it_failed():
+    def slow_first(i):
+        time.sleep(0.05 if i % 3 == 0 else 0.0)  # later items finish first
+        return i * i
+
+    for threads in (0, 1, 4, 9):
+        assert list(_in_order_ahead(slow_first, 7, threads)) == [i * i for i in range(7)]
+    assert list(_in_order_ahead(slow_first, 0, 4)) == []
+
+    def broken(i):
+        if i == 2:
+            raise ValueError("view 2 is broken")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="view 2"):
+        for item in _in_order_ahead(broken, 6, 3):
+            got.append(item)
+    assert got == [0, 1]
+    assert distortion_threads(TrainSettings(distortion_workers=0)) == 0
+    assert 1 <= distortion_threads(TrainSettings()) <= 8
 
 
 def test_end_to_end_training_can_start_from_distortion_pretrained_towers(sample_rows):
