@@ -36,6 +36,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from iqray.model.metrics import srcc
 from iqray.model.mst_clipiqa import MSTClipIQA
 
 HEADS = ("quality", "alignment")
+Item = TypeVar("Item")
 
 
 class TrainSettings(BaseModel):
@@ -349,8 +351,8 @@ def distortion_threads(settings: TrainSettings) -> int:
     return min(8, max(1, (os.cpu_count() or 2) - 1))
 
 
-def _in_order_ahead(work: Callable[[int], object], count: int, threads: int
-                    ) -> Iterator[object]:
+def _in_order_ahead(work: Callable[[int], Item], count: int, threads: int
+                    ) -> Iterator[Item]:
     """``work(0)``, ..., ``work(count - 1)`` in order, computed up to ``threads`` items ahead
     on a thread pool (PIL and numpy release the GIL while the towers train); inline when
     ``threads`` is 0."""
