@@ -28,7 +28,8 @@ _EXPORTS = {
     "config": ("BPCLIPConfig", "HeadsConfig", "ModelConfig", "MSTConfig", "ScoreScale",
                "TowerConfig", "load_preset", "preset_names", "shipped_models"),
     "mst_clipiqa": ("MSTClipIQA", "PromptBatch", "ScoreSpec"),
-    "preprocess": ("ImageDecodeError", "ImageTransform", "open_image"),
+    "images": ("CropViews", "ImageDecodeError", "open_image"),
+    "preprocess": ("ImageTransform",),
     "weights": ("UnsafeCheckpointError", "WeightsNotFoundError", "resolve_tower_weights"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -3,6 +3,10 @@
 Work per image is bounded: a pixel-count limit stops decompression bombs before decoding,
 and a wall-clock limit (where the task runs on its process's main thread, as Ray tasks do)
 stops a pathological file from stalling the stage. Failures become error rows.
+
+Decode tasks never import torch (about 6 s and 800 MB per worker process): the crops come
+from :mod:`iqray.model.images` (PIL + numpy); torch is imported only by the helpers the
+model actors and in-process training use.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from iqray.model.preprocess import ImageDecodeError, ImageTransform, open_image
+from iqray.model.images import CropViews, ImageDecodeError, open_image
+
+if TYPE_CHECKING:
+    from iqray.model.preprocess import ImageTransform
 
 
 def is_missing(value: Any) -> bool:
@@ -70,13 +77,16 @@ def row_label(batch: dict[str, Any], i: int) -> str:
 
 
 def crop_transform(image_size: int, fine_resize: int | None = None) -> ImageTransform:
-    """The crops the decode stage ships: uint8, so mean/std are the actor's business."""
+    """The decode stage's crops as a torch transform (model actors that decode on their
+    device): uint8, so mean/std are the actor's business."""
+    from iqray.model.preprocess import ImageTransform
+
     return ImageTransform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), fine_resize)
 
 
 def decoded_channels(image_size: int, fine_resize: int | None, references: bool) -> int:
     """Channels of a decoded row: the model's views, then the reference's in FR reads."""
-    return crop_transform(image_size, fine_resize).channels * (2 if references else 1)
+    return CropViews(image_size, fine_resize).channels * (2 if references else 1)
 
 
 def iter_crops(shard, read, storage, transform: ImageTransform
@@ -148,8 +158,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
     :meth:`ModelStage.decode_on_device`); this task then only hashes and checks headers."""
     started = time.perf_counter()
     count = len(batch["source_row"])
-    transform = crop_transform(image_size, fine_resize)
-    crop = transform.crop
+    crop = CropViews(image_size, fine_resize)
     channels = decoded_channels(image_size, fine_resize, references)
     pixels = np.zeros((count, channels, image_size, image_size), np.uint8)
     # Content hash of the encoded bytes: exact-duplicate detection and embedding-cache key.
@@ -168,8 +177,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
             continue
         try:
             with time_limit(timeout_s):
-                pixels[i, :transform.channels] = crop(
-                    open_image(batch["_image"][i], max_pixels=max_pixels)).numpy()
+                pixels[i, :crop.channels] = crop(
+                    open_image(batch["_image"][i], max_pixels=max_pixels))
         except ImageDecodeError as exc:
             errors[i], kinds[i] = f"{row_label(batch, i)}: {exc}", "decode"
             continue
@@ -179,8 +188,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
         if references:
             try:
                 with time_limit(timeout_s):
-                    pixels[i, transform.channels:] = crop(
-                        open_image(batch["_reference"][i], max_pixels=max_pixels)).numpy()
+                    pixels[i, crop.channels:] = crop(
+                        open_image(batch["_reference"][i], max_pixels=max_pixels))
             except (ImageDecodeError, DecodeTimeout) as exc:
                 errors[i] = f"{row_label(batch, i)}: reference: {exc}"
                 kinds[i] = "reference_decode"

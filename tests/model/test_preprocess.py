@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from iqray.model.images import CropViews
 from iqray.model.preprocess import ImageDecodeError, ImageTransform, open_image
 
 
@@ -91,6 +92,56 @@ def test_a_fine_view_crops_detail_at_a_higher_resolution():
     torch.testing.assert_close(area[:, 75:125, 75:125], crop[3:])
     with pytest.raises(ValueError, match="no fine view"):
         ImageTransform(50, (0.5,) * 3, (0.25,) * 3).fine_area(Image.fromarray(array))
+
+
+@pytest.mark.parametrize("width,height", [(300, 100), (100, 300), (64, 64), (97, 131),
+                                          (40, 33), (1, 9), (513, 512)])
+def test_crops_equal_torchvision_resize_and_centre_crop_to_the_bit(width, height):
+    # open_clip's eval transform is torchvision's Resize(size, BICUBIC) + CenterCrop on PIL;
+    # the numpy crops must be exactly that, including odd sizes, a short side already at
+    # the size (no resize), and views larger than the resized image (zero padding).
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(width * 1000 + height)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    for size, fine_resize in [(32, None), (32, 96), (64, 64), (48, 41), (33, 511)]:
+        reference = [v2.functional.pil_to_tensor(v2.CenterCrop(size)(
+            v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC)(image)))
+            for resize in (size, fine_resize) if resize is not None]
+        views = CropViews(size, fine_resize)(image)
+        assert views.dtype == np.uint8 and views.flags.c_contiguous
+        np.testing.assert_array_equal(views, torch.cat(reference).numpy())
+        if fine_resize is not None:
+            area = v2.functional.pil_to_tensor(v2.CenterCrop(fine_resize)(
+                v2.Resize(fine_resize, interpolation=v2.InterpolationMode.BICUBIC)(image)))
+            np.testing.assert_array_equal(CropViews(size, fine_resize).fine_area(image),
+                                          area.numpy())
+
+
+def test_decoding_for_the_pipeline_never_imports_torch(tmp_path):
+    # Decode tasks run in their own worker processes; torch there would cost each one about
+    # 6 s of start-up and 800 MB. A fresh interpreter decodes a batch and checks.
+    import subprocess
+    import sys
+
+    image = tmp_path / "image.jpg"
+    image.write_bytes(jpeg_bytes((80, 60)))
+    program = f"""
+import sys
+import numpy as np
+from iqray.pipeline.decode import decode_batch
+batch = {{"source_file": np.array(["x"], dtype=object), "source_row": np.array([0]),
+         "_image": np.array([open({str(image)!r}, "rb").read()], dtype=object),
+         "_error": np.array([None], dtype=object), "_error_kind": np.array([None], dtype=object)}}
+out = decode_batch(batch, image_size=32, max_pixels=10**6, timeout_s=5,
+                   keep_image_bytes=False, fine_resize=48)
+assert out["pixels"].shape == (1, 6, 32, 32) and out["_error"][0] is None, out["_error"]
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "torchvision")))
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_two_view_models_feed_each_tower_its_own_view(sample_rows):
