@@ -351,7 +351,7 @@ def distortion_threads(settings: TrainSettings) -> int:
     return min(8, max(1, (os.cpu_count() or 2) - 1))
 
 
-def _in_order_ahead(work: Callable[[int], Item], count: int, threads: int
+def in_order_ahead(work: Callable[[int], Item], count: int, threads: int
                     ) -> Iterator[Item]:
     """``work(0)``, ..., ``work(count - 1)`` in order, computed up to ``threads`` items ahead
     on a thread pool (PIL and numpy release the GIL while the towers train); inline when
@@ -385,7 +385,7 @@ def _distorted_epoch(pixels: torch.Tensor, views_of: list[slice], batch_size: in
         return [apply_distortions(pixels[batches[i], views], draw)
                 for views, draw in zip(views_of, draws[i], strict=True)]
 
-    return _in_order_ahead(prepared, len(batches), threads)
+    return in_order_ahead(prepared, len(batches), threads)
 
 
 def pretrain_on_distortions(model: MSTClipIQA, pixels: torch.Tensor, settings: TrainSettings,

@@ -20,12 +20,12 @@ from iqray.model.training import (
     ImageRows,
     TrainSettings,
     WeightAverage,
-    _in_order_ahead,
     distortion_batch,
     distortion_class,
     distortion_threads,
     embed_rows,
     fit_end_to_end,
+    in_order_ahead,
     pretrain_on_distortions,
     validation_srcc,
 )
@@ -239,8 +239,8 @@ def test_work_computed_ahead_comes_back_in_order_and_raises_where_it_failed():
         return i * i
 
     for threads in (0, 1, 4, 9):
-        assert list(_in_order_ahead(slow_first, 7, threads)) == [i * i for i in range(7)]
-    assert list(_in_order_ahead(slow_first, 0, 4)) == []
+        assert list(in_order_ahead(slow_first, 7, threads)) == [i * i for i in range(7)]
+    assert list(in_order_ahead(slow_first, 0, 4)) == []
 
     def broken(i):
         if i == 2:
@@ -249,7 +249,7 @@ def test_work_computed_ahead_comes_back_in_order_and_raises_where_it_failed():
 
     got = []
     with pytest.raises(ValueError, match="view 2"):
-        for item in _in_order_ahead(broken, 6, 3):
+        for item in in_order_ahead(broken, 6, 3):
             got.append(item)
     assert got == [0, 1]
     assert distortion_threads(TrainSettings(distortion_workers=0)) == 0
