@@ -336,14 +336,14 @@ def run_train(config: TrainConfig, log=print) -> dict:
         seed = config.seed + repeat
         # --pretrain-distortions implies --towers finetune (the config refuses anything else)
         bar = _EpochBar(config.epochs, f"seed {seed}", config.progress, _mos_postfix,
-                        start=not config.pretrain_distortions)
+                        start=not config.pretrain_distortions, log=log)
         if bpclip:
             result = fit_bpclip(model, train, val, settings, seed=seed,
                                 on_epoch=bar.update_epoch)
         elif config.towers == "finetune":
             pretrain_bar = _EpochBar(config.pretrain_distortions,
                                      f"seed {seed} distortion pretraining", config.progress,
-                                     _pretrain_postfix, then=bar)
+                                     _pretrain_postfix, then=bar, log=log)
             result = fit_end_to_end(model, train, val, settings, seed=seed,
                                     tower_lr=config.tower_lr, on_epoch=bar.update_epoch,
                                     on_pretrain_epoch=pretrain_bar.update_epoch)
@@ -402,13 +402,16 @@ def _default_root(table_url: str) -> str:
 class _EpochBar:
     """One seed's epochs as a progress bar. ``start=False`` shows it only when ``open()`` is
     called or the first epoch ends; ``then`` is opened when this bar's last epoch ends (the
-    MOS bar after the pretraining bar, so only one bar moves at a time)."""
+    MOS bar after the pretraining bar, so only one bar moves at a time). With bars off
+    (``--no-progress``: batch jobs, cluster logs) each epoch is one ``log`` line instead, so
+    an hour-long run still shows where it is."""
 
     def __init__(self, total: int, desc: str, enabled: bool,
                  postfix: Callable[[dict], dict[str, str]], start: bool = True,
-                 then: _EpochBar | None = None):
+                 then: _EpochBar | None = None, log: Callable[[str], None] | None = None):
         self.total, self.desc, self.enabled, self.postfix, self.then = (total, desc, enabled,
                                                                         postfix, then)
+        self.log = None if enabled else log
         self.bar = None
         if start:
             self.open()
@@ -424,6 +427,9 @@ class _EpochBar:
         if self.bar is not None:
             self.bar.set_postfix(**self.postfix(record))
             self.bar.update(1)
+        elif self.log is not None:
+            self.log(f"{self.desc}: epoch {record['epoch']}/{self.total}, " + ", ".join(
+                f"{name} {value}" for name, value in self.postfix(record).items()))
         if self.then is not None and record["epoch"] == self.total:
             self.close()
             self.then.open()

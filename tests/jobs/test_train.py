@@ -174,6 +174,13 @@ def test_distortion_pretraining_is_logged_recorded_and_plotted(tmp_path):
     assert all([r["epoch"] for r in history] == [1, 2]
                for history in metrics["pretrain_history"].values())
     assert sum("distortion pretraining, 2 epochs" in line for line in lines) == 2
+    # Without bars every epoch is a log line, pretraining first, in order, per seed.
+    epochs = [line.split(",")[0] for line in lines if ": epoch " in line]
+    assert epochs == [f"seed {seed}{stage}: epoch {epoch}/{total}" for seed in (0, 1)
+                      for stage, total in ((" distortion pretraining", 2), ("", 1))
+                      for epoch in range(1, total + 1)]
+    assert "accuracy" in next(line for line in lines if "pretraining: epoch" in line)
+    assert "val_srcc q " in next(line for line in lines if "seed 0: epoch 1/1" in line)
     plain_lines, plain, plain_size = train("plain")
     assert "pretrain_history" not in plain
     assert not any("distortion pretraining" in line for line in plain_lines)
