@@ -55,10 +55,7 @@ class ImageTransform:
         """:meth:`crop` for an already decoded uint8 (3, H, W) tensor on any device (images
         decoded on a GPU stay there). Bicubic with antialiasing, as PIL resizes; the two
         differ by rounding, which the pipeline's fidelity check measures."""
-        views = [self._tensor_view(image, self.size)]
-        if self.fine_resize is not None:
-            views.append(self._tensor_view(image, self.fine_resize))
-        return torch.cat(views) if len(views) > 1 else views[0]
+        return torch.cat([self._tensor_view(image, resize) for resize in self.views.resizes])
 
     def _tensor_view(self, image: torch.Tensor, resize: int) -> torch.Tensor:
         if image.device.type != "cpu":  # bicubic on uint8 is a CPU kernel only

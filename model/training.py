@@ -352,7 +352,7 @@ def distortion_threads(settings: TrainSettings) -> int:
 
 
 def in_order_ahead(work: Callable[[int], Item], count: int, threads: int
-                    ) -> Iterator[Item]:
+                   ) -> Iterator[Item]:
     """``work(0)``, ..., ``work(count - 1)`` in order, computed up to ``threads`` items ahead
     on a thread pool (PIL and numpy release the GIL while the towers train); inline when
     ``threads`` is 0."""
