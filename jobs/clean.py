@@ -12,7 +12,9 @@ Layout under ``output``::
 Safe to rerun: scoring resumes per shard (committed shards are skipped, a crashed shard is
 scored again from scratch) and manifests are rebuilt whole from the score files and
 replaced atomically, so no row is ever written twice. When nothing was scored and the
-score files, rules and model match ``state.json``, the manifests are left untouched.
+score files, rules and model match ``state.json``, the manifests are left untouched. When a
+source's run left shards unfinished, the manifests are not rebuilt from it (they would miss
+those rows): the run record names the shards and the job exits 4, and a rerun finishes them.
 """
 
 from __future__ import annotations
@@ -63,10 +65,14 @@ def source_slug(url: str) -> str:
 
 
 def run_clean(config: CleanConfig, log=print) -> dict:
+    from iqray.pipeline.execution import EXIT_OK, EXIT_UNFINISHED
     from iqray.pipeline.filtering import add_relative_columns, apply_rules, cache_embeddings
     from iqray.pipeline.score import ScoreConfig, run_score
     from iqray.pipeline.score_tables import read_scores, score_files, score_metadata
+    from iqray.pipeline.storage import check_separate
 
+    for source in config.sources:  # before anything is read or written
+        check_separate(source, config.output)
     started = time.perf_counter()
     when = dt.datetime.now(dt.timezone.utc)
     storage = config.storage_config()
@@ -82,7 +88,16 @@ def run_clean(config: CleanConfig, log=print) -> dict:
         record["sources"][source] = {"output": output, "shards": summary.shards_total,
                                      "scored": summary.shards_scored,
                                      "skipped": summary.shards_skipped, "rows_scored": summary.rows,
-                                     "errors": summary.errors}
+                                     "errors": summary.errors,
+                                     "unfinished": summary.unfinished}
+    unfinished = {s: r["unfinished"] for s, r in record["sources"].items() if r["unfinished"]}
+    if unfinished:
+        record["manifests"] = ("not rebuilt: shards unfinished in "
+                               + ", ".join(unfinished) + "; rerun to finish them")
+        record["exit_code"] = EXIT_UNFINISHED
+        log(f"iqray clean: {sum(map(len, unfinished.values()))} shards unfinished; manifests "
+            "not rebuilt")
+        return _write_record(fs, storage, config, when, started, record, log)
 
     files = {s: score_files(record["sources"][s]["output"], storage) for s in config.sources}
     state = _state(files, config, storage)
@@ -117,6 +132,12 @@ def run_clean(config: CleanConfig, log=print) -> dict:
              "built": when.isoformat(timespec="seconds")}, indent=2) + "\n").encode())
         log(f"iqray clean: kept {counts['kept']} of {counts['rows']} rows"
             + "".join(f"; {rule}: -{n}" for rule, n in counts["dropped_by_rule"].items()))
+    record["exit_code"] = EXIT_OK
+    return _write_record(fs, storage, config, when, started, record, log)
+
+
+def _write_record(fs, storage, config: CleanConfig, when: dt.datetime, started: float,
+                  record: dict, log) -> dict:
     record["seconds"] = round(time.perf_counter() - started, 2)
     run_url = join_url(config.output, "runs", f"{when:%Y%m%dT%H%M%S.%fZ}.json")
     write_atomic(fs, storage.filesystem(run_url)[1],

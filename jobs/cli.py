@@ -69,17 +69,78 @@ class Job:
 
             # Ray Data's per-operator INFO lines drown the summary a user reads.
             logging.getLogger("ray.data").setLevel(logging.WARNING)
-        from iqray.pipeline.execution import ErrorBudgetExceeded
+        from iqray.pipeline.execution import (
+            EXIT_ERROR_BUDGET,
+            EXIT_UNFINISHED,
+            EXIT_USAGE,
+            ErrorBudgetExceeded,
+        )
+        from iqray.pipeline.readers import ShardUnfinished
+        from iqray.pipeline.storage import PERMANENT_OS_ERRORS, StorageUnavailable
 
         try:
             result = getattr(importlib.import_module(self.module), self.runner)(config)
         except ErrorBudgetExceeded as exc:
             print(f"iqray: aborted: {exc}", file=sys.stderr)
-            return 3
-        except (ValueError, FileNotFoundError) as exc:  # bad input or config: say what, no trace
+            return EXIT_ERROR_BUDGET
+        except (StorageUnavailable, ShardUnfinished) as exc:  # nothing half-done committed
+            print(f"iqray: unfinished: {exc}; rerun to finish", file=sys.stderr)
+            return EXIT_UNFINISHED
+        except (ValueError, *PERMANENT_OS_ERRORS) as exc:  # bad input or config: one line
             print(f"iqray: error: {exc}", file=sys.stderr)
-            return 2
-        return result if isinstance(result, int) else 0
+            return EXIT_USAGE
+        finally:
+            _stop_local_ray()
+        return exit_code_of(result)
+
+
+def exit_code_of(result) -> int:
+    """A runner's result as an exit code: an int as is, a run summary's or a record's own
+    (``exit_code``), else 0."""
+    if isinstance(result, int):
+        return result
+    if isinstance(result, dict):
+        return int(result.get("exit_code", 0))
+    return int(getattr(result, "exit_code", 0))
+
+
+def _stop_local_ray() -> None:
+    """Shut down a Ray this process started, and wait for its worker processes to go: Ray's
+    own exit hook returns while workers are still exiting, and one was seen outliving the
+    command. A joined cluster (--ray-address) is left running, as it should be."""
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    local = node is not None and getattr(node, "head", False)
+    ray.shutdown()
+    if local:
+        _wait_for_children()
+
+
+def _wait_for_children(timeout_s: float = 15.0) -> None:
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    me = str(os.getpid())
+    while time.monotonic() < deadline:
+        children = []
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as handle:
+                        fields = handle.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if fields[1] == me and fields[0] != "Z":
+                    children.append(entry)
+        if not children:
+            return
+        time.sleep(0.1)
 
 
 JOBS: dict[str, Job] = {
@@ -123,16 +184,19 @@ JOBS: dict[str, Job] = {
 
 def build_parser() -> argparse.ArgumentParser:
     from iqray.model.checkpoint import iqray_version
+    from iqray.pipeline.execution import EXIT_CODES_HELP
 
     parser = argparse.ArgumentParser(
         prog="iqray",
         description="Batch scoring of AI-generated images for quality and prompt alignment.",
+        epilog=EXIT_CODES_HELP,
     )
     parser.add_argument("--version", action="version", version=f"iqray {iqray_version()}")
     sub = parser.add_subparsers(dest="job", metavar="JOB", required=True)
     for name, job in JOBS.items():
         config_cls = job.config_class()
-        job_parser = sub.add_parser(name, help=job.help, description=config_cls.__doc__)
+        job_parser = sub.add_parser(name, help=job.help, description=config_cls.__doc__,
+                                    epilog=EXIT_CODES_HELP if job.uses_ray else None)
         add_config_flags(job_parser, config_cls, job.positionals)
     return parser
 

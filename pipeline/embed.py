@@ -23,8 +23,9 @@ from pydantic import Field
 from iqray.model.checkpoint import iqray_version
 from iqray.pipeline.embed_cache import EmbeddingCache, index_written_for
 from iqray.pipeline.execution import RunConfig, RunSummary, ensure_ray, execute
-from iqray.pipeline.readers import Shard, discover_shards, key_columns_for
+from iqray.pipeline.readers import Shard, discover_shards, inspect_input
 from iqray.pipeline.scoring import ModelSpec, ModelStage, split_on_oom, stage_model
+from iqray.pipeline.storage import check_separate
 from iqray.pipeline.writer import ShardWriter, plan_resume, read_output_metadata
 
 INDEX_COLUMNS = {
@@ -122,6 +123,9 @@ class EmbedSink:
         self.writer.finish()
         self.cache.flush()
 
+    def tally(self):
+        return self.writer.tally()
+
 
 def _vectors(column: pa.ChunkedArray, dim: int) -> np.ndarray:
     array = column.combine_chunks()
@@ -186,10 +190,12 @@ def shard_index(cache: EmbeddingCache, shard: Shard) -> pa.Table:
 def run_embed(config: EmbedConfig, log=print) -> RunSummary:
     started = time.perf_counter()
     read, storage = config.read_config(), config.storage_config()
-    shards = discover_shards(config.input, read, storage)
-    key_columns = key_columns_for(shards, read, storage)
-    ray = ensure_ray(config)
-    spec = stage_model(config.model, storage, put=ray.put)
+    check_separate(config.input, config.cache, "cache")
+    shards = discover_shards(config.input, read, storage, exclude=config.cache,
+                             warn=lambda message: log(f"warning: {message}"))
+    key_columns = inspect_input(shards, read, storage,
+                                warn=lambda message: log(f"warning: {message}"))
+    spec = stage_model(config.model, storage)
     if config.precision != "fp32":
         raise ValueError("an embedding cache is shared by every later run of its towers, so "
                          "it is written with fp32 towers only (drop --precision)")
@@ -203,6 +209,9 @@ def run_embed(config: EmbedConfig, log=print) -> RunSummary:
     index_hash = config.index_hash(spec.tower_identity)
     todo, done, _ = plan_resume(shards, cache.index_url(), storage, index_hash, False)
     summary = RunSummary(shards_total=len(shards), shards_skipped=len(done))
+    ray = ensure_ray(config) if todo else None
+    if ray is not None:
+        spec.put_files(ray.put)
     known = cache.image_keys()
     metadata: dict[str, Any] = {"model": spec.name, "tower_identity": spec.tower_identity,
                                 "iqray_version": iqray_version(), "scoring_hash": index_hash,
@@ -217,6 +226,7 @@ def run_embed(config: EmbedConfig, log=print) -> RunSummary:
         execute(config, ray, spec, Embedder, todo, key_columns, sink, summary,
                 stage_kwargs={"known": [ray.put(known)], "dtype": config.dtype})
     summary.shards_scored = len(todo)
+    summary.account(writer)
     summary.outputs = sorted(writer.committed)  # commit order depends on timing
     index = index_table(cache, [s.output_name for s in shards])
     prompts = {p for p in index["prompt"].to_pylist() if p}

@@ -147,19 +147,39 @@ class Sink(Protocol):
 
     def finish(self) -> None: ...
 
+    def tally(self) -> tuple[int, Counter, int]:
+        """(ok rows, error rows by kind, rows of unfinished shards) so far."""
+        ...
+
 
 class ErrorBudgetExceeded(RuntimeError):
     pass
 
 
+# Exit codes of the pipeline jobs (README "Exit codes"; `iqray --help`).
+EXIT_OK = 0  # every input row is in the output, as a scored row or an error row
+EXIT_USAGE = 2  # usage or configuration mistake: nothing was written
+EXIT_ERROR_BUDGET = 3  # more rows failed than --max-error-fraction allows
+EXIT_UNFINISHED = 4  # shards left unfinished (storage kept failing): rerun to finish
+EXIT_CODES_HELP = (
+    "exit codes: 0 every input row is in the output (scored or an error row); 2 usage or "
+    "configuration mistake, nothing written; 3 error budget exceeded; 4 shards left "
+    "unfinished (storage kept failing), nothing half-done committed: rerun to finish; "
+    "130 interrupted")
+
+
 @dataclass
 class RunSummary:
-    rows: int = 0
+    rows: int = 0  # rows written this run: ok + error rows
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     shards_total: int = 0
     shards_skipped: int = 0
-    shards_scored: int = 0
+    shards_scored: int = 0  # shards this run set out to score (committed + unfinished)
+    input_rows: int | None = None  # of the shards scored; None: some shard's count unknown
+    input_rows_unknown_shards: int = 0
+    unfinished: dict[str, str] = field(default_factory=dict)  # shard URL -> why
+    unfinished_rows: int = 0  # their rows, where known
     wall_s: float = 0.0
     stage_busy_s: dict[str, float] = field(default_factory=dict)
     stage_workers: dict[str, float] = field(default_factory=dict)
@@ -177,20 +197,46 @@ class RunSummary:
     def rows_per_s(self) -> float:
         return self.rows / self.wall_s if self.wall_s else 0.0
 
+    @property
+    def exit_code(self) -> int:
+        return EXIT_UNFINISHED if self.unfinished else EXIT_OK
+
+    def account(self, writer) -> None:
+        """Counts from what the writer committed and left unfinished (its shards' rows)."""
+        self.ok = writer.ok
+        self.errors = dict(writer.errors)
+        self.rows = self.ok + sum(self.errors.values())
+        self.unfinished = writer.unfinished_urls()
+        self.unfinished_rows, unknown = writer.unfinished_rows()
+        self.input_rows_unknown_shards = unknown + writer.unknown_size
+        self.input_rows = (None if self.input_rows_unknown_shards
+                           else self.rows + self.unfinished_rows)
+
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["rows_per_s"] = round(self.rows_per_s, 2)
+        out["exit_code"] = self.exit_code
         out.pop("outputs")
         return out
 
     def render(self) -> str:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
+        inputs = ("unknown" if self.input_rows is None else str(self.input_rows))
+        if self.input_rows_unknown_shards:
+            inputs += f" ({self.input_rows_unknown_shards} shards of unknown row count)"
+        unfinished = len(self.unfinished)
         lines = [
             f"rows {self.rows} ({self.ok} ok, {self.rows - self.ok} error: {errors}) in "
             f"{self.wall_s:.1f} s = {self.rows_per_s:.1f} rows/s",
-            f"shards: {self.shards_total} total, {self.shards_scored} scored, "
-            f"{self.shards_skipped} already committed and skipped",
+            f"input rows of the shards scored: {inputs}",
+            f"shards: {self.shards_total} total, {self.shards_scored - unfinished} scored, "
+            f"{self.shards_skipped} already committed and skipped, {unfinished} unfinished",
         ]
+        for url, why in self.unfinished.items():
+            lines.append(f"unfinished: {url}: {why}")
+        if self.unfinished:
+            lines.append(f"{unfinished} shards ({self.unfinished_rows} rows where known) were "
+                         "not committed; rerun the same command to finish them")
         if self.stage_busy_s:
             stages = ", ".join(
                 f"{name} {busy:.1f} s busy on {self.stage_workers.get(name, 1):g} workers"
@@ -260,7 +306,7 @@ def read_shards(batch: dict[str, np.ndarray], read: ReadConfig, storage: Storage
                  key_columns: list[str]):
     for raw in batch["shard"]:
         shard = Shard(**json.loads(raw))
-        for rows in read_shard(shard, read, storage, key_columns):
+        for rows in read_shard(shard, read, storage, key_columns, on_failure="marker"):
             yield {name: _column(values) for name, values in rows.items()}
 
 
@@ -337,7 +383,7 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
         total = min(total or config.limit, config.limit)
     progress = _progress(total, config.progress)
     busy = Counter()
-    errors = Counter()
+    seen = 0
     nodes: dict[str, Counter] = {"decode": Counter(), "model": Counter()}
     write_s = 0.0
     first_at, first_rows = None, 0
@@ -349,33 +395,28 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
         for stage in ("decode", "model"):
             if f"_{stage}_node" in table.column_names:
                 nodes[stage].update(table[f"_{stage}_node"].to_pylist())
-        status = table["status"]
-        failed = table.filter(pc.equal(status, "error"))
-        errors.update(kind or "unknown" for kind in failed["error_kind"].to_pylist())
-        summary.rows += table.num_rows
-        summary.ok += table.num_rows - failed.num_rows
+        seen += table.num_rows
         tick = time.perf_counter()
         sink.add(table)
         write_s += time.perf_counter() - tick
         progress.update(table.num_rows)
-        _check_error_budget(summary, errors, config.max_error_fraction, final=False)
+        check_error_budget(*sink.tally(), config.max_error_fraction, final=False)
     summary.operators = re.findall(r"Operator \d+ (.+?):", ds.stats())
     summary.spilled_bytes = _spilled_bytes(ds)
-    if first_at is not None and summary.rows > first_rows:
-        summary.steady_rows_per_s = (summary.rows - first_rows) / max(
+    if first_at is not None and seen > first_rows:
+        summary.steady_rows_per_s = (seen - first_rows) / max(
             time.perf_counter() - first_at, 1e-9)
     tick = time.perf_counter()
     sink.finish()
     write_s += time.perf_counter() - tick
     progress.close()
-    summary.errors = dict(errors)
     summary.rows_per_node = {stage: dict(c) for stage, c in nodes.items() if c}
     summary.stage_busy_s = {**{k: round(v, 3) for k, v in busy.items()},
                             "write": round(write_s, 3)}
     summary.stage_workers = {"read": plan["decode_workers"], "decode": plan["decode_workers"],
                              "model": plan["actors"], "write": 1}
     summary.bottleneck = _bottleneck(summary)
-    _check_error_budget(summary, errors, config.max_error_fraction, final=True)
+    check_error_budget(*sink.tally(), config.max_error_fraction, final=True)
 
 
 def _spilled_bytes(ds) -> int | None:
@@ -387,18 +428,24 @@ def _spilled_bytes(ds) -> int | None:
         return None
 
 
-def _check_error_budget(summary: RunSummary, errors: Counter, limit: float,
-                        final: bool) -> None:
-    failed = summary.rows - summary.ok
+def check_error_budget(ok: int, errors: Counter, unfinished_rows: int, limit: float,
+                       final: bool) -> None:
+    """The budget is over input rows: error rows, plus every row of a shard left unfinished
+    (a shard that failed whole counts all its rows, not one)."""
+    failed = sum(errors.values()) + unfinished_rows
+    total = ok + failed
     # Judge early only once enough rows are in, so a bad first shard does not abort alone.
-    if summary.rows == 0 or (not final and summary.rows < 200):
+    if total == 0 or (not final and total < 200):
         return
-    if failed / summary.rows > limit:
-        kinds = ", ".join(f"{k}: {v}" for k, v in errors.most_common())
+    if failed / total > limit:
+        kinds = [f"{k}: {v}" for k, v in errors.most_common()]
+        if unfinished_rows:
+            kinds.append(f"rows of unfinished shards: {unfinished_rows}")
         raise ErrorBudgetExceeded(
-            f"{failed} of {summary.rows} rows failed ({failed / summary.rows:.1%}), above "
-            f"--max-error-fraction {limit:g} ({kinds}). Committed shards are kept; fix the "
-            "input (or raise the limit) and rerun, or use --retry-failed after an outage.")
+            f"{failed} of {total} rows failed ({failed / total:.1%}), above "
+            f"--max-error-fraction {limit:g} ({', '.join(kinds)}). Committed shards are kept "
+            "and unfinished ones were not committed; fix the input (or raise the limit) and "
+            "rerun, or use --retry-failed after an outage.")
 
 
 def _bottleneck(summary: RunSummary) -> str:

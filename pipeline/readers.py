@@ -9,7 +9,21 @@ Three input layouts, any fsspec URL, a single file, a directory or a glob:
   folder is cut into chunks of ``folder_chunk_size`` images, each chunk a shard.
 
 Readers never decode: they emit the encoded bytes, and decoding happens late in the decode
-stage. A file that cannot be read becomes an error row, never a crash and never a lost row.
+stage. What happens when a shard cannot be read (see :func:`read_shard`):
+
+* storage errors (5xx, throttling, resets, short bodies, timeouts) are retried with backoff,
+  resuming at the first row not yet emitted, so a recovered read gives exactly the rows of
+  a clean one; a shard still failing after ``storage_attempts`` is *unfinished*: one marker
+  row (``error_kind`` ``shard_unfinished``) tells the writer to drop it, nothing is
+  committed, and the next run reads it again;
+* a file whose bytes are broken the same way on two reads (truncated tar, bad Parquet
+  footer or page) is committed: the rows read before the damage as usual, then
+  ``shard_corrupt`` error rows, one per remaining row where the file's metadata gives the
+  row count, else one (its row count unknown);
+* a shard without the configured columns is unfinished too (a configuration mistake is
+  never committed); the driver checks the first shard before anything starts;
+* per-row problems (an image that does not decode, a path that does not exist) are error
+  rows of a committed shard.
 """
 
 from __future__ import annotations
@@ -31,7 +45,16 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from iqray.pipeline.storage import StorageConfig, fingerprint, to_url
+from iqray.pipeline.storage import (
+    StorageConfig,
+    StorageUnavailable,
+    fingerprint,
+    inside,
+    is_broken_bytes,
+    is_transient,
+    location,
+    to_url,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -41,6 +64,10 @@ AUTO_PROMPT_COLUMNS = ("prompt", "caption", "text", "txt")
 AUTO_KEY_COLUMNS = ("key", "id", "uid", "__key__")
 AUTO_SIDECARS = ("prompts.csv", "metadata.csv", "captions.csv", "metadata.jsonl",
                  "prompts.jsonl", "captions.jsonl")
+
+# Error kinds of rows a reader makes for a whole shard.
+SHARD_UNFINISHED = "shard_unfinished"  # not committed; the next run reads the shard again
+SHARD_CORRUPT = "shard_corrupt"  # the file's bytes are broken: committed as error rows
 
 InputFormat = Literal["auto", "parquet", "csv", "webdataset", "folder"]
 TABLE_FORMATS = ("parquet", "csv")
@@ -121,20 +148,33 @@ class RowBuffer:
 
 # -- discovery ---------------------------------------------------------------------------
 
-def discover_shards(input_url: str, read: ReadConfig, storage: StorageConfig) -> list[Shard]:
+def discover_shards(input_url: str, read: ReadConfig, storage: StorageConfig,
+                    exclude: str | None = None, warn=None) -> list[Shard]:
+    """The input's shards. Listings and footer reads are retried on storage errors (then
+    :class:`StorageUnavailable`); nothing under ``exclude`` (the job's output) is ever
+    taken as input. ``warn`` gets a line for each silent gap found (sidecar misses)."""
     fs, root = storage.filesystem(input_url)
+
+    def listed(what: str, action):
+        return storage.retry(action, what, input_url)
+
     if any(ch in root for ch in "*?["):
-        paths = sorted(fs.glob(root))
+        paths = sorted(listed("list", lambda: fs.glob(root)))
         base = root.split("*")[0].rsplit("/", 1)[0] if "/" in root else ""
-    elif fs.isdir(root):
-        paths = sorted(p for p in fs.find(root) if not _hidden(posixpath.relpath(p, root)))
+    elif listed("look up", lambda: fs.isdir(root)):
+        paths = sorted(p for p in listed("list", lambda: fs.find(root))
+                       if not _hidden(posixpath.relpath(p, root)))
         base = root
-    elif fs.exists(root):
+    elif listed("look up", lambda: fs.exists(root)):
         paths = [root]
         base = posixpath.dirname(root)
     else:
         raise FileNotFoundError(f"input {input_url} does not exist")
-    infos = {p: fs.info(p) for p in paths}
+    if exclude is not None:
+        excluded = location(exclude)
+        paths = [p for p in paths if not _under_location(location(to_url(fs, p, input_url)),
+                                                         excluded)]
+    infos = {p: listed("look up", lambda p=p: fs.info(p)) for p in paths}
     paths = [p for p in paths if infos[p].get("type") != "directory"]
 
     fmt = read.format
@@ -142,17 +182,21 @@ def discover_shards(input_url: str, read: ReadConfig, storage: StorageConfig) ->
         fmt = _detect_format(paths, input_url)
     if fmt == "parquet":
         chosen = [p for p in paths if p.endswith(".parquet")]
-        return [_file_shard(i, fs, p, base, input_url, "parquet", infos[p])
+        return [_file_shard(i, fs, p, base, input_url, "parquet", infos[p], storage)
                 for i, p in enumerate(chosen)]
     if fmt == "csv":
         chosen = [p for p in paths if p.endswith(".csv")]
-        return [_file_shard(i, fs, p, base, input_url, "csv", infos[p])
+        return [_file_shard(i, fs, p, base, input_url, "csv", infos[p], storage)
                 for i, p in enumerate(chosen)]
     if fmt == "webdataset":
         chosen = [p for p in paths if p.endswith(".tar")]
-        return [_file_shard(i, fs, p, base, input_url, "webdataset", infos[p])
+        return [_file_shard(i, fs, p, base, input_url, "webdataset", infos[p], storage)
                 for i, p in enumerate(chosen)]
-    return _folder_shards(fs, paths, base, input_url, infos, read, storage)
+    return _folder_shards(fs, paths, base, input_url, infos, read, storage, warn)
+
+
+def _under_location(path: tuple[str, str], folder: tuple[str, str]) -> bool:
+    return path[0] == folder[0] and inside(path[1], folder[1])
 
 
 def _hidden(relative: str) -> bool:
@@ -174,23 +218,34 @@ def _detect_format(paths: list[str], input_url: str) -> str:
 
 
 def _file_shard(index: int, fs, path: str, base: str, input_url: str, fmt: str,
-                info: dict) -> Shard:
+                info: dict, storage: StorageConfig) -> Shard:
     relative = posixpath.relpath(path, base) if base else posixpath.basename(path)
     output_name = posixpath.splitext(relative)[0] + ".parquet"
+    url = to_url(fs, path, input_url)
     estimated = None
     if fmt in TABLE_FORMATS:
         try:
-            estimated = table_num_rows(fs, path)
-        except Exception:  # unreadable: the read stage reports it as an error row
+            estimated = storage.retry(lambda: table_num_rows(fs, path), "read the footer of",
+                                      url)
+        except StorageUnavailable:
+            raise
+        except Exception:  # broken bytes: the read stage decides (and records) what it is
             estimated = None
-    return Shard(index, to_url(fs, path, input_url), fmt, output_name, fingerprint(info),
-                 estimated_rows=estimated)
+    return Shard(index, url, fmt, output_name, fingerprint(info), estimated_rows=estimated)
 
 
 def _folder_shards(fs, paths: list[str], base: str, input_url: str, infos: dict,
-                   read: ReadConfig, storage: StorageConfig) -> list[Shard]:
+                   read: ReadConfig, storage: StorageConfig, warn=None) -> list[Shard]:
     images = [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)]
-    prompts = _load_sidecar(fs, paths, base, read, storage)
+    sidecar, prompts = _load_sidecar(fs, paths, input_url, read, storage)
+    if sidecar is not None and warn is not None:
+        names = [posixpath.relpath(p, base) if base else posixpath.basename(p) for p in images]
+        missed = [n for n in names if not _in_sidecar(prompts, n)]
+        matched = len(names) - len(missed)
+        if missed:
+            examples = ", ".join(missed[:5])
+            warn(f"sidecar {sidecar} names {matched} of {len(names)} images; the other "
+                 f"{len(missed)} get no prompt (alignment null), e.g. {examples}")
     shards = []
     for number, start in enumerate(range(0, len(images), read.folder_chunk_size)):
         chunk = images[start : start + read.folder_chunk_size]
@@ -217,29 +272,36 @@ def _sidecar_prompt(prompts: dict[str, str | None], name: str) -> str | None:
     return prompts.get(posixpath.basename(name))
 
 
-def _load_sidecar(fs, paths: list[str], base: str, read: ReadConfig,
-                  storage: StorageConfig) -> dict[str, str | None]:
+def _in_sidecar(prompts: dict[str, str | None], name: str) -> bool:
+    return name in prompts or posixpath.basename(name) in prompts
+
+
+def _load_sidecar(fs, paths: list[str], input_url: str, read: ReadConfig,
+                  storage: StorageConfig) -> tuple[str | None, dict[str, str | None]]:
+    """(the sidecar's URL or None, image name -> prompt)."""
     if read.sidecar:
         side_fs, side_path = storage.filesystem(read.sidecar)
+        side_url = read.sidecar
     else:
         found = [p for p in paths if posixpath.basename(p) in AUTO_SIDECARS]
         if not found:
-            return {}
+            return None, {}
         side_fs, side_path = fs, found[0]
-    with side_fs.open(side_path, "rb") as handle:
-        text = handle.read().decode("utf-8-sig")
+        side_url = to_url(fs, side_path, input_url)
+    raw = storage.retry(lambda: side_fs.cat_file(side_path), "read the sidecar", side_url)
+    text = raw.decode("utf-8-sig")
     if side_path.endswith(".jsonl"):
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
         records = list(csv.DictReader(io.StringIO(text)))
     if not records:
-        return {}
+        return side_url, {}
     columns = list(records[0])
     name_col = _pick(columns, ("name", "file_name", "filename", "file", "image", "path"),
                      None, f"sidecar {side_path}", "image name")
     prompt_col = _pick(columns, AUTO_PROMPT_COLUMNS, read.prompt_column,
                        f"sidecar {side_path}", "prompt")
-    return {str(r[name_col]): (r.get(prompt_col) or None) for r in records}
+    return side_url, {str(r[name_col]): (r.get(prompt_col) or None) for r in records}
 
 
 def _pick(columns: list[str], candidates: tuple[str, ...], explicit: str | None, where: str,
@@ -268,31 +330,40 @@ def keep_row(shard_url: str, row: int, read: ReadConfig) -> bool:
     return int.from_bytes(digest.digest(), "big") / 2**64 < read.sample
 
 
+class ShardSchemaError(ValueError):
+    """A shard lacks a configured column: a configuration mistake, not broken bytes."""
+
+
+class ShardUnfinished(RuntimeError):
+    """A shard could not be read; raised to in-process callers (``on_failure="raise"``)."""
+
+
 def read_shard(shard: Shard, read: ReadConfig, storage: StorageConfig,
-               key_columns: list[str]) -> Iterator[dict[str, list[Any]]]:
+               key_columns: list[str], on_failure: Literal["raise", "marker"] = "raise"
+               ) -> Iterator[dict[str, list[Any]]]:
     """Rows of one shard in batches of ``read.read_batch_rows``.
 
     The last batch carries ``_shard_end`` = the number of rows the shard produced, so the
     writer knows when it holds the whole shard. An empty shard yields nothing; the writer
-    commits an empty output for it once the run has finished.
+    commits an empty output for it once the run has finished. A shard that cannot be read
+    (see the module docstring) raises :class:`ShardUnfinished`, or with
+    ``on_failure="marker"`` (the pipeline) ends with one ``shard_unfinished`` row.
     """
     references = wants_references(read)
     buffer = RowBuffer(key_columns, references=references)
     wanted = set(shard.only_rows) if shard.only_rows is not None else None
     emitted = 0
     clock = [time.perf_counter()]
-    rows = {"parquet": _table_rows, "csv": _table_rows, "webdataset": _tar_rows,
-            "folder": _folder_rows}[
-        shard.format](shard, read, storage, key_columns)
     held: dict[str, list[Any]] | None = None  # one full batch held back for the end marker
-    for row in rows:
-        number = row[1]
-        if wanted is not None and number not in wanted:
-            continue
-        if wanted is None and not keep_row(shard.url, number, read):
-            continue
-        if references:
-            row = with_reference(row, shard, read, storage)
+    for row in _resilient_rows(shard, read, storage, key_columns, on_failure):
+        number, kind = row[1], row[6]
+        if kind != SHARD_UNFINISHED:
+            if wanted is not None and number not in wanted:
+                continue
+            if wanted is None and not keep_row(shard.url, number, read):
+                continue
+            if references:
+                row = with_reference(row, shard, read, storage)
         buffer.add(*row)
         emitted += 1
         if len(buffer) >= read.read_batch_rows:
@@ -306,6 +377,56 @@ def read_shard(shard: Shard, read: ReadConfig, storage: StorageConfig,
     last = held if held is not None else rest
     if last["source_row"]:
         yield _finish(last, shard, emitted, clock)
+
+
+def _resilient_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
+                    key_columns: list[str], on_failure: str) -> Iterator[tuple]:
+    """The format's rows, read again from the first row not yet yielded after a storage
+    error (bounded attempts, backoff), so a recovered shard has exactly a clean read's rows.
+    """
+    produce = {"parquet": _table_rows, "csv": _table_rows, "webdataset": _tar_rows,
+               "folder": _folder_rows}[shard.format]
+    start, failures, last_broken = 0, 0, None
+    while True:
+        try:
+            for row in produce(shard, read, storage, key_columns, start):
+                yield row
+                start, failures, last_broken = row[1] + 1, 0, None  # progress: a fresh budget
+            return
+        except ShardSchemaError as exc:
+            reason = str(exc)
+        except Exception as exc:
+            signature = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            if is_broken_bytes(exc):
+                if last_broken == (start, signature):  # the same damage twice: the file's
+                    yield from _corrupt_rows(shard, start, signature, key_columns)
+                    return
+                last_broken = (start, signature)
+            failures += 1
+            retry = is_transient(exc) or is_broken_bytes(exc)
+            # Broken bytes get their confirming read even when the attempts are spent.
+            if retry and (failures < storage.storage_attempts or is_broken_bytes(exc)
+                          and failures <= storage.storage_attempts):
+                time.sleep(storage.backoff_s(failures))
+                continue
+            reason = (f"cannot read (stopped at row {start}, {failures} attempts): {signature}"
+                      if retry else f"cannot read: {signature}")
+        if on_failure == "raise":
+            raise ShardUnfinished(f"{shard.url}: {reason}")
+        yield (shard.url, start, None, None, {k: None for k in key_columns},
+               f"{shard.url}: {reason}", SHARD_UNFINISHED)
+        return
+
+
+def _corrupt_rows(shard: Shard, start: int, signature: str, key_columns: list[str]
+                  ) -> Iterator[tuple]:
+    """Error rows for what a broken file holds from ``start`` on: one per row when its
+    metadata gave the row count, else one."""
+    keys = {k: None for k in key_columns}
+    end = shard.estimated_rows if shard.estimated_rows is not None else start + 1
+    for row in range(start, max(end, start + 1)):
+        yield (shard.url, row, None, None, dict(keys),
+               f"{shard.url}: file unreadable from row {start} on: {signature}", SHARD_CORRUPT)
 
 
 def wants_references(read: ReadConfig) -> bool:
@@ -360,11 +481,6 @@ def _finish(columns: dict[str, list[Any]], shard: Shard, end: int, clock: list[f
     return columns
 
 
-def _read_error(shard: Shard, row: int, exc: Exception, key_columns: list[str]):
-    message = f"{shard.url}: cannot read shard (stopped at row {row}): {type(exc).__name__}: {exc}"
-    return (shard.url, row, None, None, {k: None for k in key_columns}, message, "shard_read")
-
-
 def read_table(url: str, storage: StorageConfig) -> pa.Table:
     """A whole CSV or Parquet table (labelled-data tables, source shards to copy rows from)."""
     fs, path = storage.filesystem(url)
@@ -395,8 +511,10 @@ def table_num_rows(fs, path: str) -> int:
 
 
 def _table_batches(handle, path: str, batch_rows: int, read: ReadConfig, where: str,
-                   key_columns: list[str]):
-    """(image, path, prompt column names, record batches) of a Parquet or CSV table."""
+                   key_columns: list[str], start: int = 0):
+    """(image, path, prompt column names, record batches, number of the batches' first row)
+    of a Parquet or CSV table; Parquet row groups wholly before ``start`` are not read."""
+    first = 0
     if path.endswith(".csv"):
         # An index names files; keep ids such as "000123" as text, not numbers.
         table = pa_csv.read_csv(handle, convert_options=pa_csv.ConvertOptions(
@@ -407,35 +525,52 @@ def _table_batches(handle, path: str, batch_rows: int, read: ReadConfig, where: 
         parquet = pq.ParquetFile(handle)
         columns = parquet.schema_arrow.names
         batches = None
-    image_col, path_col, prompt_col = column_roles(columns, read, where)
-    if read.reference_column is not None and read.reference_column not in columns:
-        raise ValueError(f"{where}: no reference column {read.reference_column!r}; columns: "
-                         f"{', '.join(columns)}")
+    try:
+        check_columns(columns, read, where)
+        image_col, path_col, prompt_col = column_roles(columns, read, where)
+    except ValueError as exc:
+        raise ShardSchemaError(str(exc)) from None
     wanted = [c for c in dict.fromkeys([image_col, path_col, prompt_col, *key_columns,
                                         read.reference_column])
               if c is not None and c in columns]
     if batches is None:
-        batches = parquet.iter_batches(batch_size=batch_rows, columns=wanted)
+        groups = []
+        for group in range(parquet.metadata.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if first + rows <= start and not groups:
+                first += rows
+                continue
+            groups.append(group)
+        batches = parquet.iter_batches(batch_size=batch_rows, columns=wanted,
+                                       row_groups=groups)
     else:
         batches = (b.select(wanted) for b in batches)
-    return image_col, path_col, prompt_col, batches
+    return image_col, path_col, prompt_col, batches, first
+
+
+def check_columns(columns: list[str], read: ReadConfig, where: str) -> None:
+    """The columns the configuration names exist (ValueError naming them, else)."""
+    if read.reference_column is not None and read.reference_column not in columns:
+        raise ValueError(f"{where}: no reference column {read.reference_column!r}; columns: "
+                         f"{', '.join(columns)}")
+    missing = [k for k in read.key_columns or () if k not in columns]
+    if missing:
+        raise ValueError(f"{where}: no key column {', '.join(map(repr, missing))}; columns: "
+                         f"{', '.join(columns)}")
 
 
 def _table_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
-                key_columns: list[str]) -> Iterator[tuple]:
+                key_columns: list[str], start: int = 0) -> Iterator[tuple]:
     fs, path = storage.filesystem(shard.url)
-    row = 0
-    try:
-        with fs.open(path, "rb") as handle:
-            image_col, path_col, prompt_col, batches = _table_batches(
-                handle, path, read.read_batch_rows, read, shard.url, key_columns)
-            for batch in batches:
-                for record in batch.to_pylist():
+    with fs.open(path, "rb") as handle:
+        image_col, path_col, prompt_col, batches, row = _table_batches(
+            handle, path, read.read_batch_rows, read, shard.url, key_columns, start)
+        for batch in batches:
+            for record in batch.to_pylist():
+                if row >= start:
                     yield _table_row(shard, row, record, image_col, path_col, prompt_col,
                                      key_columns, read, storage)
-                    row += 1
-    except Exception as exc:  # corrupt/unreadable file: one error row where reading stopped
-        yield _read_error(shard, row, exc, key_columns)
+                row += 1
 
 
 def column_roles(columns: list[str], read: ReadConfig, where: str
@@ -506,9 +641,14 @@ def _under(base_url: str, ref: str) -> str:
 
 
 def read_bytes(url: str, storage: StorageConfig) -> bytes:
+    """A whole file, retried on storage errors (then :class:`StorageUnavailable`)."""
     fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as handle:
-        return handle.read()
+
+    def read_all() -> bytes:
+        with fs.open(path, "rb") as handle:
+            return handle.read()
+
+    return storage.retry(read_all, "read", url)
 
 
 def iter_tar_samples(handle) -> Iterator[tuple[str, dict[str, bytes], list[tarfile.TarInfo]]]:
@@ -541,16 +681,12 @@ def iter_tar_samples(handle) -> Iterator[tuple[str, dict[str, bytes], list[tarfi
 
 
 def _tar_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
-              key_columns: list[str]) -> Iterator[tuple]:
+              key_columns: list[str], start: int = 0) -> Iterator[tuple]:
     fs, path = storage.filesystem(shard.url)
-    row = 0
-    try:
-        with fs.open(path, "rb") as handle:
-            for key, sample, _ in iter_tar_samples(handle):
+    with fs.open(path, "rb") as handle:
+        for row, (key, sample, _) in enumerate(iter_tar_samples(handle)):
+            if row >= start:  # a tar is a stream: samples before a resume are read past
                 yield _tar_sample(shard, row, key, sample, read, key_columns)
-                row += 1
-    except Exception as exc:
-        yield _read_error(shard, row, exc, key_columns)
 
 
 def _tar_sample(shard: Shard, row: int, key: str, sample: dict[str, bytes], read: ReadConfig,
@@ -587,9 +723,11 @@ def _tar_sample(shard: Shard, row: int, key: str, sample: dict[str, bytes], read
 
 
 def _folder_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
-                 key_columns: list[str]) -> Iterator[tuple]:
+                 key_columns: list[str], start: int = 0) -> Iterator[tuple]:
     names = list(shard.prompts or {})
     for row, (url, name) in enumerate(zip(shard.members or [], names, strict=True)):
+        if row < start:
+            continue
         keys = {k: None for k in key_columns}
         if "key" in keys:
             keys["key"] = name
@@ -604,17 +742,32 @@ def _folder_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
         yield (url, row, image, prompt, keys, None, None)
 
 
-def key_columns_for(shards: list[Shard], read: ReadConfig, storage: StorageConfig) -> list[str]:
-    """Key columns to pass through: configured, or the usual names present in the input."""
-    if read.key_columns is not None:
-        return list(read.key_columns)
-    if not shards or shards[0].format in ("folder", "webdataset"):
-        return ["key"]
+def inspect_input(shards: list[Shard], read: ReadConfig, storage: StorageConfig,
+                  warn=None) -> list[str]:
+    """Check the input against the configuration on the driver, before anything starts, and
+    return the key columns to pass through (configured, or the usual names present).
+
+    The first table shard whose schema can be read must have every column the flags name
+    (ValueError, one line, else); ``warn`` hears when no key column is found."""
+    if not shards or shards[0].format not in TABLE_FORMATS:
+        return list(read.key_columns) if read.key_columns is not None else ["key"]
     for shard in shards:
+        fs, path = storage.filesystem(shard.url)
         try:
-            fs, path = storage.filesystem(shard.url)
-            names = table_columns(fs, path)
-        except Exception:
+            columns = storage.retry(lambda fs=fs, path=path: table_columns(fs, path),
+                                    "read the schema of", shard.url)
+        except StorageUnavailable:
+            raise
+        except Exception:  # broken bytes: that shard's read decides and records it
             continue
-        return [c for c in AUTO_KEY_COLUMNS if c in names]
-    return []
+        check_columns(columns, read, shard.url)
+        column_roles(columns, read, shard.url)
+        if read.key_columns is not None:
+            return list(read.key_columns)
+        keys = [c for c in AUTO_KEY_COLUMNS if c in columns]
+        if not keys and warn is not None:
+            warn(f"{shard.url}: no key column (looked for {', '.join(AUTO_KEY_COLUMNS)}; "
+                 f"columns: {', '.join(columns)}): output rows are identified by source_file "
+                 "+ source_row only; name id columns with --key-columns")
+        return keys
+    return list(read.key_columns or [])

@@ -19,7 +19,8 @@ from iqray.pipeline.execution import (
     ensure_ray,
     execute,
 )
-from iqray.pipeline.readers import Shard, discover_shards, key_columns_for, wants_references
+from iqray.pipeline.readers import Shard, discover_shards, inspect_input, wants_references
+from iqray.pipeline.storage import check_separate
 from iqray.pipeline.writer import ShardWriter, plan_resume, score_schema
 
 
@@ -50,18 +51,26 @@ class ScoreConfig(RunConfig):
         return self.options_hash(model_identity, {"keep_prompt", "keep_image_bytes"})
 
 
+def warn_to(log):
+    return lambda message: log(f"warning: {message}")
+
+
 def run_score(config: ScoreConfig, log=print) -> RunSummary:
+    """Everything that can be checked is checked before Ray starts (the output against the
+    input, the first shard's columns, the model, resume): a mistake ends here with a
+    ValueError and nothing written, and a run with nothing left to do starts no Ray."""
     started = time.perf_counter()
     read, storage = config.read_config(), config.storage_config()
-    shards = discover_shards(config.input, read, storage)
-    key_columns = key_columns_for(shards, read, storage)
+    check_separate(config.input, config.output)
+    shards = discover_shards(config.input, read, storage, exclude=config.output,
+                             warn=warn_to(log))
+    key_columns = inspect_input(shards, read, storage, warn=warn_to(log))
     if config.dry_run:
         return _dry_run(config, shards, log)
 
-    ray = ensure_ray(config)
     from iqray.pipeline.scoring import Scorer, stage_model
 
-    spec = stage_model(config.model, storage, put=ray.put, mode=config.mode)
+    spec = stage_model(config.model, storage, mode=config.mode)
     fr = spec.config.full_reference
     if fr != wants_references(read):
         raise ValueError("a full-reference model needs --reference-column or "
@@ -88,6 +97,9 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
         todo, done, previous = plan_resume(shards, config.output, storage, scoring_hash,
                                            config.retry_failed)
     summary = RunSummary(shards_total=len(shards), shards_skipped=len(done))
+    ray = ensure_ray(config) if todo else None
+    if ray is not None:
+        spec.put_files(ray.put)
     metadata = {"model": spec.name, "model_identity": spec.identity,
                 "checkpoint_sha256": spec.checkpoint_sha256,
                 "score_mode": "trained" if spec.config.trained else "zero-shot",
@@ -105,6 +117,8 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                                              spec.config.prompt_aware))
     log(f"iqray score: {len(shards)} shards in {config.input}; {len(done)} already committed, "
         f"{len(todo)} to score; model {spec.name} ({metadata['score_mode']})")
+    if todo and not preview:
+        writer.clear_run_records()
     from_cache = []
     if config.cache and todo and not config.keep_image_bytes and not preview:
         from iqray.pipeline.rescore import cached_shards, rescore_from_cache
@@ -119,10 +133,14 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                 keep_image_bytes=config.keep_image_bytes)
     todo = todo + from_cache
     summary.shards_scored = len(todo)
+    summary.account(writer)
     summary.outputs = sorted(writer.committed)  # commit order depends on timing
     summary.wall_s = time.perf_counter() - started
     if not preview:
-        writer.write_success({"summary": summary.as_dict(), "model": spec.name})
+        record = writer.write_run_record({"summary": summary.as_dict(), "model": spec.name})
+        if writer.unfinished:
+            log(f"{len(writer.unfinished)} shards unfinished: listed in "
+                f"{config.output.rstrip('/')}/{record}")
     log(summary.render())
     return summary
 

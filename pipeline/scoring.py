@@ -67,6 +67,12 @@ class ModelSpec:
         config_path.write_text(json.dumps(self.raw_config))
         return config_path
 
+    def put_files(self, put: Callable[[bytes], Any]) -> None:
+        """Move the staged file bytes into Ray's object store (``ray.put``): the model is
+        resolved before Ray starts, and the refs are made once it has."""
+        self.files = {name: put(data) if isinstance(data, bytes) else data
+                      for name, data in self.files.items()}
+
     def load(self, device: str = "cpu", prompt_cache_size: int = 4096):
         """The model, built from the staged files (read into memory; the temp dir goes)."""
         with tempfile.TemporaryDirectory(prefix="iqray-model-") as folder:

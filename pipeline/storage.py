@@ -7,14 +7,22 @@ moto, R2, ...). The config is plain data so Ray tasks rebuild the filesystem on 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import posixpath
+import random
+import tarfile
+import time
 import uuid
-from typing import Any
+import zlib
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
 
 
 class StorageConfig(BaseModel):
@@ -24,6 +32,16 @@ class StorageConfig(BaseModel):
         default=None, description="S3 endpoint URL override (else AWS_ENDPOINT_URL / AWS config)"
     )
     s3_anonymous: bool = Field(default=False, description="unsigned S3 requests (public buckets)")
+    s3_max_attempts: int | None = Field(
+        default=None, gt=0, description="attempts per S3 request inside botocore (its "
+        "standard retry mode); default: botocore's own setting")
+    storage_attempts: int = Field(
+        default=4, gt=0, description="attempts of each whole read, listing or commit that "
+        "fails with a storage error, on top of the client's own retries; a shard that still "
+        "fails is left unfinished (not committed) for the next run")
+    storage_backoff_s: float = Field(
+        default=1.0, ge=0, description="first wait between those attempts; doubles each "
+        "time, with jitter, up to 30 s")
 
     def options_for(self, url: str) -> dict[str, Any]:
         protocol = url.split("://", 1)[0] if "://" in url else "file"
@@ -41,7 +59,36 @@ class StorageConfig(BaseModel):
             options["endpoint_url"] = endpoint
         if self.s3_anonymous:
             options["anon"] = True
+        if self.s3_max_attempts is not None:
+            options["config_kwargs"] = {"retries": {"max_attempts": self.s3_max_attempts,
+                                                    "mode": "standard"}}
         return options
+
+    def endpoint_for(self, url: str) -> str | None:
+        """The endpoint requests for ``url`` go to, for messages (None: the default)."""
+        return self.options_for(url).get("endpoint_url")
+
+    def retry(self, action: Callable[[], T], what: str, url: str) -> T:
+        """``action()``, again after storage errors (:func:`is_transient`) with bounded,
+        jittered backoff; then :class:`StorageUnavailable`, naming ``url`` and the endpoint.
+        Errors that another attempt cannot change (a missing file, bad content) pass at once.
+        """
+        for attempt in range(1, self.storage_attempts + 1):
+            try:
+                return action()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == self.storage_attempts:
+                    raise StorageUnavailable(what, url, self.endpoint_for(url), exc,
+                                             attempt) from exc
+                time.sleep(self.backoff_s(attempt))
+        raise AssertionError("unreachable")
+
+    def backoff_s(self, attempt: int) -> float:
+        """Wait after the ``attempt``-th failure: exponential, capped, +-50% jitter so that
+        many workers hitting one throttled prefix do not retry in lockstep."""
+        return min(30.0, self.storage_backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
     def storage_config(self) -> StorageConfig:
         """Just the storage settings of a job config that extends this class (plain data
@@ -52,6 +99,100 @@ class StorageConfig(BaseModel):
     def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         """(filesystem, path without protocol) for ``url``."""
         return url_to_fs(url, **self.options_for(url))
+
+
+class StorageUnavailable(OSError):
+    """Storage kept failing after every retry: the message is one line for the user."""
+
+    def __init__(self, what: str, url: str, endpoint: str | None, cause: BaseException,
+                 attempts: int):
+        self.url, self.endpoint, self.cause = url, endpoint, cause
+        where = f" at {endpoint}" if endpoint else ""
+        detail = " ".join(str(cause).split())[:300]
+        super().__init__(f"cannot {what} {url}{where} after {attempts} attempts: "
+                         f"{type(cause).__name__}: {detail}")
+
+
+# A file that is absent or refused: another attempt gets the same answer.
+PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                       PermissionError)
+# What parsers raise on bad bytes (pyarrow's ArrowInvalid is a ValueError).
+BROKEN_BYTES_ERRORS = (ValueError, tarfile.TarError, EOFError, zlib.error)
+
+
+def is_broken_bytes(exc: BaseException) -> bool:
+    """The bytes read do not parse. A read cut short looks the same, so readers confirm it
+    with a second read before they call a file broken. pyarrow reports damaged pages as a
+    bare OSError without an errno ("Couldn't deserialize thrift"), where the file systems'
+    own errors carry one (s3fs maps S3 errors to errnos; other clients raise their own
+    types)."""
+    if type(exc) is OSError and exc.errno is None:
+        return True
+    return isinstance(exc, BROKEN_BYTES_ERRORS) and not isinstance(exc, OSError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another attempt could succeed: network and server errors (5xx, throttling,
+    resets, short bodies, timeouts), not a missing file, a refusal or bad bytes."""
+    return not isinstance(exc, PERMANENT_OS_ERRORS) and not is_broken_bytes(exc)
+
+
+GLOB_CHARS = "*?["
+
+
+def location(url: str) -> tuple[str, str]:
+    """(protocol, normalised path) of a URL, to compare two of them: local real paths;
+    bucket + prefix without trailing slashes on object stores. A glob keeps its pattern
+    after the last folder before its first glob character."""
+    protocol = {"gcs": "gs", "s3a": "s3"}.get(protocol_of(url), protocol_of(url))
+    path = url.split("://", 1)[1] if "://" in url else url
+    glob_at = min((path.find(ch) for ch in GLOB_CHARS if ch in path), default=-1)
+    base, pattern = path, ""
+    if glob_at >= 0:
+        cut = path.rfind("/", 0, glob_at)
+        base, pattern = (path[:cut], path[cut + 1:]) if cut >= 0 else ("", path)
+    if protocol == "file":
+        base = os.path.realpath(os.path.expanduser(base or "."))
+    else:
+        base = posixpath.normpath("/" + base).strip("/")
+    return protocol, posixpath.join(base, pattern) if pattern else base
+
+
+def inside(path: str, folder: str) -> bool:
+    return folder in ("", "/") or path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _glob_reaches(pattern: str, folder: str) -> bool:
+    """Whether a glob could match a path strictly inside ``folder``."""
+    parts, inner = pattern.strip("/").split("/"), folder.strip("/").split("/")
+    for i, part in enumerate(parts):
+        if "**" in part or i == len(inner):
+            return True
+        if not fnmatch.fnmatchcase(inner[i], part):
+            return False
+    return False
+
+
+def check_separate(input_url: str, output_url: str, output_name: str = "output") -> None:
+    """Refuse (ValueError, before anything is read or written) an output that is the input,
+    lies inside it (it would be read back as input) or contains it (outputs would be
+    written over input files)."""
+    (source_protocol, source), (target_protocol, target) = (location(input_url),
+                                                            location(output_url))
+    if source_protocol != target_protocol:
+        return
+    if any(ch in source for ch in GLOB_CHARS):
+        base = source[: min(source.find(ch) for ch in GLOB_CHARS if ch in source)]
+        base = base.rsplit("/", 1)[0]
+        relation = ("contains the input" if inside(base, target) else
+                    "lies inside the input" if _glob_reaches(source, target) else None)
+    else:
+        relation = ("is the input" if source == target else
+                    "lies inside the input" if inside(target, source) else
+                    "contains the input" if inside(source, target) else None)
+    if relation:
+        raise ValueError(f"the {output_name} {output_url} {relation} {input_url}: iqray never "
+                         f"writes where it reads; choose an {output_name} outside the input")
 
 
 def protocol_of(url: str) -> str:

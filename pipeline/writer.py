@@ -7,6 +7,12 @@ one go (temp + rename locally, a single PUT on object stores), so no partial out
 visible, and its footer records the input's fingerprint and the scorer's identity. A rerun
 skips every shard whose committed output matches both: that is the whole resume protocol,
 and it decides before anything is read, so done shards cost one footer read each.
+
+The writer never replaces a file it did not write: a file at an output shard's name without
+an iqray footer stops the run before it starts. A shard the readers could not finish (their
+``shard_unfinished`` marker row) or whose output could not be written after every retry is
+not committed: it is listed in :attr:`ShardWriter.unfinished`, ``_SUCCESS`` is not written
+(``_UNFINISHED`` says which shards and why), and the next run scores exactly those.
 """
 
 from __future__ import annotations
@@ -15,20 +21,23 @@ import datetime as dt
 import io
 import json
 import posixpath
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iqray.pipeline.readers import Shard
-from iqray.pipeline.storage import StorageConfig, join_url, write_atomic
+from iqray.pipeline.readers import SHARD_CORRUPT, SHARD_UNFINISHED, Shard
+from iqray.pipeline.storage import StorageConfig, StorageUnavailable, join_url, write_atomic
 
 METADATA_KEY = b"iqray"
 SUCCESS_NAME = "_SUCCESS"
+UNFINISHED_NAME = "_UNFINISHED"
+# Error kinds of old outputs whose whole file has to be read again by --retry-failed.
+WHOLE_FILE_ERRORS = ("shard_read", SHARD_CORRUPT)
 SCORE_COLUMNS = {
     "source_file": pa.string(),
     "source_row": pa.int64(),
@@ -63,28 +72,64 @@ class ShardState:
     tables: list[pa.Table]
     received: int = 0
     expected: int | None = None
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)
 
 
 def read_output_metadata(fs, path: str) -> dict[str, Any] | None:
+    """An output's iqray footer; None for a file that is absent, unreadable or not iqray's."""
+    try:
+        return output_footer(fs, path)
+    except Exception:
+        return None
+
+
+def output_footer(fs, path: str) -> dict[str, Any] | None:
+    """The iqray footer of a Parquet file; None when the file is not iqray's (no footer, or
+    not Parquet at all). Storage errors propagate."""
     try:
         with fs.open(path, "rb") as handle:
             metadata = pq.read_schema(handle).metadata or {}
-    except Exception:  # unreadable or foreign file: treat as not committed
+    except (pa.ArrowInvalid, IsADirectoryError):  # not Parquet, or a folder of that name
         return None
     raw = metadata.get(METADATA_KEY)
     return json.loads(raw) if raw else None
 
 
+def _foreign(url: str, why: str) -> ValueError:
+    return ValueError(f"{url} exists and {why}: iqray never writes over a file it did not "
+                      "write; move it away or choose another output")
+
+
 def plan_resume(shards: list[Shard], output: str, storage: StorageConfig, scoring_hash: str,
                 retry_failed: bool) -> tuple[list[Shard], list[Shard], dict[int, pa.Table]]:
     """Split shards into (to score, already done) and, for --retry-failed, the old tables
-    whose error rows are being rescored."""
+    whose error rows are being rescored. Refuses (ValueError) when a file at an output's
+    name was not written by iqray; storage errors are retried, then StorageUnavailable."""
     fs, root = storage.filesystem(output)
-    existing = set(fs.find(root)) if fs.exists(root) else set()
+
+    def retried(what: str, action, url: str = output):
+        return storage.retry(action, what, url)
+
+    existing = (set(retried("list", lambda: fs.find(root)))
+                if retried("look up", lambda: fs.exists(root)) else set())
+    success = posixpath.join(root, SUCCESS_NAME)
+    if success in existing:
+        body = retried("read", lambda: fs.cat_file(success), join_url(output, SUCCESS_NAME))
+        try:
+            ours = isinstance(json.loads(body), dict) and "summary" in json.loads(body)
+        except ValueError:
+            ours = False
+        if not ours:
+            raise _foreign(join_url(output, SUCCESS_NAME), "is not an iqray run summary")
     todo, done, previous = [], [], {}
     for shard in shards:
         path = posixpath.join(root, shard.output_name)
-        meta = read_output_metadata(fs, path) if path in existing else None
+        url = join_url(output, shard.output_name)
+        meta = (retried("read the footer of", lambda path=path: output_footer(fs, path), url)
+                if path in existing else None)
+        if path in existing and meta is None:
+            raise _foreign(url, "has no iqray footer")
         committed = (meta is not None and meta.get("input_fingerprint") == shard.fingerprint
                      and meta.get("scoring_hash") == scoring_hash and meta.get("complete"))
         if not committed:
@@ -93,10 +138,14 @@ def plan_resume(shards: list[Shard], output: str, storage: StorageConfig, scorin
         if not retry_failed or not meta.get("errors"):
             done.append(shard)
             continue
-        with fs.open(path, "rb") as handle:
-            old = pq.read_table(handle)
+
+        def read_old(path=path) -> pa.Table:
+            with fs.open(path, "rb") as handle:
+                return pq.read_table(handle)
+
+        old = retried("read", read_old, url)
         errors = old.filter(pc.equal(old["status"], "error"))
-        whole_file = "shard_read" in errors["error_kind"].to_pylist()
+        whole_file = any(k in WHOLE_FILE_ERRORS for k in errors["error_kind"].to_pylist())
         if whole_file:  # the file itself was unreadable: read all of it again
             todo.append(shard)
         else:
@@ -115,6 +164,7 @@ class ShardWriter:
                  before_commit: Callable[[], None] | None = None):
         self.shards = {s.index: s for s in shards}
         self.output = output
+        self.storage = storage
         self.fs, self.root = storage.filesystem(output)
         self.metadata = metadata
         self.complete = complete
@@ -130,6 +180,12 @@ class ShardWriter:
         self.committed: list[str] = []
         self.done: set[int] = set()
         self.rows_written = 0
+        # Rows of this run's shards so far (committed or still gathering), by outcome.
+        self.ok = 0
+        self.errors: Counter = Counter()
+        self.unfinished: dict[int, str] = {}  # shard -> why it is not committed
+        self.unfinished_seen: Counter = Counter()  # rows that arrived for those shards
+        self.unknown_size = 0  # committed broken files whose row count is unknown
 
     def add(self, table: pa.Table) -> list[int]:
         """Take a batch from the pipeline; return the shards it completed (now committed)."""
@@ -137,35 +193,76 @@ class ShardWriter:
         shard_ids = table["_shard"]
         for shard_id in pc.unique(shard_ids).to_pylist():
             part = table.filter(pc.equal(shard_ids, shard_id))
+            if shard_id in self.unfinished:  # in flight when the shard failed: dropped
+                self.unfinished_seen[shard_id] += part.num_rows
+                continue
             if shard_id in self.done:
                 raise RuntimeError(f"rows for already committed shard {shard_id} arrived")
+            kinds = part["error_kind"] if "error_kind" in part.column_names else None
+            if kinds is not None and pc.any(pc.equal(kinds, SHARD_UNFINISHED)).as_py():
+                marker = part.filter(pc.equal(kinds, SHARD_UNFINISHED))
+                self.fail(shard_id, marker["error"][0].as_py(), part.num_rows)
+                continue
             state = self.state[shard_id]
             state.tables.append(part)
             state.received += part.num_rows
+            self._count(state, part)
             ends = pc.max(part["_shard_end"]).as_py()
             if ends is not None and ends >= 0:
                 state.expected = ends
             if state.expected is not None and state.received == state.expected:
-                self.commit(shard_id)
-                finished.append(shard_id)
+                if self.commit(shard_id):
+                    finished.append(shard_id)
         return finished
+
+    def _count(self, state: ShardState, part: pa.Table) -> None:
+        if "status" not in part.column_names:
+            state.ok += part.num_rows
+            self.ok += part.num_rows
+            return
+        failed = part.filter(pc.equal(part["status"], "error"))
+        kinds = Counter(k or "unknown" for k in failed["error_kind"].to_pylist())
+        state.ok += part.num_rows - failed.num_rows
+        self.ok += part.num_rows - failed.num_rows
+        state.errors.update(kinds)
+        self.errors.update(kinds)
+
+    def fail(self, shard_id: int, reason: str, rows_seen: int = 0) -> None:
+        """Leave a shard unfinished: whatever arrived for it is dropped, nothing is written."""
+        state = self.state.pop(shard_id, None)
+        if state is not None:
+            self.ok -= state.ok
+            self.errors.subtract(state.errors)
+            self.errors = +self.errors  # drop zero counts
+            rows_seen += state.received
+        self.unfinished[shard_id] = reason
+        self.unfinished_seen[shard_id] += rows_seen
+
+    def unfinished_rows(self) -> tuple[int, int]:
+        """(input rows of the unfinished shards whose row count is known, how many shards
+        have no known count)."""
+        sizes = [self.shards[i].estimated_rows for i in self.unfinished]
+        return sum(n for n in sizes if n is not None), sum(n is None for n in sizes)
+
+    def unfinished_urls(self) -> dict[str, str]:
+        return {self.shards[i].url: why for i, why in sorted(self.unfinished.items())}
 
     def finish(self) -> None:
         """After the run: commit shards that produced no rows, and (for --limit/--sample
         previews) whatever partial shards arrived."""
         for shard_id in self.shards:
-            if shard_id in self.done:
+            if shard_id in self.done or shard_id in self.unfinished:
                 continue
             state = self.state.get(shard_id)
             if state is None:
                 if self.complete:
                     self.commit(shard_id)
             elif state.expected is None or state.received != state.expected:
-                if self.complete:
-                    raise RuntimeError(
-                        f"shard {self.shards[shard_id].url}: {state.received} rows arrived, "
-                        f"{state.expected} expected; not committed")
-                self.commit(shard_id)
+                if self.complete:  # rows were lost on the way: never commit a partial shard
+                    self.fail(shard_id, f"{state.received} rows arrived, "
+                              f"{state.expected or 'more'} expected")
+                else:
+                    self.commit(shard_id)
 
     def _shape(self, table: pa.Table) -> pa.Table:
         columns = {}
@@ -180,11 +277,13 @@ class ShardWriter:
             columns[name] = column
         return pa.table(columns)
 
-    def commit(self, shard_id: int) -> None:
+    def commit(self, shard_id: int) -> bool:
+        """Write a shard's file; False (the shard left unfinished) when storage keeps failing.
+        """
         if self.before_commit is not None:
             self.before_commit()
         shard = self.shards[shard_id]
-        state = self.state.pop(shard_id, None)
+        state = self.state.get(shard_id)
         tables = [self._shape(t) for t in (state.tables if state else [])]
         if shard_id in self.previous:  # --retry-failed: new rows replace the old error rows
             old = self._shape(self.previous[shard_id])
@@ -198,19 +297,58 @@ class ShardWriter:
         table = table.sort_by([("source_row", "ascending")])
         errors = (pc.sum(pc.equal(table["status"], "error")).as_py() or 0
                   if "status" in table.column_names else 0)
+        corrupt = ("error_kind" in table.column_names
+                   and pc.any(pc.equal(table["error_kind"], SHARD_CORRUPT)).as_py())
+        # A broken file's row count is known only where its metadata gave it.
+        input_rows = (table.num_rows if not corrupt or shard.estimated_rows == table.num_rows
+                      else None)
         meta = {**self.metadata, "input_url": shard.url, "input_fingerprint": shard.fingerprint,
                 "complete": self.complete, "rows": table.num_rows, "errors": errors,
+                "input_rows": input_rows,
                 "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        write_atomic(self.fs, posixpath.join(self.root, shard.output_name)
-                     if "://" not in self.output else
-                     self.root.rstrip("/") + "/" + shard.output_name, buffer.getvalue())
-        self.committed.append(join_url(self.output, shard.output_name))
+        url = join_url(self.output, shard.output_name)
+        try:
+            self.storage.retry(lambda: write_atomic(self.fs, self._path(shard.output_name),
+                                                    buffer.getvalue()), "write", url)
+        except StorageUnavailable as exc:
+            self.fail(shard_id, str(exc))
+            return False
+        self.state.pop(shard_id, None)
+        self.committed.append(url)
         self.done.add(shard_id)
         self.rows_written += table.num_rows
+        self.unknown_size += input_rows is None
+        return True
 
-    def write_success(self, summary: dict[str, Any]) -> None:
-        body = json.dumps({**self.metadata, **summary}, indent=2, sort_keys=True).encode()
-        write_atomic(self.fs, self.root.rstrip("/") + "/" + SUCCESS_NAME, body)
+    def tally(self) -> tuple[int, Counter, int]:
+        """(ok rows, error rows by kind, rows of unfinished shards) of this run so far."""
+        # A shard of unknown size counts the rows seen of it (at least its marker row).
+        return self.ok, self.errors, self.unfinished_rows()[0] + sum(
+            max(self.unfinished_seen[i], 1) for i in self.unfinished
+            if self.shards[i].estimated_rows is None)
+
+    def _path(self, name: str) -> str:
+        return (posixpath.join(self.root, name) if "://" not in self.output
+                else self.root.rstrip("/") + "/" + name)
+
+    def clear_run_records(self) -> None:
+        """Before scoring: an earlier run's _SUCCESS / _UNFINISHED no longer tells the truth
+        (both are iqray's own: plan_resume refused a foreign _SUCCESS)."""
+        for name in (SUCCESS_NAME, UNFINISHED_NAME):
+            path = self._path(name)
+            if self.storage.retry(lambda path=path: self.fs.exists(path), "look up",
+                                  join_url(self.output, name)):
+                self.storage.retry(lambda path=path: self.fs.rm_file(path), "remove",
+                                   join_url(self.output, name))
+
+    def write_run_record(self, summary: dict[str, Any]) -> str:
+        """_SUCCESS when every shard is committed, else _UNFINISHED naming the others."""
+        name = UNFINISHED_NAME if self.unfinished else SUCCESS_NAME
+        body = json.dumps({**self.metadata, **summary}, indent=2, sort_keys=True,
+                          default=str).encode()
+        self.storage.retry(lambda: write_atomic(self.fs, self._path(name), body), "write",
+                           join_url(self.output, name))
+        return name

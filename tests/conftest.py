@@ -89,3 +89,21 @@ def s3_bucket(s3_endpoint, request):
     fs.mkdir(name)
     yield fs, name
     fs.rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def fault_proxy_server(s3_endpoint):
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(s3_endpoint).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture()
+def fault_proxy(fault_proxy_server):
+    """The S3 test server behind a fault-injecting proxy (``.url``; ``.set(Fault(...))``);
+    transparent again after the test."""
+    fault_proxy_server.set()
+    yield fault_proxy_server
+    fault_proxy_server.set()

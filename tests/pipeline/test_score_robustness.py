@@ -63,9 +63,12 @@ def test_bad_rows_become_error_rows_and_the_rest_is_scored(ray_local, tmp_path, 
     assert by_key["bad-3"]["error_kind"] == "missing_image"
     # The last row has an image but no prompt: quality only.
     assert by_key["bad-5"]["status"] == "ok" and np.isnan(by_key["bad-5"]["alignment"])
+    # Not Parquet at all, the same way on two reads: committed as one error row, its row
+    # count unknown (no footer to tell it).
     unreadable = [r for r in out.to_pylist() if r["source_file"].endswith("c.parquet")]
-    assert len(unreadable) == 1 and unreadable[0]["error_kind"] == "shard_read"
-    assert summary.errors == {"decode": 4, "missing_image": 1, "shard_read": 1}
+    assert len(unreadable) == 1 and unreadable[0]["error_kind"] == "shard_corrupt"
+    assert summary.errors == {"decode": 4, "missing_image": 1, "shard_corrupt": 1}
+    assert summary.input_rows is None and summary.input_rows_unknown_shards == 1
     good_rows = out.filter(pa.compute.is_in(out["key"], good["key"]))
     assert_scores_match(good_rows, reference_model, good["jpg"].to_pylist(),
                         good["caption"].to_pylist())

@@ -1,0 +1,121 @@
+"""The shard writer and resume planning, called directly (no Ray): what is committed, what
+is left unfinished, and the files iqray refuses to write over."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fault_proxy import Fault
+from pipeline_data import img2dataset_table, write_parquet
+
+from iqray.pipeline.readers import SHARD_UNFINISHED, Shard
+from iqray.pipeline.storage import StorageConfig
+from iqray.pipeline.writer import (
+    SUCCESS_NAME,
+    UNFINISHED_NAME,
+    ShardWriter,
+    plan_resume,
+    read_output_metadata,
+)
+
+
+def shards(count: int, rows: int | None = 3) -> list[Shard]:
+    return [Shard(i, f"/in/{i}.parquet", "parquet", f"{i}.parquet", f"fp{i}",
+                  estimated_rows=rows) for i in range(count)]
+
+
+def batch(shard: int, rows: range, end: int = -1, kinds: list | None = None) -> pa.Table:
+    kinds = kinds or [None] * len(rows)
+    return pa.table({
+        "source_file": [f"/in/{shard}.parquet"] * len(rows), "source_row": list(rows),
+        "key": [f"{shard}-{r}" for r in rows], "quality": [0.5] * len(rows),
+        "status": ["ok" if k is None else "error" for k in kinds],
+        "error": [None if k is None else f"{k} here" for k in kinds], "error_kind": kinds,
+        "_shard": [shard] * len(rows), "_shard_end": [end] * len(rows)})
+
+
+def writer(todo, output, storage=None) -> ShardWriter:
+    return ShardWriter(todo, output, storage or StorageConfig(), {"scoring_hash": "h"},
+                       complete=True, key_columns=["key"], keep_prompt=False,
+                       keep_image_bytes=False)
+
+
+def test_a_shard_is_committed_once_whole_and_an_unfinished_one_never(tmp_path):
+    todo = shards(3)
+    out = writer(todo, str(tmp_path / "out"))
+    # Shard 1's reader gave up after two rows: its marker arrives before one of its rows.
+    out.add(pa.concat_tables([batch(0, range(2)), batch(1, range(2))]))
+    out.add(batch(1, range(2, 3), end=3, kinds=[SHARD_UNFINISHED]))
+    out.add(batch(0, range(2, 3), end=3, kinds=["decode"]))
+    out.add(batch(1, range(1, 2)))  # in flight when the shard failed: dropped
+    out.add(batch(2, range(3), end=3))
+    out.finish()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.parquet", "2.parquet"]
+    assert out.unfinished_urls() == {"/in/1.parquet": f"{SHARD_UNFINISHED} here"}
+    ok, errors, unfinished_rows = out.tally()
+    assert (ok, dict(errors), unfinished_rows) == (5, {"decode": 1}, 3)
+    meta = read_output_metadata(fsspec.filesystem("file"), str(tmp_path / "out" / "0.parquet"))
+    assert meta["rows"] == meta["input_rows"] == 3 and meta["errors"] == 1
+
+    assert out.write_run_record({"summary": {}}) == UNFINISHED_NAME
+    assert not (tmp_path / "out" / SUCCESS_NAME).exists()
+    record = json.loads((tmp_path / "out" / UNFINISHED_NAME).read_text())
+    assert record["scoring_hash"] == "h"
+
+
+def test_a_shard_whose_rows_went_missing_is_left_unfinished(tmp_path):
+    out = writer(shards(1), str(tmp_path / "out"))
+    out.add(batch(0, range(1)))  # the shard's end marker never arrives
+    out.finish()
+    assert not (tmp_path / "out").exists()
+    assert "1 rows arrived, more expected" in out.unfinished_urls()["/in/0.parquet"]
+
+
+def test_an_output_that_cannot_be_written_is_unfinished_not_lost(s3_bucket, fault_proxy):
+    fs, bucket = s3_bucket
+    storage = StorageConfig(s3_endpoint=fault_proxy.url, s3_max_attempts=1,
+                            storage_attempts=2, storage_backoff_s=0.01)
+    todo = shards(2)
+    out = writer(todo, f"s3://{bucket}/out", storage)
+    fault_proxy.set(Fault("500", "PUT", key="out/1.parquet"))
+    out.add(pa.concat_tables([batch(0, range(3), end=3), batch(1, range(3), end=3)]))
+    assert out.committed == [f"s3://{bucket}/out/0.parquet"]
+    assert "cannot write" in out.unfinished_urls()["/in/1.parquet"]
+    assert fault_proxy.injected[("500", "PUT")] >= 2
+    fault_proxy.set(Fault("503", "PUT", rate=0.5), seed=1)  # moderate faults: retried away
+    again = writer(todo[1:], f"s3://{bucket}/out", storage)
+    again.add(batch(1, range(3), end=3))
+    assert again.committed == [f"s3://{bucket}/out/1.parquet"] and not again.unfinished
+
+
+def test_resume_refuses_to_write_over_files_iqray_did_not_write(tmp_path, sample):
+    output = tmp_path / "out"
+    todo = shards(2)
+    done = writer(todo[:1], str(output))
+    done.add(batch(0, range(3), end=3))
+    assert plan_resume(todo, str(output), StorageConfig(), "h", False)[0] == todo[1:]
+
+    write_parquet(None, str(output / "1.parquet"), img2dataset_table(sample, 0, 2))
+    with pytest.raises(ValueError, match=r"1\.parquet exists and has no iqray footer"):
+        plan_resume(todo, str(output), StorageConfig(), "h", False)
+    (output / "1.parquet").write_text("my notes")
+    with pytest.raises(ValueError, match="never writes over a file it did not write"):
+        plan_resume(todo, str(output), StorageConfig(), "h", False)
+    (output / "1.parquet").unlink()
+
+    (output / SUCCESS_NAME).write_text("done by hand")
+    with pytest.raises(ValueError, match="_SUCCESS exists and is not an iqray run summary"):
+        plan_resume(todo, str(output), StorageConfig(), "h", False)
+    assert (output / SUCCESS_NAME).read_text() == "done by hand"
+
+
+def test_a_broken_file_of_unknown_size_records_that_in_its_footer(tmp_path):
+    todo = shards(1, rows=None)
+    out = writer(todo, str(tmp_path / "out"))
+    out.add(batch(0, range(2), end=2, kinds=[None, "shard_corrupt"]))
+    meta = pq.read_schema(tmp_path / "out" / "0.parquet").metadata[b"iqray"]
+    assert json.loads(meta)["input_rows"] is None and out.unknown_size == 1
