@@ -74,6 +74,7 @@ class Job:
             EXIT_UNFINISHED,
             EXIT_USAGE,
             ErrorBudgetExceeded,
+            stop_local_ray,
         )
         from iqray.pipeline.readers import ShardUnfinished
         from iqray.pipeline.storage import PERMANENT_OS_ERRORS, StorageUnavailable
@@ -90,7 +91,7 @@ class Job:
             print(f"iqray: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         finally:
-            _stop_local_ray()
+            stop_local_ray()
         return exit_code_of(result)
 
 
@@ -102,45 +103,6 @@ def exit_code_of(result) -> int:
     if isinstance(result, dict):
         return int(result.get("exit_code", 0))
     return int(getattr(result, "exit_code", 0))
-
-
-def _stop_local_ray() -> None:
-    """Shut down a Ray this process started, and wait for its worker processes to go: Ray's
-    own exit hook returns while workers are still exiting, and one was seen outliving the
-    command. A joined cluster (--ray-address) is left running, as it should be."""
-    if "ray" not in sys.modules:
-        return
-    import ray
-
-    if not ray.is_initialized():
-        return
-    node = getattr(ray._private.worker.global_worker, "node", None)
-    local = node is not None and getattr(node, "head", False)
-    ray.shutdown()
-    if local:
-        _wait_for_children()
-
-
-def _wait_for_children(timeout_s: float = 15.0) -> None:
-    import os
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    me = str(os.getpid())
-    while time.monotonic() < deadline:
-        children = []
-        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as handle:
-                        fields = handle.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if fields[1] == me and fields[0] != "Z":
-                    children.append(entry)
-        if not children:
-            return
-        time.sleep(0.1)
 
 
 JOBS: dict[str, Job] = {

@@ -180,6 +180,7 @@ class RunSummary:
     input_rows_unknown_shards: int = 0
     unfinished: dict[str, str] = field(default_factory=dict)  # shard URL -> why
     unfinished_rows: int = 0  # their rows, where known
+    unfinished_unknown_shards: int = 0  # of those, how many have no known row count
     wall_s: float = 0.0
     stage_busy_s: dict[str, float] = field(default_factory=dict)
     stage_workers: dict[str, float] = field(default_factory=dict)
@@ -208,6 +209,7 @@ class RunSummary:
         self.rows = self.ok + sum(self.errors.values())
         self.unfinished = writer.unfinished_urls()
         self.unfinished_rows, unknown = writer.unfinished_rows()
+        self.unfinished_unknown_shards = unknown
         self.input_rows_unknown_shards = unknown + writer.unknown_size
         self.input_rows = (None if self.input_rows_unknown_shards
                            else self.rows + self.unfinished_rows)
@@ -235,8 +237,13 @@ class RunSummary:
         for url, why in self.unfinished.items():
             lines.append(f"unfinished: {url}: {why}")
         if self.unfinished:
-            lines.append(f"{unfinished} shards ({self.unfinished_rows} rows where known) were "
-                         "not committed; rerun the same command to finish them")
+            sizes = [f"{self.unfinished_rows} rows"] if (
+                self.unfinished_rows or not self.unfinished_unknown_shards) else []
+            if self.unfinished_unknown_shards:
+                sizes.append(f"{self.unfinished_unknown_shards} of unknown size")
+            rows = " + ".join(sizes)
+            lines.append(f"{unfinished} shards ({rows}) were not committed; rerun the same "
+                         "command to finish them")
         if self.stage_busy_s:
             stages = ", ".join(
                 f"{name} {busy:.1f} s busy on {self.stage_workers.get(name, 1):g} workers"
@@ -285,7 +292,11 @@ def _actor_device(config: RunConfig, plan: dict[str, Any]) -> str:
     return config.device if config.device.startswith("cuda") else "auto"
 
 
+_STARTED_LOCAL_RAY = False  # whether ensure_ray started a local Ray in this process
+
+
 def ensure_ray(config: RunConfig):
+    global _STARTED_LOCAL_RAY
     import ray
 
     if not ray.is_initialized():
@@ -299,7 +310,46 @@ def ensure_ray(config: RunConfig):
             # address behind (Ray would otherwise join that one and refuse num_cpus).
             ray.init(address="local", num_cpus=config.ray_num_cpus,
                      object_store_memory=config.object_store_memory, **kwargs)
+            _STARTED_LOCAL_RAY = True
     return ray
+
+
+def stop_local_ray() -> None:
+    """Shut down the local Ray that :func:`ensure_ray` started (a joined cluster, or a Ray the
+    caller started, is left alone) and wait until its processes have gone: Ray's own exit
+    hook returns while workers are still exiting, and one was seen outliving the command."""
+    global _STARTED_LOCAL_RAY
+    if not _STARTED_LOCAL_RAY:
+        return
+    import ray
+
+    ray.shutdown()
+    _STARTED_LOCAL_RAY = False
+    deadline = time.monotonic() + 15
+    while _descendants() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _descendants() -> list[int]:
+    """Live processes below this one (from /proc; empty where there is none)."""
+    parents: dict[int, int] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                state, parent = handle.read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state != "Z":
+            parents[int(entry)] = int(parent)
+    found, frontier = [], {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier}
+        found += frontier
+    return found
 
 
 def read_shards(batch: dict[str, np.ndarray], read: ReadConfig, storage: StorageConfig,

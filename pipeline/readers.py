@@ -227,9 +227,7 @@ def _file_shard(index: int, fs, path: str, base: str, input_url: str, fmt: str,
         try:
             estimated = storage.retry(lambda: table_num_rows(fs, path), "read the footer of",
                                       url)
-        except StorageUnavailable:
-            raise
-        except Exception:  # broken bytes: the read stage decides (and records) what it is
+        except Exception:  # the read stage tries again, and decides and records what it is
             estimated = None
     return Shard(index, url, fmt, output_name, fingerprint(info), estimated_rows=estimated)
 

@@ -201,7 +201,9 @@ class ShardWriter:
             kinds = part["error_kind"] if "error_kind" in part.column_names else None
             if kinds is not None and pc.any(pc.equal(kinds, SHARD_UNFINISHED)).as_py():
                 marker = part.filter(pc.equal(kinds, SHARD_UNFINISHED))
-                self.fail(shard_id, marker["error"][0].as_py(), part.num_rows)
+                reason = marker["error"][0].as_py()  # "<shard url>: why"
+                self.fail(shard_id, reason.removeprefix(f"{self.shards[shard_id].url}: "),
+                          part.num_rows)
                 continue
             state = self.state[shard_id]
             state.tables.append(part)
@@ -325,9 +327,12 @@ class ShardWriter:
 
     def tally(self) -> tuple[int, Counter, int]:
         """(ok rows, error rows by kind, rows of unfinished shards) of this run so far."""
-        # A shard of unknown size counts the rows seen of it (at least its marker row).
+        # A shard of unknown size counts as a typical shard of this run (or the rows seen of
+        # it, if more), so that a shard failing whole weighs what its rows would.
+        sizes = [s.estimated_rows for s in self.shards.values() if s.estimated_rows is not None]
+        typical = round(sum(sizes) / len(sizes)) if sizes else 1
         return self.ok, self.errors, self.unfinished_rows()[0] + sum(
-            max(self.unfinished_seen[i], 1) for i in self.unfinished
+            max(self.unfinished_seen[i], typical) for i in self.unfinished
             if self.shards[i].estimated_rows is None)
 
     def _path(self, name: str) -> str:

@@ -55,7 +55,7 @@ def test_a_shard_is_committed_once_whole_and_an_unfinished_one_never(tmp_path):
     out.add(batch(2, range(3), end=3))
     out.finish()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.parquet", "2.parquet"]
-    assert out.unfinished_urls() == {"/in/1.parquet": f"{SHARD_UNFINISHED} here"}
+    assert out.unfinished_urls() == {"/in/1.parquet": f"{SHARD_UNFINISHED} here"}  # as sent
     ok, errors, unfinished_rows = out.tally()
     assert (ok, dict(errors), unfinished_rows) == (5, {"decode": 1}, 3)
     meta = read_output_metadata(fsspec.filesystem("file"), str(tmp_path / "out" / "0.parquet"))

@@ -40,6 +40,7 @@ class Fault:
     rate: float = 1.0  # chance per matching request
     key: str | None = None  # only requests whose path contains this
     delay_s: float = 0.5  # for "latency"
+    every: int = 0  # > 0: exactly every n-th matching request instead of by chance
 
 
 def operation_of(method: str, path: str) -> str:
@@ -59,6 +60,7 @@ class FaultProxy:
         self.rng = random.Random(0)
         self.lock = threading.Lock()
         self.injected: Counter = Counter()  # (kind, operation) -> count
+        self.matched: Counter = Counter()  # fault index -> matching requests seen
         self.requests: Counter = Counter()  # operation -> count
         proxy = self
 
@@ -92,16 +94,19 @@ class FaultProxy:
             self.rng = random.Random(seed)
             self.injected.clear()
             self.requests.clear()
+            self.matched.clear()
 
     def _draw(self, operation: str, path: str) -> Fault | None:
         with self.lock:
             self.requests[operation] += 1
-            for fault in self.faults:
+            for index, fault in enumerate(self.faults):
                 if fault.operation not in ("ANY", operation):
                     continue
                 if fault.key is not None and fault.key not in path:
                     continue
-                if self.rng.random() < fault.rate:
+                self.matched[index] += 1
+                if (self.matched[index] % fault.every == 0 if fault.every
+                        else self.rng.random() < fault.rate):
                     self.injected[(fault.kind, operation)] += 1
                     return fault
         return None
