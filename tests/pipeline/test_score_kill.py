@@ -1,4 +1,5 @@
-"""The kill test: `kill -9` mid-run, rerun, and get exactly what a clean run gives."""
+"""The kill tests: `kill -9` of the driver, or of the model actor, mid-run; then exactly what
+a clean run gives, and no process of the run left behind."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from pipeline_data import TEST_MODEL, img2dataset_table, read_output, write_parquet
 
 SHARDS, ROWS = 40, 8
@@ -27,23 +29,68 @@ def committed(output: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in output.glob("*.parquet")}
 
 
-def test_kill_9_mid_run_then_rerun_matches_a_clean_run(tmp_path, sample):
-    inputs = tmp_path / "in"
+def session_processes(session: int) -> list[str]:
+    """Live processes of a process session (from /proc): what a run left running."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:  # state, ppid, pgrp, session
+            found.append(f"{entry}: {command[:120]}")
+    return found
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    # A session of its own, so that every process the run starts can be found (and killed).
+    return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_commits(proc: subprocess.Popen, output: Path, count: int) -> None:
+    deadline = time.monotonic() + 240
+    while len(committed(output)) < count and proc.poll() is None and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, sample):
+    root = tmp_path_factory.mktemp("kill")
+    inputs = root / "in"
     for i in range(SHARDS):
         write_parquet(None, str(inputs / f"{i:03d}.parquet"),
                       img2dataset_table(sample, i * ROWS, ROWS))
-
-    clean = tmp_path / "clean"
+    clean = root / "clean"
     subprocess.run(cli(inputs, clean), check=True, capture_output=True, timeout=300)
+    names = sorted(committed(clean))
+    return inputs, names, read_output(None, [str(clean / n) for n in names])
 
+
+def assert_matches_clean(output: Path, clean_run) -> None:
+    _, names, expected = clean_run
+    assert sorted(committed(output)) == names
+    actual = read_output(None, [str(output / n) for n in names])
+    assert actual.num_rows == SHARDS * ROWS == expected.num_rows
+    assert actual["key"].to_pylist() == expected["key"].to_pylist()
+    assert len(set(actual["key"].to_pylist())) == SHARDS * ROWS  # no duplicates
+    for column in ("quality", "alignment"):
+        np.testing.assert_allclose(actual[column].to_numpy(), expected[column].to_numpy(),
+                                   atol=1e-6)
+
+
+def test_kill_9_mid_run_then_rerun_matches_a_clean_run(tmp_path, clean_run):
+    inputs = clean_run[0]
     killed = tmp_path / "killed"
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(cli(inputs, killed), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
+    proc = start(cli(inputs, killed), tmp_path / "killed.log")
     try:
-        while len(committed(killed)) < 3 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_commits(proc, killed, 3)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
         proc.wait()
@@ -62,14 +109,28 @@ def test_kill_9_mid_run_then_rerun_matches_a_clean_run(tmp_path, sample):
     assert summary["rows"] == (SHARDS - len(before)) * ROWS
     after = committed(killed)
     assert {name: after[name] for name in before} == before  # not recomputed, not rewritten
+    assert_matches_clean(killed, clean_run)
 
-    names = sorted(committed(clean))
-    assert sorted(after) == names
-    expected = read_output(None, [str(clean / n) for n in names])
-    actual = read_output(None, [str(killed / n) for n in names])
-    assert actual.num_rows == SHARDS * ROWS == expected.num_rows
-    assert actual["key"].to_pylist() == expected["key"].to_pylist()
-    assert len(set(actual["key"].to_pylist())) == SHARDS * ROWS  # no duplicates
-    for column in ("quality", "alignment"):
-        np.testing.assert_allclose(actual[column].to_numpy(), expected[column].to_numpy(),
-                                   atol=1e-6)
+
+def test_kill_9_of_the_model_actor_is_survived_and_no_process_outlives_the_run(tmp_path,
+                                                                               clean_run):
+    inputs = clean_run[0]
+    output = tmp_path / "out"
+    proc = start(cli(inputs, output), tmp_path / "run.log")
+    try:
+        wait_for_commits(proc, output, 3)
+        actors = [p for p in session_processes(proc.pid) if "MapBatches(Scorer)" in p]
+        assert actors, session_processes(proc.pid)
+        for actor in actors:
+            os.kill(int(actor.split(":")[0]), signal.SIGKILL)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert 3 <= len(committed(output)) and json.loads(
+        (output / "_SUCCESS").read_text())["summary"]["rows"] == SHARDS * ROWS
+    assert_matches_clean(output, clean_run)
+    # The command has returned: nothing it started may still run.
+    assert session_processes(proc.pid) == []

@@ -1,0 +1,87 @@
+"""The data contract at the command line: mistakes fail fast in one line (exit 2) before
+Ray starts and write nothing; iqray never writes over what it did not write."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pipeline_data import TEST_MODEL, img2dataset_table, write_parquet
+
+from iqray.jobs.cli import main
+
+
+def tree_hash(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture()
+def dataset(tmp_path, sample) -> Path:
+    for i in range(2):
+        write_parquet(None, str(tmp_path / "data" / f"{i}.parquet"),
+                      img2dataset_table(sample, i * 3, 3))
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize(("job", "target", "relation"), [
+    ("score", ".", "is the input"),
+    ("score", "scores", "lies inside the input"),
+    ("score", "..", "contains the input"),
+    ("embed", "cache", "lies inside the input"),
+    ("clean", "..", "contains the input"),
+])
+def test_an_output_overlapping_the_input_is_refused_before_anything(dataset, capsys, job,
+                                                                    target, relation):
+    before = tree_hash(dataset.parent)
+    output = str(dataset / target)
+    args = {"score": ["score", str(dataset), output],
+            "embed": ["embed", str(dataset), "--cache", output],
+            "clean": ["clean", "--sources", str(dataset), "--output", output]}[job]
+    assert main([*args, "--model", TEST_MODEL, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert relation in err and err.count("\n") == 1 and "never writes where it reads" in err
+    assert tree_hash(dataset.parent) == before  # nothing read back, nothing written
+
+
+def test_a_foreign_file_at_an_output_name_is_never_replaced(dataset, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "1.parquet").write_bytes(b"someone else's results")
+    before = tree_hash(tmp_path)
+    assert main(["score", str(dataset), str(tmp_path / "out"), "--model", TEST_MODEL]) == 2
+    err = capsys.readouterr().err
+    assert "1.parquet exists and has no iqray footer" in err and err.count("\n") == 1
+    assert tree_hash(tmp_path) == before
+
+
+def run_without_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process whose Ray address leads nowhere: a run that started Ray
+    would fail on that address instead of with its own message."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    return subprocess.run([sys.executable, "-m", "iqray.jobs.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_configuration_mistakes_exit_2_in_one_line_before_ray_starts(dataset, tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):  # a rerun fails the same way: nothing was committed
+        wrong_column = run_without_ray("score", str(dataset), str(out), "--model", TEST_MODEL,
+                                       "--prompt-column", "prompt_text", cwd=tmp_path)
+        assert wrong_column.returncode == 2, wrong_column.stderr[-2000:]
+        assert wrong_column.stderr.count("\n") == 1, wrong_column.stderr
+        assert "no column 'prompt_text' for the prompt; columns: key, jpg, caption, url" in \
+            wrong_column.stderr
+        assert not out.exists()
+    wrong_model = run_without_ray("score", str(dataset), str(out), "--model", "mst-clipiqa-tiny",
+                                  cwd=tmp_path)
+    assert wrong_model.returncode == 2 and "model 'mst-clipiqa-tiny' is neither" in \
+        wrong_model.stderr and wrong_model.stderr.count("\n") == 1
+    assert not out.exists()
