@@ -71,3 +71,30 @@ def test_nightly_clean_scores_new_shards_only_and_is_safe_to_rerun(
         k for k, keep in zip(manifest("kept")["key"].to_pylist(),
                              manifest("kept")["keep"].to_pylist(), strict=True) if keep)
     assert manifest("kept").num_rows == 6
+
+
+def test_clean_never_builds_manifests_from_a_source_with_unfinished_shards(
+        ray_local, sample, tmp_path):
+    incoming = tmp_path / "incoming"
+    write_parquet(None, str(incoming / "part-0.parquet"), img2dataset_table(sample, 0, 4))
+    # The second shard lacks the prompt column named below: a mistake the first shard did
+    # not show, so that shard is left unfinished (never committed as done).
+    write_parquet(None, str(incoming / "part-1.parquet"),
+                  img2dataset_table(sample, 4, 4).drop_columns(["caption"]))
+    args = ["clean", "--sources", str(incoming), "--output", str(tmp_path / "clean"),
+            "--model", TEST_MODEL, "--no-progress", "--prompt-column", "caption",
+            "--max-error-fraction", "1"]  # half the rows are in the unfinished shard
+    assert main(args) == 4
+    (record_file,) = (tmp_path / "clean" / "runs").iterdir()
+    record = json.loads(record_file.read_text())
+    (source,) = record["sources"].values()
+    assert list(source["unfinished"]) == [str(incoming / "part-1.parquet")]
+    assert "no column 'caption' for the prompt" in source["unfinished"][str(incoming /
+                                                                           "part-1.parquet")]
+    assert record["manifests"].startswith("not rebuilt") and record["exit_code"] == 4
+    assert not (tmp_path / "clean" / "manifests").exists()
+
+    write_parquet(None, str(incoming / "part-1.parquet"), img2dataset_table(sample, 4, 4))
+    assert main(args) == 0
+    kept = pq.read_table(tmp_path / "clean" / "manifests" / "kept.parquet")
+    assert kept.num_rows == 8

@@ -21,15 +21,23 @@ SHARDS, ROWS = 6, 6
 STORAGE = {"s3_max_attempts": 2, "storage_attempts": 4, "storage_backoff_s": 0.05}
 
 
-@pytest.fixture()
-def dataset(s3_bucket, fault_proxy, sample, ray_local):
-    fs, bucket = s3_bucket
+@pytest.fixture(scope="module")
+def dataset(s3_endpoint, fault_proxy_server, sample, ray_local):
+    """The input in a bucket of its own, and its clean output (scored once per module)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint},
+                           use_listings_cache=False)
+    bucket = "iqray-score-faults"
+    fs.mkdir(bucket)
     for i in range(SHARDS):
         write_parquet(fs, f"{bucket}/in/{i:03d}.parquet", img2dataset_table(sample, i * ROWS,
                                                                              ROWS))
-    clean = score(fault_proxy, bucket, "clean")
+    fault_proxy_server.set()
+    clean = score(fault_proxy_server, bucket, "clean")
     assert clean.exit_code == 0 and clean.rows == SHARDS * ROWS
-    return fs, bucket, outputs(fs, bucket, "clean")
+    yield fs, bucket, outputs(fs, bucket, "clean")
+    fs.rm(bucket, recursive=True)
 
 
 def score(proxy, bucket: str, output: str, **kwargs):
