@@ -71,6 +71,7 @@ class Job:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         from iqray.pipeline.execution import (
             EXIT_ERROR_BUDGET,
+            EXIT_INTERRUPTED,
             EXIT_UNFINISHED,
             EXIT_USAGE,
             ErrorBudgetExceeded,
@@ -90,6 +91,10 @@ class Job:
         except (ValueError, *PERMANENT_OS_ERRORS) as exc:  # bad input or config: one line
             print(f"iqray: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except KeyboardInterrupt:  # nothing is lost: commits are atomic, resume is per shard
+            print("iqray: interrupted; committed shards are kept, rerun the same command to "
+                  "resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
         finally:
             stop_local_ray()
         return exit_code_of(result)

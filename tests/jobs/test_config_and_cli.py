@@ -103,3 +103,15 @@ def test_info_with_a_bad_config_file_exits_with_the_reason(tmp_path, capsys):
         main(["info", "--config", str(bad)])
     assert info.value.code == 2
     assert "modle" in capsys.readouterr().err
+
+
+def test_help_documents_the_exit_codes(capsys):
+    from iqray.jobs.cli import build_parser
+
+    for args in (["--help"], ["score", "--help"], ["clean", "--help"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(args)
+        text = " ".join(capsys.readouterr().out.split())
+        for code in ("0 every input row is in the output", "2 usage or configuration",
+                     "3 error budget exceeded", "4 shards left unfinished", "130 interrupted"):
+            assert code in text, (args, code)

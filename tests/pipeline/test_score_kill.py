@@ -134,3 +134,22 @@ def test_kill_9_of_the_model_actor_is_survived_and_no_process_outlives_the_run(t
     assert_matches_clean(output, clean_run)
     # The command has returned: nothing it started may still run.
     assert session_processes(proc.pid) == []
+
+
+def test_ctrl_c_says_so_in_one_line_and_exits_130(tmp_path, clean_run):
+    output = tmp_path / "out"
+    proc = start(cli(clean_run[0], output), tmp_path / "run.log")
+    try:
+        wait_for_commits(proc, output, 1)
+        os.kill(proc.pid, signal.SIGINT)  # the driver only, as a terminal's Ctrl-C reaches it
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 130, log[-3000:]
+    assert "Traceback" not in log
+    assert log.rstrip().splitlines()[-1] == ("iqray: interrupted; committed shards are kept, "
+                                             "rerun the same command to resume")
+    assert not (output / "_SUCCESS").exists() and committed(output)
+    assert session_processes(proc.pid) == []
