@@ -22,7 +22,7 @@ from pydantic import Field
 
 from iqray.model.checkpoint import iqray_version
 from iqray.pipeline.embed_cache import EmbeddingCache, index_written_for
-from iqray.pipeline.execution import RunConfig, RunSummary, ensure_ray, execute
+from iqray.pipeline.execution import RunConfig, RunSummary, ensure_ray, execute, warn_to
 from iqray.pipeline.readers import Shard, discover_shards, inspect_input
 from iqray.pipeline.scoring import ModelSpec, ModelStage, split_on_oom, stage_model
 from iqray.pipeline.storage import check_separate
@@ -192,9 +192,8 @@ def run_embed(config: EmbedConfig, log=print) -> RunSummary:
     read, storage = config.read_config(), config.storage_config()
     check_separate(config.input, config.cache, "cache")
     shards = discover_shards(config.input, read, storage, exclude=config.cache,
-                             warn=lambda message: log(f"warning: {message}"))
-    key_columns = inspect_input(shards, read, storage,
-                                warn=lambda message: log(f"warning: {message}"))
+                             warn=warn_to(log))
+    key_columns = inspect_input(shards, read, storage, warn=warn_to(log))
     spec = stage_model(config.model, storage)
     if config.precision != "fp32":
         raise ValueError("an embedding cache is shared by every later run of its towers, so "

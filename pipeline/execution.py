@@ -258,6 +258,11 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def warn_to(log):
+    """A ``warn`` callback for the readers that writes to a job's log."""
+    return lambda message: log(f"warning: {message}")
+
+
 def plan_resources(config: RunConfig, resources: dict[str, float]) -> dict[str, Any]:
     """Size the actor pool from what the cluster has, never starving read/decode tasks."""
     cpus = float(resources.get("CPU", 0))

@@ -18,6 +18,7 @@ from iqray.pipeline.execution import (
     RunSummary,
     ensure_ray,
     execute,
+    warn_to,
 )
 from iqray.pipeline.readers import Shard, discover_shards, inspect_input, wants_references
 from iqray.pipeline.storage import check_separate
@@ -49,10 +50,6 @@ class ScoreConfig(RunConfig):
     def scoring_hash(self, model_identity: str) -> str:
         """What makes two outputs interchangeable: the scorer and how rows are read."""
         return self.options_hash(model_identity, {"keep_prompt", "keep_image_bytes"})
-
-
-def warn_to(log):
-    return lambda message: log(f"warning: {message}")
 
 
 def run_score(config: ScoreConfig, log=print) -> RunSummary:
@@ -117,7 +114,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                                              spec.config.prompt_aware))
     log(f"iqray score: {len(shards)} shards in {config.input}; {len(done)} already committed, "
         f"{len(todo)} to score; model {spec.name} ({metadata['score_mode']})")
-    if todo and not preview:
+    if not preview:  # an earlier run's _SUCCESS / _UNFINISHED says nothing of this one
         writer.clear_run_records()
     from_cache = []
     if config.cache and todo and not config.keep_image_bytes and not preview:

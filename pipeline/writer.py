@@ -113,15 +113,17 @@ def plan_resume(shards: list[Shard], output: str, storage: StorageConfig, scorin
 
     existing = (set(retried("list", lambda: fs.find(root)))
                 if retried("look up", lambda: fs.exists(root)) else set())
-    success = posixpath.join(root, SUCCESS_NAME)
-    if success in existing:
-        body = retried("read", lambda: fs.cat_file(success), join_url(output, SUCCESS_NAME))
+    for name in (SUCCESS_NAME, UNFINISHED_NAME):  # run records a new run replaces
+        path = posixpath.join(root, name)
+        if path not in existing:
+            continue
+        body = retried("read", lambda path=path: fs.cat_file(path), join_url(output, name))
         try:
             ours = isinstance(json.loads(body), dict) and "summary" in json.loads(body)
         except ValueError:
             ours = False
         if not ours:
-            raise _foreign(join_url(output, SUCCESS_NAME), "is not an iqray run summary")
+            raise _foreign(join_url(output, name), "is not an iqray run summary")
     todo, done, previous = [], [], {}
     for shard in shards:
         path = posixpath.join(root, shard.output_name)
@@ -341,7 +343,7 @@ class ShardWriter:
 
     def clear_run_records(self) -> None:
         """Before scoring: an earlier run's _SUCCESS / _UNFINISHED no longer tells the truth
-        (both are iqray's own: plan_resume refused a foreign _SUCCESS)."""
+        (both are iqray's own: plan_resume refused foreign ones)."""
         for name in (SUCCESS_NAME, UNFINISHED_NAME):
             path = self._path(name)
             if self.storage.retry(lambda path=path: self.fs.exists(path), "look up",

@@ -3,12 +3,14 @@ a clean run gives, and no process of the run left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +49,18 @@ def session_processes(session: int) -> list[str]:
     return found
 
 
-def start(command: list[str], log: Path) -> subprocess.Popen:
-    # A session of its own, so that every process the run starts can be found (and killed).
-    return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+@contextlib.contextmanager
+def running(command: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """The command in a session of its own, so that every process it starts can be found;
+    whatever still runs at the end is killed."""
+    proc = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def wait_for_commits(proc: subprocess.Popen, output: Path, count: int) -> None:
@@ -88,12 +98,9 @@ def assert_matches_clean(output: Path, clean_run) -> None:
 def test_kill_9_mid_run_then_rerun_matches_a_clean_run(tmp_path, clean_run):
     inputs = clean_run[0]
     killed = tmp_path / "killed"
-    proc = start(cli(inputs, killed), tmp_path / "killed.log")
-    try:
+    with running(cli(inputs, killed), tmp_path / "killed.log") as proc:
         wait_for_commits(proc, killed, 3)
-    finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
-        proc.wait()
     before = committed(killed)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     assert 3 <= len(before) < SHARDS, f"{len(before)} shards committed before the kill"
@@ -116,17 +123,13 @@ def test_kill_9_of_the_model_actor_is_survived_and_no_process_outlives_the_run(t
                                                                                clean_run):
     inputs = clean_run[0]
     output = tmp_path / "out"
-    proc = start(cli(inputs, output), tmp_path / "run.log")
-    try:
+    with running(cli(inputs, output), tmp_path / "run.log") as proc:
         wait_for_commits(proc, output, 3)
         actors = [p for p in session_processes(proc.pid) if "MapBatches(Scorer)" in p]
         assert actors, session_processes(proc.pid)
         for actor in actors:
             os.kill(int(actor.split(":")[0]), signal.SIGKILL)
         proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     log = (tmp_path / "run.log").read_text()
     assert proc.returncode == 0, log[-3000:]
     assert 3 <= len(committed(output)) and json.loads(
@@ -138,14 +141,10 @@ def test_kill_9_of_the_model_actor_is_survived_and_no_process_outlives_the_run(t
 
 def test_ctrl_c_says_so_in_one_line_and_exits_130(tmp_path, clean_run):
     output = tmp_path / "out"
-    proc = start(cli(clean_run[0], output), tmp_path / "run.log")
-    try:
+    with running(cli(clean_run[0], output), tmp_path / "run.log") as proc:
         wait_for_commits(proc, output, 1)
         os.kill(proc.pid, signal.SIGINT)  # the driver only, as a terminal's Ctrl-C reaches it
         proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     log = (tmp_path / "run.log").read_text()
     assert proc.returncode == 130, log[-3000:]
     assert "Traceback" not in log

@@ -107,10 +107,12 @@ def test_resume_refuses_to_write_over_files_iqray_did_not_write(tmp_path, sample
         plan_resume(todo, str(output), StorageConfig(), "h", False)
     (output / "1.parquet").unlink()
 
-    (output / SUCCESS_NAME).write_text("done by hand")
-    with pytest.raises(ValueError, match="_SUCCESS exists and is not an iqray run summary"):
-        plan_resume(todo, str(output), StorageConfig(), "h", False)
-    assert (output / SUCCESS_NAME).read_text() == "done by hand"
+    for name in (SUCCESS_NAME, UNFINISHED_NAME):
+        (output / name).write_text("done by hand")
+        with pytest.raises(ValueError, match=f"{name} exists and is not an iqray run summary"):
+            plan_resume(todo, str(output), StorageConfig(), "h", False)
+        assert (output / name).read_text() == "done by hand"
+        (output / name).unlink()
 
 
 def test_a_broken_file_of_unknown_size_records_that_in_its_footer(tmp_path):
