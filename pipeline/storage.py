@@ -109,8 +109,10 @@ class StorageUnavailable(OSError):
         self.url, self.endpoint, self.cause = url, endpoint, cause
         where = f" at {endpoint}" if endpoint else ""
         detail = " ".join(str(cause).split())[:300]
+        hint = (" (is --s3-endpoint / AWS_ENDPOINT_URL right?)"
+                if "://" in url and "Connect" in type(cause).__name__ else "")
         super().__init__(f"cannot {what} {url}{where} after {attempts} attempts: "
-                         f"{type(cause).__name__}: {detail}")
+                         f"{type(cause).__name__}: {detail}{hint}")
 
 
 # A file that is absent or refused: another attempt gets the same answer.

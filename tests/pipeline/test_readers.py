@@ -127,6 +127,9 @@ def test_planning_storage_errors_end_in_one_line_naming_url_and_endpoint(s3_buck
     message = str(failure.value)
     assert "\n" not in message and f"s3://{bucket}/in/" in message
     assert fault_proxy.url in message and "3 attempts" in message
+    fault_proxy.set(Fault("reset", "LIST"))  # no answer at all: maybe the wrong endpoint
+    with pytest.raises(StorageUnavailable, match="is --s3-endpoint / AWS_ENDPOINT_URL right"):
+        discover_shards(f"s3://{bucket}/in/", ReadConfig(), storage)
 
 
 def test_configuration_mistakes_are_found_on_the_first_shard(tmp_path, sample):
