@@ -145,3 +145,24 @@ def test_score_with_a_cache_rescores_without_reading_images(ray_local, tmp_path,
     expected = reference_model.score(sample[1], sample[2])
     np.testing.assert_allclose(out["quality"].to_numpy(), expected["quality"], atol=2e-3)
     np.testing.assert_allclose(out["alignment"].to_numpy(), expected["alignment"], atol=2e-3)
+
+
+def test_a_shard_that_cannot_be_read_is_not_indexed_and_a_rerun_indexes_it(ray_local,
+                                                                            tmp_path, sample):
+    inputs = tmp_path / "in"
+    write_parquet(None, str(inputs / "a.parquet"), img2dataset_table(sample, 0, 4))
+    # The second shard lacks the configured key column: left unfinished, never indexed.
+    write_parquet(None, str(inputs / "b.parquet"),
+                  img2dataset_table(sample, 4, 4).rename_columns(["id", "jpg", "caption",
+                                                                  "url"]))
+    first = embed(input=str(inputs), cache=str(tmp_path / "cache"), key_columns=["key"],
+                  max_error_fraction=1.0)
+    assert first.exit_code == 4 and list(first.unfinished) == [str(inputs / "b.parquet")]
+    assert "no key column 'key'" in first.unfinished[str(inputs / "b.parquet")]
+    cache = EmbeddingCache(str(tmp_path / "cache"))
+    assert index_table(cache)["source_file"].to_pylist() == [str(inputs / "a.parquet")] * 4
+
+    write_parquet(None, str(inputs / "b.parquet"), img2dataset_table(sample, 4, 4))
+    again = embed(input=str(inputs), cache=str(tmp_path / "cache"), key_columns=["key"])
+    assert again.exit_code == 0 and (again.shards_skipped, again.rows) == (1, 4)
+    assert index_table(cache).num_rows == 8
