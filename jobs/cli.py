@@ -160,17 +160,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"iqray {iqray_version()}")
     sub = parser.add_subparsers(dest="job", metavar="JOB", required=True)
+    parser.job_parsers = {}
     for name, job in JOBS.items():
         config_cls = job.config_class()
         job_parser = sub.add_parser(name, help=job.help, description=config_cls.__doc__,
                                     epilog=EXIT_CODES_HELP if job.uses_ray else None)
         add_config_flags(job_parser, config_cls, job.positionals)
+        parser.job_parsers[name] = job_parser
     return parser
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    unknown: list[str]) -> None:
+    """argparse's own message names the top-level usage and suggests nothing: say which
+    flag of which job, and the nearest real one."""
+    import difflib
+
+    job_parser = parser.job_parsers[args.job]
+    flags = [o for action in job_parser._actions for o in action.option_strings]
+    parts = []
+    for word in unknown:
+        if word.startswith("-"):
+            name = word.split("=", 1)[0]
+            close = difflib.get_close_matches(name, flags, n=1, cutoff=0.7)
+            parts.append(f"unknown flag {name}"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
+    if not parts:  # values of unknown flags are not worth naming beside them
+        parts = [f"unexpected argument {word!r}" for word in unknown]
+    job_parser.exit(2, f"iqray {args.job}: {'; '.join(parts)}; see iqray {args.job} --help\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(parser, args, unknown)
     job = JOBS[args.job]
     try:
         config = build_config(job.config_class(), args)

@@ -66,9 +66,12 @@ def add_config_flags(parser: argparse.ArgumentParser, model_cls: type[BaseModel]
     for path, annotation, field in _iter_fields(model_cls):
         dest = "cfg:" + ".".join(path)
         help_text = field.description or ""
-        default = field.get_default(call_default_factory=True)
-        if default is not None and not isinstance(default, BaseModel):
-            help_text += f" (default: {default})"
+        if field.is_required():
+            help_text += " (required)"
+        else:
+            default = field.get_default(call_default_factory=True)
+            if default is not None and not isinstance(default, BaseModel):
+                help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
                                   "help": help_text.strip()}
         origin = typing.get_origin(annotation)
@@ -119,4 +122,19 @@ def build_config(model_cls: type[C], args: argparse.Namespace) -> C:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         source = f" (from {config_file} and flags)" if config_file else ""
-        raise ConfigError(f"invalid {model_cls.__name__}{source}:\n{exc}") from exc
+        raise ConfigError("; ".join(_field_error(error) for error in exc.errors()) + source
+                          ) from exc
+
+
+def _field_error(error: dict[str, Any]) -> str:
+    """One pydantic error as '--flag: what is wrong (got value)'."""
+    path = tuple(str(part) for part in error.get("loc", ()) if not isinstance(part, int))
+    where = _flag_name(path) if path else "config"
+    message = error.get("msg", "invalid")
+    if error.get("type") == "extra_forbidden":
+        return f"{'.'.join(path)}: unknown field"
+    if error.get("type") == "missing":
+        return f"{where}: required"
+    value = error.get("input")
+    got = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    return f"{where}: {message}{got}"

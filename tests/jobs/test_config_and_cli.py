@@ -115,3 +115,32 @@ def test_help_documents_the_exit_codes(capsys):
         for code in ("0 every input row is in the output", "2 usage or configuration",
                      "3 error budget exceeded", "4 shards left unfinished", "130 interrupted"):
             assert code in text, (args, code)
+
+
+def test_cli_mistakes_are_one_line_naming_the_flag(capsys):
+    from iqray.jobs.cli import main
+
+    for args, expected in [
+            (["score", "in/", "out/", "--batchsize", "3"],
+             "iqray score: unknown flag --batchsize (did you mean --batch-size?); see iqray "
+             "score --help"),
+            (["score", "in/", "out/", "extra"], "iqray score: unexpected argument 'extra'"),
+            (["score", "in/", "out/", "--batch-size", "-3", "--decode-timeout-s", "0"],
+             "iqray score: --batch-size: Input should be greater than 0 (got -3); "
+             "--decode-timeout-s: Input should be greater than 0 (got 0.0)"),
+            (["clean", "--output", "x"], "iqray clean: --sources: required")]:
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(expected), err
+
+
+def test_required_fields_say_so_in_help(capsys):
+    from iqray.jobs.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "PydanticUndefined" not in text
+    assert "one Parquet per input shard (required)" in text
