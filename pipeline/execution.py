@@ -253,8 +253,11 @@ class RunSummary:
         if self.bottleneck:
             lines.append(f"bottleneck: {self.bottleneck}")
         if self.projected_s is not None:
+            took = (f"{self.projected_s:.0f} s" if self.projected_s < 120 else
+                    f"{self.projected_s / 60:.1f} min" if self.projected_s < 7200 else
+                    f"{self.projected_s / 3600:.1f} h")
             lines.append(f"dry run: about {self.estimated_rows} rows in the whole input; "
-                         f"projected {self.projected_s / 60:.1f} min at this rate")
+                         f"projected {took} at this rate")
         return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ shard's Parquet when its last row arrives.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 
@@ -142,18 +143,36 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
     return summary
 
 
-def _dry_run(config: ScoreConfig, shards: list[Shard], log) -> RunSummary:
-    """Score the first rows into a scratch dir and project the time for the whole input."""
+def _dry_run(config: ScoreConfig, shards: list[Shard], log, show: int = 5) -> RunSummary:
+    """Score the first rows into a scratch dir, show a few of their scores, project the time
+    for the whole input, and remove the scratch dir."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scratch = tempfile.mkdtemp(prefix="iqray-dry-run-")
     sample_config = config.model_copy(update={
         "dry_run": False, "limit": config.dry_run_rows, "retry_failed": False,
-        "output": tempfile.mkdtemp(prefix="iqray-dry-run-")})
-    summary = run_score(sample_config, log=lambda *_: None)
+        "output": scratch})
+    try:
+        summary = run_score(sample_config, log=lambda *_: None)
+        rows = pa.concat_tables([pq.read_table(p) for p in summary.outputs]) \
+            if summary.outputs else None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     known = [s.estimated_rows for s in shards if s.estimated_rows is not None]
     per_shard = (sum(known) / len(known)) if known else max(summary.rows, 1)
     estimated = int(round(per_shard * len(shards)))
     rate = summary.steady_rows_per_s or summary.rows_per_s
     summary.estimated_rows = estimated
     summary.projected_s = estimated / rate if rate else None
-    log(f"dry run on {summary.rows} rows (scratch output {sample_config.output})")
+    summary.outputs = []
+    log(f"dry run on {summary.rows} rows (nothing written to {config.output})")
+    if rows is not None:
+        names = [n for n in ("key", *rows.schema.names) if n in rows.schema.names]
+        identity = names[0] if names[0] == "key" else "source_row"
+        scores = [n for n in rows.schema.names if rows.schema.field(n).type == pa.float32()]
+        for row in rows.slice(0, show).to_pylist():
+            values = ", ".join(f"{n} {row[n]:.3f}" for n in scores if row[n] is not None)
+            log(f"  {identity} {row[identity]}: {values or row['error']}")
     log(summary.render())
     return summary

@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -196,11 +198,22 @@ def test_dry_run_projects_the_whole_input(ray_local, tmp_path, sample):
     for i in range(4):
         write_parquet(None, str(tmp_path / "in" / f"{i}.parquet"),
                       img2dataset_table(sample, i, 30))
-    summary = score(input=str(tmp_path / "in"), output=str(tmp_path / "out"), dry_run=True,
-                    dry_run_rows=20)
+    def scratch_dirs() -> set[str]:
+        return {p.name for p in Path(tempfile.gettempdir()).glob("iqray-dry-run-*")}
+
+    before = scratch_dirs()
+    lines: list[str] = []
+    summary = run_score(ScoreConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                                    dry_run=True, dry_run_rows=20, model=TEST_MODEL,
+                                    progress=False), log=lines.append)
     assert summary.rows == 20 and summary.estimated_rows == 120
     assert summary.projected_s is not None and summary.projected_s > 0
     assert not (tmp_path / "out").exists()  # a dry run never writes the real output
+    shown = [line for line in lines if line.startswith("  key ")]
+    assert len(shown) == 5 and all("quality " in line and "alignment " in line
+                                   for line in shown)
+    assert "dry run: about 120 rows in the whole input; projected " in lines[-1]
+    assert scratch_dirs() == before  # the scratch output is removed
 
 
 def test_a_checkpoint_on_s3_is_staged_once_and_scores_like_the_local_model(
