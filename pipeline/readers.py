@@ -395,16 +395,16 @@ def _resilient_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
             reason = str(exc)
         except Exception as exc:
             signature = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            if is_broken_bytes(exc):
+            broken = is_broken_bytes(exc)
+            if broken:
                 if last_broken == (start, signature):  # the same damage twice: the file's
                     yield from _corrupt_rows(shard, start, signature, key_columns)
                     return
                 last_broken = (start, signature)
             failures += 1
-            retry = is_transient(exc) or is_broken_bytes(exc)
+            retry = broken or is_transient(exc)
             # Broken bytes get their confirming read even when the attempts are spent.
-            if retry and (failures < storage.storage_attempts or is_broken_bytes(exc)
-                          and failures <= storage.storage_attempts):
+            if retry and failures < storage.storage_attempts + broken:
                 time.sleep(storage.backoff_s(failures))
                 continue
             reason = (f"cannot read (stopped at row {start}, {failures} attempts): {signature}"

@@ -119,9 +119,10 @@ def plan_resume(shards: list[Shard], output: str, storage: StorageConfig, scorin
             continue
         body = retried("read", lambda path=path: fs.cat_file(path), join_url(output, name))
         try:
-            ours = isinstance(json.loads(body), dict) and "summary" in json.loads(body)
+            record = json.loads(body)
         except ValueError:
-            ours = False
+            record = None
+        ours = isinstance(record, dict) and "summary" in record
         if not ours:
             raise _foreign(join_url(output, name), "is not an iqray run summary")
     todo, done, previous = [], [], {}
