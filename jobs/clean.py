@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from iqray.pipeline.execution import RunConfig
-from iqray.pipeline.filtering import FilterRules
-from iqray.pipeline.storage import join_url, write_atomic
+from iqray.pipeline.io.storage import join_url, write_atomic
+from iqray.pipeline.tables.filtering import FilterRules
 
 
 class CleanConfig(RunConfig):
@@ -65,11 +65,11 @@ def source_slug(url: str) -> str:
 
 
 def run_clean(config: CleanConfig, log=print) -> dict:
+    from iqray.jobs.score import ScoreConfig, run_score
     from iqray.pipeline.execution import EXIT_OK, EXIT_UNFINISHED
-    from iqray.pipeline.filtering import add_relative_columns, apply_rules, cache_embeddings
-    from iqray.pipeline.score import ScoreConfig, run_score
-    from iqray.pipeline.score_tables import read_scores, score_files, score_metadata
-    from iqray.pipeline.storage import check_separate
+    from iqray.pipeline.io.storage import check_separate
+    from iqray.pipeline.tables.filtering import add_relative_columns, apply_rules, cache_embeddings
+    from iqray.pipeline.tables.runs import read_scores, score_files, score_metadata
 
     for source in config.sources:  # before anything is read or written
         check_separate(source, config.output)
@@ -148,7 +148,7 @@ def _write_record(fs, storage, config: CleanConfig, when: dt.datetime, started: 
 
 def _state(files: dict[str, list[str]], config: CleanConfig, storage) -> str:
     """What the manifests depend on: every score file's footer, the rules, the model."""
-    from iqray.pipeline.writer import read_output_metadata
+    from iqray.pipeline.io.writer import read_output_metadata
 
     digest = hashlib.sha256(json.dumps(
         {"rules": config.rules.model_dump(), "model": config.model}, sort_keys=True).encode())

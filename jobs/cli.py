@@ -77,8 +77,8 @@ class Job:
             ErrorBudgetExceeded,
             stop_local_ray,
         )
-        from iqray.pipeline.readers import ShardUnfinished
-        from iqray.pipeline.storage import PERMANENT_OS_ERRORS, StorageUnavailable
+        from iqray.pipeline.io.read import ShardUnfinished
+        from iqray.pipeline.io.storage import PERMANENT_OS_ERRORS, StorageUnavailable
 
         try:
             result = getattr(importlib.import_module(self.module), self.runner)(config)
@@ -111,10 +111,10 @@ def exit_code_of(result) -> int:
 
 
 JOBS: dict[str, Job] = {
-    "score": Job("iqray.pipeline.score", "ScoreConfig", "run_score",
+    "score": Job("iqray.jobs.score", "ScoreConfig", "run_score",
                  "score images from Parquet/CSV/WebDataset/folders (local, S3, GCS) into Parquet",
                  ("input", "output")),
-    "embed": Job("iqray.pipeline.embed", "EmbedConfig", "run_embed",
+    "embed": Job("iqray.jobs.embed", "EmbedConfig", "run_embed",
                  "cache the frozen towers' embeddings of a dataset (for train/eval/re-scoring)",
                  ("input",)),
     "train": Job("iqray.jobs.train", "TrainConfig", "run_train",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from iqray.jobs.train import (
+from iqray.jobs.labelled import (
     LabelledDataConfig,
     embed_table,
     groups_for,
@@ -46,7 +46,8 @@ def laplacian_variance(image_bytes: bytes) -> float:
 
 
 def baseline_scores(config: EvalConfig, rows: list[int]) -> dict[str, np.ndarray]:
-    from iqray.pipeline.readers import discover_shards, read_shard
+    from iqray.pipeline.io.discovery import discover_shards
+    from iqray.pipeline.io.read import read_shard
 
     read, storage = config.read_config(), config.storage_config()
     (shard,) = discover_shards(config.input, read, storage)
@@ -62,7 +63,7 @@ def baseline_scores(config: EvalConfig, rows: list[int]) -> dict[str, np.ndarray
 
 def group_prior_scores(config: EvalConfig, groups: np.ndarray) -> dict[str, np.ndarray]:
     """Per head, each row's group mean MOS in ``config.prior_table``."""
-    from iqray.pipeline.readers import read_table
+    from iqray.pipeline.io.tables import read_table
 
     if config.group_column is None and config.group_pattern is None:
         raise ValueError("--prior-table needs groups: give --group-column or --group-pattern")

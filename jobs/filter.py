@@ -1,5 +1,5 @@
 """`iqray filter`: apply filter rules to `iqray score` output; optionally copy the kept rows
-of the source dataset. Glue only: rules live in :mod:`iqray.pipeline.filtering`."""
+of the source dataset. Glue only: rules live in :mod:`iqray.pipeline.tables.filtering`."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from iqray.jobs.config import JobConfig
-from iqray.pipeline.filtering import (
+from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
+from iqray.pipeline.tables.filtering import (
     FilterRules,
     add_relative_columns,
     apply_rules,
     cache_embeddings,
 )
-from iqray.pipeline.storage import StorageConfig, join_url, write_atomic
 
 PASS_THROUGH = ("keep", "reason", "duplicate_of")
 
@@ -46,7 +46,7 @@ def score_columns(table: pa.Table) -> list[str]:
 
 
 def run_filter(config: FilterConfig, log=print) -> dict:
-    from iqray.pipeline.score_tables import read_scores, score_metadata
+    from iqray.pipeline.tables.runs import read_scores, score_metadata
 
     started = time.perf_counter()
     storage, rules = config.storage_config(), config.rules()
@@ -65,7 +65,7 @@ def run_filter(config: FilterConfig, log=print) -> dict:
                  sink.getvalue())
     joined = []
     if config.join:
-        from iqray.pipeline.joining import join_to_source
+        from iqray.pipeline.tables.joining import join_to_source
 
         kept = result.filter(result["keep"])
         joined = join_to_source(kept, config.join.rstrip("/"), join_url(config.output, "data"),

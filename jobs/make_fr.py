@@ -18,8 +18,8 @@ import json
 
 from pydantic import Field
 
-from iqray.pipeline.readers import ReadConfig
-from iqray.pipeline.storage import StorageConfig
+from iqray.pipeline.io.shards import ReadConfig
+from iqray.pipeline.io.storage import StorageConfig
 
 
 class MakeFRConfig(ReadConfig, StorageConfig):
@@ -49,7 +49,8 @@ def run_make_fr(config: MakeFRConfig, log=print) -> dict:
 
     from iqray.model.distortions import KINDS, LEVELS, distort, square
     from iqray.model.preprocess import ImageDecodeError, open_image
-    from iqray.pipeline.readers import discover_shards, read_shard
+    from iqray.pipeline.io.discovery import discover_shards
+    from iqray.pipeline.io.read import read_shard
 
     unknown = sorted(set(config.kinds) - set(KINDS))
     if unknown:

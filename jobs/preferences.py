@@ -1,5 +1,5 @@
 """`iqray preferences`: preference / reward-model / regression datasets from score runs.
-Glue only: pairing lives in :mod:`iqray.pipeline.preferences`."""
+Glue only: pairing lives in :mod:`iqray.pipeline.tables.preferences`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from iqray.jobs.config import JobConfig
-from iqray.pipeline.preferences import (
+from iqray.pipeline.io.shards import ReadConfig
+from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
+from iqray.pipeline.tables.preferences import (
     FORMATS,
     PairRules,
     make_pairs,
@@ -22,8 +24,6 @@ from iqray.pipeline.preferences import (
     prompt_split,
     ranking_score,
 )
-from iqray.pipeline.readers import ReadConfig
-from iqray.pipeline.storage import StorageConfig, join_url, write_atomic
 
 
 class PreferencesConfig(JobConfig, PairRules, StorageConfig):
@@ -44,7 +44,7 @@ class PreferencesConfig(JobConfig, PairRules, StorageConfig):
 
 
 def run_preferences(config: PreferencesConfig, log=print) -> dict:
-    from iqray.pipeline.score_tables import fetch_images, read_scores, score_metadata
+    from iqray.pipeline.tables.runs import fetch_images, read_scores, score_metadata
 
     started = time.perf_counter()
     unknown = sorted(set(config.formats) - set(FORMATS))

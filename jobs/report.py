@@ -1,13 +1,13 @@
 """`iqray report`: one self-contained HTML page about a score run. Glue only: the page is
-built by :mod:`iqray.pipeline.report`."""
+built by :mod:`iqray.pipeline.tables.report`."""
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 
 from iqray.jobs.config import JobConfig
-from iqray.pipeline.readers import ReadConfig
-from iqray.pipeline.storage import StorageConfig, write_atomic
+from iqray.pipeline.io.shards import ReadConfig
+from iqray.pipeline.io.storage import StorageConfig, write_atomic
 
 
 class ReportConfig(JobConfig, StorageConfig):
@@ -34,9 +34,9 @@ class ReportConfig(JobConfig, StorageConfig):
 
 
 def run_report(config: ReportConfig, log=print) -> dict:
-    from iqray.pipeline.filtering import FilterRules, group_labels
-    from iqray.pipeline.report import build_report, grid_choice
-    from iqray.pipeline.score_tables import fetch_images, read_scores, score_metadata
+    from iqray.pipeline.tables.filtering import FilterRules, group_labels
+    from iqray.pipeline.tables.report import build_report, grid_choice
+    from iqray.pipeline.tables.runs import fetch_images, read_scores, score_metadata
 
     storage = config.storage_config()
     metadata = score_metadata(config.input, storage)

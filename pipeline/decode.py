@@ -97,7 +97,7 @@ def iter_crops(shard, read, storage, transform: ImageTransform
     Unreadable rows come with image and crop None."""
     import torch
 
-    from iqray.pipeline.readers import read_shard
+    from iqray.pipeline.io.read import read_shard
 
     for batch in read_shard(shard, read, storage, []):
         references = batch.get("_reference", [None] * len(batch["source_row"]))

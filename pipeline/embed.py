@@ -9,46 +9,16 @@ images already in the cache are not embedded again, wherever they came from.
 
 from __future__ import annotations
 
-import posixpath
-import time
-from typing import Any, Literal
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
-from pydantic import Field
 
-from iqray.model.checkpoint import iqray_version
-from iqray.pipeline.embed_cache import EmbeddingCache, index_written_for
-from iqray.pipeline.execution import RunConfig, RunSummary, ensure_ray, execute, warn_to
-from iqray.pipeline.readers import Shard, discover_shards, inspect_input
-from iqray.pipeline.scoring import ModelSpec, ModelStage, split_on_oom, stage_model
-from iqray.pipeline.storage import check_separate
-from iqray.pipeline.writer import ShardWriter, plan_resume, read_output_metadata
+from iqray.pipeline.io.embed_cache import EmbeddingCache
+from iqray.pipeline.io.writer import ShardWriter
+from iqray.pipeline.scoring import ModelSpec, ModelStage, split_on_oom
 
-INDEX_COLUMNS = {
-    "source_file": pa.string(),
-    "source_row": pa.int64(),
-    "prompt": pa.string(),
-    "image_sha256": pa.string(),
-    "status": pa.string(),
-    "error": pa.string(),
-    "error_kind": pa.string(),
-}
 PROMPT_CHUNK = 256
-
-
-class EmbedConfig(RunConfig):
-    """`iqray embed`: cache the frozen towers' embeddings of every image in INPUT."""
-
-    cache: str = Field(description="embedding cache directory URL (created if missing)")
-    dtype: Literal["float16", "float32"] = Field(
-        default="float16", description="storage precision of cached embeddings")
-
-    def index_hash(self, tower_identity: str) -> str:
-        return self.options_hash(tower_identity, {"image_root", "dtype"})
 
 
 class Embedder(ModelStage):
@@ -147,96 +117,3 @@ def embed_prompts(cache: EmbeddingCache, spec: ModelSpec, prompts: set[str]) -> 
                            for p, (t, v, cut) in features.items()})
         model.clear_prompt_cache()
     return len(missing)
-
-
-def index_table(cache: EmbeddingCache, output_names: list[str] | None = None) -> pa.Table:
-    """The per-shard row index of the cache (all shards, or the named ones)."""
-    fs, root = cache.storage.filesystem(cache.index_url())
-    if not fs.exists(root):
-        return pa.table({k: pa.array([], t) for k, t in INDEX_COLUMNS.items()})
-    paths = sorted(p for p in fs.find(root) if p.endswith(".parquet")
-                   and not p.rsplit("/", 1)[-1].startswith(("_", ".")))
-    if output_names is not None:
-        wanted = {root.rstrip("/") + "/" + n for n in output_names}
-        paths = [p for p in paths if p in wanted]
-    tables = []
-    for path in paths:
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else \
-        pa.table({k: pa.array([], t) for k, t in INDEX_COLUMNS.items()})
-
-
-def shard_index(cache: EmbeddingCache, shard: Shard) -> pa.Table:
-    """One input shard's row index, checked to be this shard's: index files are named after
-    the input file, so another input of the same name embedded into the same cache (two
-    datasets' train.csv, or a concurrent run) replaces it, and its source rows would then
-    point into the wrong table."""
-    fs, root = cache.storage.filesystem(cache.index_url())
-    path = posixpath.join(root, shard.output_name)
-    meta = read_output_metadata(fs, path)
-    if meta is None or not meta.get("complete"):
-        raise ValueError(f"{shard.url}: the cache {cache.url} holds no complete index for it "
-                         "(run iqray embed first)")
-    if not index_written_for(meta, shard.fingerprint,
-                             (cache.manifest or {}).get("tower_identity")):
-        raise ValueError(f"{shard.url}: the cache's index {shard.output_name} was written for "
-                         f"another file of that name ({meta.get('input')}, or an older version "
-                         "of this one); embed into a separate --cache, or rerun to re-index")
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle)
-
-
-def run_embed(config: EmbedConfig, log=print) -> RunSummary:
-    started = time.perf_counter()
-    read, storage = config.read_config(), config.storage_config()
-    check_separate(config.input, config.cache, "cache")
-    shards = discover_shards(config.input, read, storage, exclude=config.cache,
-                             warn=warn_to(log))
-    key_columns = inspect_input(shards, read, storage, warn=warn_to(log))
-    spec = stage_model(config.model, storage)
-    if config.precision != "fp32":
-        raise ValueError("an embedding cache is shared by every later run of its towers, so "
-                         "it is written with fp32 towers only (drop --precision)")
-    if spec.config.architecture != "mst-clipiqa":
-        raise ValueError(f"iqray embed caches MST-CLIPIQA tower embeddings; "
-                         f"{spec.config.architecture} has none to cache (its training keeps "
-                         "frozen level features in memory)")
-    cache = EmbeddingCache(config.cache, storage)
-    dim = spec.config.heads.embed_dim
-    cache.bind(spec.tower_identity, spec.towers, dim, config.dtype)
-    index_hash = config.index_hash(spec.tower_identity)
-    todo, done, _ = plan_resume(shards, cache.index_url(), storage, index_hash, False)
-    summary = RunSummary(shards_total=len(shards), shards_skipped=len(done))
-    ray = ensure_ray(config) if todo else None
-    if ray is not None:
-        spec.put_files(ray.put)
-    known = cache.image_keys()
-    metadata: dict[str, Any] = {"model": spec.name, "tower_identity": spec.tower_identity,
-                                "iqray_version": iqray_version(), "scoring_hash": index_hash,
-                                "input": config.input, "key_columns": key_columns}
-    writer = ShardWriter(todo, cache.index_url(), storage, metadata, complete=True,
-                         key_columns=key_columns, keep_prompt=True, keep_image_bytes=False,
-                         schema=INDEX_COLUMNS, before_commit=cache.flush)
-    sink = EmbedSink(cache, writer, dim)
-    log(f"iqray embed: {len(shards)} shards in {config.input}; {len(done)} already indexed, "
-        f"{len(todo)} to embed; cache {config.cache} holds {len(known)} images")
-    if todo:
-        execute(config, ray, spec, Embedder, todo, key_columns, sink, summary,
-                stage_kwargs={"known": [ray.put(known)], "dtype": config.dtype})
-    summary.shards_scored = len(todo)
-    summary.account(writer)
-    summary.outputs = sorted(writer.committed)  # commit order depends on timing
-    index = index_table(cache, [s.output_name for s in shards])
-    prompts = {p for p in index["prompt"].to_pylist() if p}
-    new_prompts = embed_prompts(cache, spec, prompts)
-    cache.record_error(sink.max_error)
-    summary.wall_s = time.perf_counter() - started
-    summary.extra = {"images_embedded": sink.embedded,
-                     "images_reused": summary.ok - sink.embedded,
-                     "prompts_embedded": new_prompts,
-                     "fp16_max_abs_error": round(sink.max_error, 6)}
-    log(summary.render())
-    log(f"embedded {sink.embedded} new images ({summary.ok - sink.embedded} already cached), "
-        f"{new_prompts} new prompts; max storage error on unit vectors {sink.max_error:.2e}")
-    return summary

@@ -30,8 +30,9 @@ from pydantic import Field
 
 import iqray.model
 from iqray.model.config import DEFAULT_MAX_PIXELS
-from iqray.pipeline.readers import ReadConfig, Shard, read_shard, wants_references
-from iqray.pipeline.storage import StorageConfig
+from iqray.pipeline.io.read import read_shard
+from iqray.pipeline.io.shards import ReadConfig, Shard, wants_references
+from iqray.pipeline.io.storage import StorageConfig
 
 READ_TASK_CPUS = 0.25
 DECODE_TASK_CPUS = 0.5

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iqray.pipeline.embed_cache import EmbeddingCache, index_written_for
 from iqray.pipeline.execution import RunSummary
-from iqray.pipeline.readers import Shard
+from iqray.pipeline.io.embed_cache import EmbeddingCache, index_written_for
+from iqray.pipeline.io.shards import Shard
+from iqray.pipeline.io.storage import StorageConfig
+from iqray.pipeline.io.writer import ShardWriter, read_output_metadata
 from iqray.pipeline.scoring import ModelSpec
-from iqray.pipeline.storage import StorageConfig
-from iqray.pipeline.writer import ShardWriter, read_output_metadata
 
 
 def cached_shards(shards: list[Shard], cache_url: str, storage: StorageConfig,

@@ -38,7 +38,7 @@ from iqray.pipeline.decode import (
     restore_nulls,
     row_label,
 )
-from iqray.pipeline.storage import StorageConfig
+from iqray.pipeline.io.storage import StorageConfig
 
 
 @dataclass

@@ -38,7 +38,7 @@ def test_the_model_package_never_imports_ray():
 def test_read_and_write_tasks_start_without_torch():
     # Ray runs read_shards and the writer in worker processes that import these modules; torch
     # and open_clip would add about 7 s to each worker's start on a 2-core machine.
-    code = ("import sys, iqray.model, iqray.pipeline.execution, iqray.pipeline.writer; "
+    code = ("import sys, iqray.model, iqray.pipeline.execution, iqray.pipeline.io.writer; "
             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd="/").stdout
@@ -63,3 +63,15 @@ def test_the_wheel_holds_the_packages_their_data_and_the_console_script(tmp_path
     assert not any(n.startswith(("tests/", "iqray/tests")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "iqray = iqray.jobs.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_the_io_and_table_packages_import_neither_ray_nor_torch():
+    modules = ["iqray.pipeline.io." + m for m in (
+        "storage", "shards", "discovery", "tables", "webdataset", "folder", "read", "writer",
+        "embed_cache")] + ["iqray.pipeline.tables." + m for m in (
+            "runs", "filtering", "joining", "preferences", "report")] + ["iqray.pipeline.rows"]
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
+            "print(sorted(m for m in ('ray', 'torch', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd="/").stdout
+    assert out.strip() == "[]"

@@ -69,7 +69,7 @@ def test_bench_measures_all_three_ways_and_writes_its_outputs(ray_local, tmp_pat
     ("aten::native_layer_norm", "normalisation"), ("aten::gelu", "activation"),
     ("aten::copy_", "copies / layout"), ("aten::upsample_bilinear2d", "other")])
 def test_profile_groups_ops_by_the_work_they_do(op, kind):
-    from iqray.pipeline.bench import op_kind
+    from iqray.jobs.bench.measure import op_kind
 
     assert op_kind(op) == kind
 
@@ -83,8 +83,8 @@ def test_scale_rescoring_reads_the_right_embeddings_for_every_shard(ray_local, t
     import pyarrow.parquet as pq
 
     import iqray.model
-    from iqray.pipeline import bench
-    from iqray.pipeline.embed_cache import EmbeddingCache
+    from iqray.jobs.bench import measure as bench
+    from iqray.pipeline.io.embed_cache import EmbeddingCache
 
     root = bench.synthetic_cached_input(tmp_path / "scale", TEST_MODEL, rows=2500,
                                         shard_rows=1000, distinct_prompts=7)
@@ -131,7 +131,7 @@ def test_process_tree_finds_children_and_their_memory():
     import subprocess
     import sys
 
-    from iqray.pipeline.bench import _pss, process_tree
+    from iqray.jobs.bench.measure import _pss, process_tree
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:

@@ -12,7 +12,7 @@ from pipeline_data import TEST_MODEL, img2dataset_table, wds_members, write_parq
 
 from iqray.jobs.cli import main
 from iqray.jobs.filter import FilterConfig, run_filter
-from iqray.pipeline.score import ScoreConfig, run_score
+from iqray.jobs.score import ScoreConfig, run_score
 
 
 def read_parquet(fs, url: str):

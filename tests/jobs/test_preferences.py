@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline_data import TEST_MODEL, wds_members, write_tar
 
 from iqray.jobs.preferences import PreferencesConfig, run_preferences
-from iqray.pipeline.score import ScoreConfig, run_score
+from iqray.jobs.score import ScoreConfig, run_score
 
 
 def test_preference_datasets_from_an_s3_score_run_load_with_datasets(

@@ -10,7 +10,7 @@ import pytest
 from pipeline_data import SAMPLE, TEST_MODEL, img2dataset_table, write_parquet
 
 from iqray.jobs.cli import main
-from iqray.pipeline.score import ScoreConfig, run_score
+from iqray.jobs.score import ScoreConfig, run_score
 
 SECTIONS = ("summary", "histograms", "scatter", "grids", "errors")
 

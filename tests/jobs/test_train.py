@@ -18,7 +18,7 @@ from pipeline_data import TEST_MODEL
 import iqray.model
 from iqray.jobs.train import TrainConfig, run_train
 from iqray.model.training import HeadData, TrainSettings, fit_heads, head_loss, ranking_hinge
-from iqray.pipeline.embed_cache import EmbeddingCache
+from iqray.pipeline.io.embed_cache import EmbeddingCache
 
 SAMPLE_COLUMNS = dict(image_path_column="name", key_columns=["name"])
 
@@ -197,7 +197,7 @@ def test_finetune_trains_small_towers_end_to_end_and_ships_them(ray_local, tmp_p
                                                                  sample_rows):
     from pipeline_data import SAMPLE, read_output
 
-    from iqray.pipeline.score import ScoreConfig, run_score
+    from iqray.jobs.score import ScoreConfig, run_score
 
     config = TrainConfig(input=str(SAMPLE / "prompts.csv"), val=str(SAMPLE / "prompts.csv"),
                          model=TEST_MODEL,

@@ -16,8 +16,8 @@ from PIL import Image
 from pipeline_data import SAMPLE, read_output, write_parquet
 
 import iqray.model
+from iqray.jobs.score import ScoreConfig, run_score
 from iqray.model.distortions import distort
-from iqray.pipeline.score import ScoreConfig, run_score
 
 BPCLIP_TEST_MODEL = "bpclip-tiny-random"
 DIMENSIONS = ["aesthetics", "color", "exposure", "noise_free", "sharpness", "structure"]

@@ -14,8 +14,8 @@ from PIL import Image
 from pipeline_data import write_parquet
 from scipy.stats import spearmanr
 
+from iqray.jobs.score import ScoreConfig, run_score
 from iqray.pipeline.decode import device_decodable
-from iqray.pipeline.score import ScoreConfig, run_score
 
 SHIPPED = "iqray-small-agiqa3k"  # trained: its scores spread, so rank fidelity means something
 

@@ -9,9 +9,14 @@ import torch
 from pipeline_data import SAMPLE, TEST_MODEL, img2dataset_table, write_parquet
 
 import iqray.model
-from iqray.pipeline.embed import EmbedConfig, index_table, run_embed, shard_index
-from iqray.pipeline.embed_cache import EmbeddingCache, EmbeddingCacheMismatch
-from iqray.pipeline.readers import discover_shards
+from iqray.jobs.embed import EmbedConfig, run_embed
+from iqray.pipeline.io.discovery import discover_shards
+from iqray.pipeline.io.embed_cache import (
+    EmbeddingCache,
+    EmbeddingCacheMismatch,
+    index_table,
+    shard_index,
+)
 
 
 def embed(**kwargs):
@@ -126,7 +131,7 @@ def test_score_with_a_cache_rescores_without_reading_images(ray_local, tmp_path,
 
     from pipeline_data import read_output
 
-    from iqray.pipeline.score import ScoreConfig, run_score
+    from iqray.jobs.score import ScoreConfig, run_score
 
     images = tmp_path / "images"
     shutil.copytree(SAMPLE / "images", images)

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from iqray.pipeline.filtering import FilterRules, add_relative_columns, apply_rules
-from iqray.pipeline.score_tables import ExpressionError, compile_where
+from iqray.pipeline.tables.filtering import FilterRules, add_relative_columns, apply_rules
+from iqray.pipeline.tables.runs import ExpressionError, compile_where
 
 
 def score_table() -> pa.Table:

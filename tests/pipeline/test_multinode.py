@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pipeline_data import SAMPLE, TEST_MODEL, read_output
 
-from iqray.pipeline.score import ScoreConfig, run_score
+from iqray.jobs.score import ScoreConfig, run_score
 
 COMPARED = ["key", "source_row", "prompt", "image_sha256", "quality", "alignment",
             "prompt_truncated", "status"]

@@ -11,8 +11,8 @@ import pytest
 from pipeline_data import SAMPLE, TEST_MODEL, read_output
 
 import iqray.model
+from iqray.jobs.score import ScoreConfig, run_score
 from iqray.model.fastpath import apply_precision
-from iqray.pipeline.score import ScoreConfig, run_score
 
 
 def test_score_gates_int8_on_the_first_images_of_the_input(ray_local, tmp_path, sample_rows):

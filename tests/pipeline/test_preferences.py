@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from iqray.pipeline.preferences import PairRules, make_pairs, prompt_split, ranking_score
+from iqray.pipeline.tables.preferences import PairRules, make_pairs, prompt_split, ranking_score
 
 
 def score_table(per_prompt: int = 4, prompts: int = 3) -> pa.Table:

@@ -11,16 +11,11 @@ import pytest
 from fault_proxy import Fault
 from pipeline_data import img2dataset_table, wds_members, write_parquet, write_tar
 
-from iqray.pipeline.readers import (
-    SHARD_CORRUPT,
-    SHARD_UNFINISHED,
-    ReadConfig,
-    ShardUnfinished,
-    discover_shards,
-    inspect_input,
-    read_shard,
-)
-from iqray.pipeline.storage import StorageConfig, StorageUnavailable, check_separate
+from iqray.pipeline.io.discovery import discover_shards, inspect_input
+from iqray.pipeline.io.read import ShardUnfinished, read_shard
+from iqray.pipeline.io.shards import ReadConfig
+from iqray.pipeline.io.storage import StorageConfig, StorageUnavailable, check_separate
+from iqray.pipeline.rows import SHARD_CORRUPT, SHARD_UNFINISHED
 
 # Few, fast retries: botocore's own and ours.
 FAST = {"s3_max_attempts": 2, "storage_attempts": 3, "storage_backoff_s": 0.01}

@@ -13,8 +13,8 @@ from fault_proxy import Fault
 from pipeline_data import TEST_MODEL, img2dataset_table, read_output, write_parquet
 
 from iqray.jobs.cli import main
+from iqray.jobs.score import ScoreConfig, run_score
 from iqray.pipeline.execution import ErrorBudgetExceeded, check_error_budget
-from iqray.pipeline.score import ScoreConfig, run_score
 
 SHARDS, ROWS = 6, 6
 # botocore's own retries kept short so that ours (with a small backoff) do the work.

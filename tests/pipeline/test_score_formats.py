@@ -24,8 +24,8 @@ from pipeline_data import (
     write_tar,
 )
 
+from iqray.jobs.score import ScoreConfig, run_score
 from iqray.pipeline.execution import RAY_PROGRESS_LOGGER
-from iqray.pipeline.score import ScoreConfig, run_score
 
 
 def score(**kwargs):

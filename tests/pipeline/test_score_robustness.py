@@ -18,8 +18,8 @@ from pipeline_data import (
     write_parquet,
 )
 
+from iqray.jobs.score import ScoreConfig, run_score
 from iqray.pipeline.execution import ErrorBudgetExceeded, plan_resources
-from iqray.pipeline.score import ScoreConfig, run_score
 from iqray.pipeline.scoring import split_on_oom
 
 

@@ -12,15 +12,16 @@ import pytest
 from fault_proxy import Fault
 from pipeline_data import img2dataset_table, write_parquet
 
-from iqray.pipeline.readers import SHARD_UNFINISHED, Shard
-from iqray.pipeline.storage import StorageConfig
-from iqray.pipeline.writer import (
+from iqray.pipeline.io.shards import Shard
+from iqray.pipeline.io.storage import StorageConfig
+from iqray.pipeline.io.writer import (
     SUCCESS_NAME,
     UNFINISHED_NAME,
     ShardWriter,
     plan_resume,
     read_output_metadata,
 )
+from iqray.pipeline.rows import SHARD_UNFINISHED
 
 
 def shards(count: int, rows: int | None = 3) -> list[Shard]:

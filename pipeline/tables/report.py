@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from iqray.pipeline.score_tables import score_values
+from iqray.pipeline.tables.runs import score_values
 
 SCORES = ("quality", "alignment")
 

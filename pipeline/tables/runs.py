@@ -19,15 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iqray.pipeline.readers import (
-    ReadConfig,
-    discover_shards,
-    read_bytes,
-    read_shard,
-    source_file_kind,
-)
-from iqray.pipeline.storage import StorageConfig, to_url
-from iqray.pipeline.writer import read_output_metadata
+from iqray.pipeline.io.discovery import discover_shards
+from iqray.pipeline.io.read import read_shard
+from iqray.pipeline.io.shards import ReadConfig, read_bytes, source_file_kind
+from iqray.pipeline.io.storage import StorageConfig, to_url
+from iqray.pipeline.io.writer import read_output_metadata
 
 SCORE_COLUMNS = ("quality", "alignment")
 

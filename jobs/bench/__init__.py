@@ -1,6 +1,6 @@
 """`iqray bench`: throughput of the limit, a hand-written DataLoader and `iqray score`, side by
 side in one run, plus fast-path fidelity; writes bench.json, bench.png and bench.md.
-Glue only: the measurements are :mod:`iqray.pipeline.bench`."""
+Glue only: the measurements are :mod:`iqray.jobs.bench.measure`."""
 
 from __future__ import annotations
 
@@ -70,10 +70,10 @@ def run_bench(config: BenchConfig, log=print) -> dict:
     import torch
 
     import iqray.model
+    from iqray.jobs.bench import measure as bench
+    from iqray.jobs.score import ScoreConfig
     from iqray.model.fastpath import apply_precision
-    from iqray.pipeline import bench
     from iqray.pipeline.execution import ensure_ray
-    from iqray.pipeline.score import ScoreConfig
 
     workdir = bench.scratch_dir()
     try:
@@ -152,7 +152,7 @@ def run_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
     """Re-score synthetic cached inputs of growing size; each is deleted after its run."""
     import shutil
 
-    from iqray.pipeline import bench
+    from iqray.jobs.bench import measure as bench
 
     out = []
     for rows in config.scale_rows:
@@ -179,9 +179,9 @@ def run_image_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
     """`iqray score` over synthetic image inputs of growing size; each is deleted after."""
     import shutil
 
-    from iqray.pipeline import bench
+    from iqray.jobs.bench import measure as bench
+    from iqray.jobs.score import ScoreConfig
     from iqray.pipeline.execution import ensure_ray
-    from iqray.pipeline.score import ScoreConfig
 
     ensure_ray(ScoreConfig(input=str(workdir), output=str(workdir / "x")))
     out = []

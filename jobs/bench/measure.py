@@ -269,7 +269,7 @@ def decode_cost(model, files: list[Path]) -> dict[str, float]:
 def bench_pipeline(model_name: str, data: BenchData, half: BenchData, output: Path,
                    batch_size: int, actors: int, precision: str, decode: str = "cpu"
                    ) -> dict[str, Any]:
-    from iqray.pipeline.score import ScoreConfig, run_score
+    from iqray.jobs.score import ScoreConfig, run_score
 
     def run(part: BenchData, name: str):
         return run_score(ScoreConfig(
@@ -360,12 +360,12 @@ def synthetic_cached_input(root: Path, model_name: str, rows: int, shard_rows: i
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from iqray.pipeline.embed import INDEX_COLUMNS
-    from iqray.pipeline.embed_cache import EmbeddingCache
-    from iqray.pipeline.readers import ReadConfig, discover_shards
+    from iqray.pipeline.io.discovery import discover_shards
+    from iqray.pipeline.io.embed_cache import INDEX_COLUMNS, EmbeddingCache
+    from iqray.pipeline.io.shards import ReadConfig
+    from iqray.pipeline.io.storage import StorageConfig
+    from iqray.pipeline.io.writer import ShardWriter
     from iqray.pipeline.scoring import stage_model
-    from iqray.pipeline.storage import StorageConfig
-    from iqray.pipeline.writer import ShardWriter
 
     storage = StorageConfig()
     spec = stage_model(model_name, storage)
@@ -539,7 +539,7 @@ def bench_image_scale(model_name: str, root: Path, rows: int, shard_rows: int,
     """`iqray score` through the whole image pipeline (read, decode, model actors, write)
     on ``rows`` synthetic images: wall time, rows/s, peak memory of the driver and all Ray
     processes, peak object-store use."""
-    from iqray.pipeline.score import ScoreConfig, run_score
+    from iqray.jobs.score import ScoreConfig, run_score
 
     folder = synthetic_image_input(root, rows, shard_rows, distinct_prompts)
     with ClusterMemory() as memory:
@@ -558,7 +558,7 @@ def bench_image_scale(model_name: str, root: Path, rows: int, shard_rows: int,
 def bench_rescore(model_name: str, root: Path, rows: int) -> dict[str, Any]:
     """`iqray score --cache` over a synthetic cached input: wall time, rows/s, peak memory
     (driver + Ray processes), peak object-store use."""
-    from iqray.pipeline.score import ScoreConfig, run_score
+    from iqray.jobs.score import ScoreConfig, run_score
 
     with ClusterMemory() as memory:
         summary = run_score(ScoreConfig(

@@ -25,7 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iqray.pipeline.storage import StorageConfig, write_atomic
+from iqray.pipeline.io.shards import Shard
+from iqray.pipeline.io.storage import StorageConfig, write_atomic
+from iqray.pipeline.io.writer import read_output_metadata
 
 FORMAT = "iqray-embedding-cache"
 FORMAT_VERSION = 1
@@ -254,3 +256,52 @@ class EmbeddingCache:
 
     def index_url(self) -> str:
         return self.url + "/index"
+
+
+INDEX_COLUMNS = {
+    "source_file": pa.string(),
+    "source_row": pa.int64(),
+    "prompt": pa.string(),
+    "image_sha256": pa.string(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "error_kind": pa.string(),
+}
+
+
+def index_table(cache: EmbeddingCache, output_names: list[str] | None = None) -> pa.Table:
+    """The per-shard row index of the cache (all shards, or the named ones)."""
+    fs, root = cache.storage.filesystem(cache.index_url())
+    if not fs.exists(root):
+        return pa.table({k: pa.array([], t) for k, t in INDEX_COLUMNS.items()})
+    paths = sorted(p for p in fs.find(root) if p.endswith(".parquet")
+                   and not p.rsplit("/", 1)[-1].startswith(("_", ".")))
+    if output_names is not None:
+        wanted = {root.rstrip("/") + "/" + n for n in output_names}
+        paths = [p for p in paths if p in wanted]
+    tables = []
+    for path in paths:
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else \
+        pa.table({k: pa.array([], t) for k, t in INDEX_COLUMNS.items()})
+
+
+def shard_index(cache: EmbeddingCache, shard: Shard) -> pa.Table:
+    """One input shard's row index, checked to be this shard's: index files are named after
+    the input file, so another input of the same name embedded into the same cache (two
+    datasets' train.csv, or a concurrent run) replaces it, and its source rows would then
+    point into the wrong table."""
+    fs, root = cache.storage.filesystem(cache.index_url())
+    path = posixpath.join(root, shard.output_name)
+    meta = read_output_metadata(fs, path)
+    if meta is None or not meta.get("complete"):
+        raise ValueError(f"{shard.url}: the cache {cache.url} holds no complete index for it "
+                         "(run iqray embed first)")
+    if not index_written_for(meta, shard.fingerprint,
+                             (cache.manifest or {}).get("tower_identity")):
+        raise ValueError(f"{shard.url}: the cache's index {shard.output_name} was written for "
+                         f"another file of that name ({meta.get('input')}, or an older version "
+                         "of this one); embed into a separate --cache, or rerun to re-index")
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle)

@@ -30,8 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from iqray.pipeline.readers import SHARD_CORRUPT, SHARD_UNFINISHED, Shard
-from iqray.pipeline.storage import StorageConfig, StorageUnavailable, join_url, write_atomic
+from iqray.pipeline.io.shards import Shard
+from iqray.pipeline.io.storage import StorageConfig, StorageUnavailable, join_url, write_atomic
+from iqray.pipeline.rows import SHARD_CORRUPT, SHARD_UNFINISHED
 
 METADATA_KEY = b"iqray"
 SUCCESS_NAME = "_SUCCESS"

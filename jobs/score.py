@@ -21,9 +21,10 @@ from iqray.pipeline.execution import (
     execute,
     warn_to,
 )
-from iqray.pipeline.readers import Shard, discover_shards, inspect_input, wants_references
-from iqray.pipeline.storage import check_separate
-from iqray.pipeline.writer import ShardWriter, plan_resume, score_schema
+from iqray.pipeline.io.discovery import discover_shards, inspect_input
+from iqray.pipeline.io.shards import Shard, wants_references
+from iqray.pipeline.io.storage import check_separate
+from iqray.pipeline.io.writer import ShardWriter, plan_resume, score_schema
 
 
 class ScoreConfig(RunConfig):

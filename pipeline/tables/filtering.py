@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from iqray.pipeline.score_tables import (
+from iqray.pipeline.tables.runs import (
     SCORE_COLUMNS,
     ExpressionError,
     compile_where,
@@ -81,7 +81,7 @@ def cache_embeddings(rules: FilterRules, storage):
     ``--dedupe near``; None when no rule needs them."""
     if rules.dedupe != "near":
         return None
-    from iqray.pipeline.embed_cache import EmbeddingCache
+    from iqray.pipeline.io.embed_cache import EmbeddingCache
 
     cache = EmbeddingCache(rules.embeddings, storage)
     return lambda shas: cache.load_images(shas)[0]

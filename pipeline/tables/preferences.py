@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from iqray.pipeline.score_tables import score_values
+from iqray.pipeline.tables.runs import score_values
 
 Strategy = Literal["best_vs_worst", "margin", "top_bottom"]
 

@@ -26,8 +26,10 @@ from collections import defaultdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iqray.pipeline.readers import iter_tar_samples, read_bytes, read_table, source_file_kind
-from iqray.pipeline.storage import StorageConfig, join_url, write_atomic
+from iqray.pipeline.io.shards import read_bytes, source_file_kind
+from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
+from iqray.pipeline.io.tables import read_table
+from iqray.pipeline.io.webdataset import iter_tar_samples
 
 
 def relative_to(url: str, root: str) -> str:

@@ -1,0 +1,169 @@
+"""What an input is: the reading options, the shard (the unit of work, retry and resume),
+and how a table's columns are told apart. Shared by every reader; imports no Ray, no torch.
+
+Three input layouts, any fsspec URL, a single file, a directory or a glob:
+
+* Parquet or CSV with an image-bytes column (img2dataset ``jpg``, HF ``image`` struct with
+  ``bytes``/``path``, ...) or an image path/URL column, a prompt column and key columns
+  (:mod:`.tables`);
+* WebDataset tar shards (``<key>.jpg|png|webp`` + ``<key>.txt|json``), as img2dataset writes
+  (:mod:`.webdataset`);
+* a folder of images, with prompts from a CSV/JSONL sidecar or none (quality only); the
+  folder is cut into chunks of ``folder_chunk_size`` images, each chunk a shard
+  (:mod:`.folder`).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from iqray.pipeline.io.storage import StorageConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+AUTO_IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "image_bytes", "img", "bytes")
+AUTO_PATH_COLUMNS = ("image_path", "path", "file_name", "filename", "file", "url", "image_url")
+AUTO_PROMPT_COLUMNS = ("prompt", "caption", "text", "txt")
+AUTO_KEY_COLUMNS = ("key", "id", "uid", "__key__")
+AUTO_SIDECARS = ("prompts.csv", "metadata.csv", "captions.csv", "metadata.jsonl",
+                 "prompts.jsonl", "captions.jsonl")
+
+
+InputFormat = Literal["auto", "parquet", "csv", "webdataset", "folder"]
+TABLE_FORMATS = ("parquet", "csv")
+
+
+class ReadConfig(BaseModel):
+    """What to read and which columns mean what (None = detect the usual names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: InputFormat = Field(default="auto", description="input layout")
+    image_column: str | None = Field(default=None, description="column with image bytes")
+    image_path_column: str | None = Field(
+        default=None, description="column with an image path/URL (relative to the shard)")
+    prompt_column: str | None = Field(default=None, description="column with the prompt")
+    key_columns: list[str] | None = Field(default=None,
+                                          description="id columns passed through to the output")
+    image_root: str | None = Field(
+        default=None, description="base URL for relative image paths (default: the table's dir)")
+    sidecar: str | None = Field(default=None,
+                                description="folder input: CSV/JSONL with name + prompt")
+    folder_chunk_size: int = Field(default=1000, gt=0,
+                                   description="folder input: images per shard")
+    read_batch_rows: int = Field(default=64, gt=0, description="rows per batch out of a reader")
+    reference_column: str | None = Field(
+        default=None, description="full-reference models: column with the reference image "
+        "(bytes, or a path/URL resolved like image paths)")
+    reference_template: str | None = Field(
+        default=None, description="full-reference models: reference path per row, from "
+        "{name} (image file name), {stem} (name without extension) or {key}; relative to "
+        "--image-root or the input's folder, e.g. 'refs/{stem}.png'")
+    sample: float | None = Field(default=None, gt=0, le=1,
+                                 description="keep this fraction of rows (deterministic)")
+    seed: int = Field(default=0, description="seed of --sample")
+
+
+@dataclass
+class Shard:
+    index: int
+    url: str
+    format: str
+    output_name: str
+    fingerprint: str
+    members: list[str] | None = None  # folder chunks: image URLs
+    prompts: dict[str, str | None] | None = None  # folder chunks: name -> prompt
+    only_rows: list[int] | None = None  # --retry-failed: rows to read again
+    estimated_rows: int | None = None
+
+
+def pick_column(columns: list[str], candidates: tuple[str, ...], explicit: str | None, where: str,
+          what: str, required: bool = True) -> str | None:
+    if explicit:
+        if explicit not in columns:
+            raise ValueError(f"{where}: no column {explicit!r} for the {what}; columns: "
+                             f"{', '.join(columns)}")
+        return explicit
+    for name in candidates:
+        if name in columns:
+            return name
+    if required:
+        raise ValueError(f"{where}: no {what} column found (looked for "
+                         f"{', '.join(candidates)}); columns: {', '.join(columns)}. "
+                         f"Name it with the matching --*-column flag.")
+    return None
+
+
+class ShardSchemaError(ValueError):
+    """A shard lacks a configured column: a configuration mistake, not broken bytes."""
+
+
+def check_columns(columns: list[str], read: ReadConfig, where: str) -> None:
+    """The columns the configuration names exist (ValueError naming them, else)."""
+    if read.reference_column is not None and read.reference_column not in columns:
+        raise ValueError(f"{where}: no reference column {read.reference_column!r}; columns: "
+                         f"{', '.join(columns)}")
+    missing = [k for k in read.key_columns or () if k not in columns]
+    if missing:
+        raise ValueError(f"{where}: no key column {', '.join(map(repr, missing))}; columns: "
+                         f"{', '.join(columns)}")
+
+
+def column_roles(columns: list[str], read: ReadConfig, where: str
+                    ) -> tuple[str | None, str | None, str | None]:
+    image_col = pick_column(columns, AUTO_IMAGE_COLUMNS, read.image_column, where, "image bytes",
+                      required=False)
+    path_col = None
+    if image_col is None:
+        path_col = pick_column(columns, AUTO_PATH_COLUMNS, read.image_path_column, where,
+                         "image bytes or image path")
+    prompt_col = pick_column(columns, AUTO_PROMPT_COLUMNS, read.prompt_column, where, "prompt",
+                       required=read.prompt_column is not None)
+    return image_col, path_col, prompt_col
+
+
+def wants_references(read: ReadConfig) -> bool:
+    return read.reference_column is not None or read.reference_template is not None
+
+
+def source_file_kind(source_file: str) -> Literal["table", "webdataset", "image"]:
+    """What a score row's ``source_file`` names: a Parquet/CSV shard, a tar shard, or (folder
+    inputs) the image file itself."""
+    if source_file.endswith((".parquet", ".csv")):
+        return "table"
+    return "webdataset" if source_file.endswith(".tar") else "image"
+
+
+def resolve_ref(shard_url: str, ref: str, root: str | None = None) -> str:
+    """An image reference from a table as a URL: absolute as is, else relative to ``root``
+    (default: the table's own folder)."""
+    if "://" in ref or os.path.isabs(ref):
+        return ref
+    if root is not None:
+        return _under(root, ref) if "://" in root else os.path.join(root, ref)
+    if "://" in shard_url:
+        return _under(shard_url.rsplit("/", 1)[0], ref)
+    return os.path.join(os.path.dirname(shard_url), ref)
+
+
+def _under(base_url: str, ref: str) -> str:
+    """``ref`` joined to an object-store folder URL; '..' is resolved here because object
+    stores take keys literally (``a/../b`` is a different key from ``b``)."""
+    protocol, rest = base_url.split("://", 1)
+    return f"{protocol}://" + posixpath.normpath(posixpath.join(rest.rstrip("/"), ref))
+
+
+def read_bytes(url: str, storage: StorageConfig) -> bytes:
+    """A whole file, retried on storage errors (then :class:`StorageUnavailable`)."""
+    fs, path = storage.filesystem(url)
+
+    def read_all() -> bytes:
+        with fs.open(path, "rb") as handle:
+            return handle.read()
+
+    return storage.retry(read_all, "read", url)

@@ -1,0 +1,211 @@
+"""The row contract: every column a batch carries between the pipeline's stages.
+
+A batch is a dict of equal-length numpy columns. The user's own columns (prompt, key
+columns, anything a Ray Data pipeline brings) pass through untouched; the columns below are
+iqray's. Those starting with ``_`` are private: they exist only between stages and never
+reach an output file. Each is written by one stage and read by later ones; :data:`COLUMNS`
+says which, :data:`STAGE_OUTPUT` says what each stage's output holds (and what it must no
+longer hold), and :func:`check_batch` checks a batch against both (the stage tests use it).
+
+    read   -> SOURCE_FILE SOURCE_ROW PROMPT IMAGE [REFERENCE] ERROR ERROR_KIND
+              SHARD SHARD_END READ_S
+    decode -> drops IMAGE, REFERENCE; adds PIXELS IMAGE_SHA256 [ENCODED] [IMAGE_BYTES]
+              DECODE_S DECODE_NODE
+    model  -> drops PIXELS, ENCODED, ERROR, ERROR_KIND; adds STATUS PUBLIC_ERROR
+              PUBLIC_ERROR_KIND MODEL_S MODEL_NODE and the model's outputs (Scorer) or
+              its embeddings (Embedder)
+
+Imports nothing but numpy, so readers, decode tasks and actors can all use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Kind = Literal["str", "int", "float", "bool", "bytes", "crops", "vectors"]
+
+# -- written by the readers ----------------------------------------------------------------
+SOURCE_FILE = "source_file"
+SOURCE_ROW = "source_row"
+PROMPT = "prompt"
+IMAGE = "_image"
+REFERENCE = "_reference"
+ERROR = "_error"
+ERROR_KIND = "_error_kind"
+SHARD = "_shard"
+SHARD_END = "_shard_end"
+READ_S = "_read_s"
+# Reader-internal (a row's keys between a format's reader and read_shard; never in a batch):
+REFERENCE_REF = "_reference_ref"  # the reference column's value (bytes, path or HF struct)
+IMAGE_NAME = "_name"  # the image's name, for --reference-template
+# -- written by decode ---------------------------------------------------------------------
+PIXELS = "pixels"
+IMAGE_SHA256 = "image_sha256"
+ENCODED = "_encoded"
+IMAGE_BYTES = "image"
+DECODE_S = "_decode_s"
+DECODE_NODE = "_decode_node"
+# -- written by the model stage ------------------------------------------------------------
+STATUS = "status"
+PUBLIC_ERROR = "error"
+PUBLIC_ERROR_KIND = "error_kind"
+PROMPT_TRUNCATED = "prompt_truncated"
+MODEL_S = "_model_s"
+MODEL_NODE = "_model_node"
+COARSE = "_coarse"
+FINE = "_fine"
+EMBEDDED = "_embedded"
+EMBED_ERROR = "_embed_error"
+
+# Stage seconds per row, summed by the driver into the run summary's busy time.
+STAGE_SECONDS = {"read": READ_S, "decode": DECODE_S, "model": MODEL_S}
+STAGE_NODES = {"decode": DECODE_NODE, "model": MODEL_NODE}
+
+# Error kinds a reader gives a whole shard.
+SHARD_UNFINISHED = "shard_unfinished"  # not committed; the next run reads the shard again
+SHARD_CORRUPT = "shard_corrupt"  # the file's bytes are broken: committed as error rows
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: Kind
+    nullable: bool
+    meaning: str
+    written_by: str
+    read_by: tuple[str, ...]
+
+    @property
+    def private(self) -> bool:
+        return self.name.startswith("_")
+
+
+COLUMNS: dict[str, Column] = {c.name: c for c in (
+    Column(SOURCE_FILE, "str", False, "URL of the input file (folder inputs: the image)",
+           "read", ("decode", "writer")),
+    Column(SOURCE_ROW, "int", False, "row number inside that input shard", "read",
+           ("decode", "writer")),
+    Column(PROMPT, "str", True, "the prompt, None when the input has none", "read",
+           ("model",)),
+    Column(IMAGE, "bytes", True, "encoded image bytes; None on an error row", "read",
+           ("decode",)),
+    Column(REFERENCE, "bytes", True, "full-reference reads: the reference's encoded bytes",
+           "read", ("decode",)),
+    Column(ERROR, "str", True, "why this row failed so far; None while it is fine",
+           "read", ("decode", "model")),
+    Column(ERROR_KIND, "str", True, "machine-readable class of ERROR (decode, read, "
+           f"{SHARD_UNFINISHED}, ...)", "read", ("decode", "model")),
+    Column(SHARD, "int", False, "index of the input shard the row came from", "read",
+           ("writer",)),
+    Column(SHARD_END, "int", False, "rows the shard produced, on its last batch; -1 before",
+           "read", ("writer",)),
+    Column(READ_S, "float", False, "reader seconds per row of its batch", "read",
+           ("driver",)),
+    Column(PIXELS, "crops", False, "uint8 (N, C, S, S) crops at the towers' size; "
+           "zeros on error rows and rows left ENCODED", "decode", ("model",)),
+    Column(IMAGE_SHA256, "str", True, "sha256 of the encoded bytes (cache key, duplicates)",
+           "decode", ("model", "writer")),
+    Column(ENCODED, "bytes", True, "--decode device: JPEG bytes the actor decodes itself",
+           "decode", ("model",)),
+    Column(IMAGE_BYTES, "bytes", True, "--keep-image-bytes: the encoded bytes, to the output",
+           "decode", ("writer",)),
+    Column(DECODE_S, "float", False, "decode seconds per row", "decode", ("driver",)),
+    Column(DECODE_NODE, "str", True, "Ray node that decoded the row", "decode", ("driver",)),
+    Column(STATUS, "str", False, f"'{STATUS_OK}' or '{STATUS_ERROR}'", "model",
+           ("writer", "user")),
+    Column(PUBLIC_ERROR, "str", True, "why the row failed, None on ok rows", "model",
+           ("writer", "user")),
+    Column(PUBLIC_ERROR_KIND, "str", True, "class of the error, None on ok rows", "model",
+           ("writer", "user")),
+    Column(PROMPT_TRUNCATED, "bool", False, "prompt-aware models: the prompt was longer "
+           "than the text tower's context", "model", ("writer", "user")),
+    Column(MODEL_S, "float", False, "model-stage seconds per row", "model", ("driver",)),
+    Column(MODEL_NODE, "str", True, "Ray node of the model actor", "model", ("driver",)),
+    Column(COARSE, "vectors", False, "Embedder: coarse tower embedding (zeros if not "
+           "embedded)", "model", ("embed sink",)),
+    Column(FINE, "vectors", False, "Embedder: fine tower embedding", "model",
+           ("embed sink",)),
+    Column(EMBEDDED, "bool", False, "Embedder: this row's embeddings are new to the cache",
+           "model", ("embed sink",)),
+    Column(EMBED_ERROR, "float", False, "Embedder: storage-precision error on unit vectors",
+           "model", ("embed sink",)),
+)}
+
+_READ = (SOURCE_FILE, SOURCE_ROW, PROMPT, IMAGE, ERROR, ERROR_KIND, SHARD, SHARD_END, READ_S)
+_DECODED = (SOURCE_FILE, SOURCE_ROW, PROMPT, ERROR, ERROR_KIND, PIXELS, IMAGE_SHA256,
+            DECODE_S, DECODE_NODE)
+_MODELLED = (SOURCE_FILE, SOURCE_ROW, PROMPT, IMAGE_SHA256, STATUS, PUBLIC_ERROR,
+             PUBLIC_ERROR_KIND, MODEL_S, MODEL_NODE)
+
+# stage -> (columns its output must hold, columns it must have removed)
+STAGE_OUTPUT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "read": (_READ, (PIXELS, STATUS)),
+    "decode": (_DECODED, (IMAGE, REFERENCE, STATUS)),
+    "model": (_MODELLED, (PIXELS, ENCODED, IMAGE, ERROR, ERROR_KIND)),
+    "embed": (_MODELLED + (COARSE, FINE, EMBEDDED, EMBED_ERROR),
+              (PIXELS, ENCODED, IMAGE, ERROR, ERROR_KIND)),
+}
+
+PRIVATE = frozenset(name for name in COLUMNS if name.startswith("_"))
+
+
+def _fits(value: Any, kind: Kind) -> bool:
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bytes":
+        return isinstance(value, bytes)
+    if kind == "int":
+        return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, float | np.floating)
+    return isinstance(value, bool | np.bool_)
+
+
+def check_batch(batch: dict[str, np.ndarray], stage: str,
+                outputs: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with ``stage``'s output ``batch`` against the contract (empty: nothing).
+
+    ``outputs``: the model's score columns, float32 with NaN on error rows."""
+    wanted, removed = STAGE_OUTPUT[stage]
+    problems = [f"missing {name}" for name in wanted if name not in batch]
+    problems += [f"still holds {name}" for name in removed if name in batch]
+    lengths = {name: len(values) for name, values in batch.items()}
+    if len(set(lengths.values())) > 1:
+        problems.append(f"columns of different lengths: {lengths}")
+    for name, values in batch.items():
+        column = COLUMNS.get(name)
+        if column is None:
+            continue
+        if column.kind == "crops":
+            if values.dtype != np.uint8 or values.ndim != 4:
+                problems.append(f"{name}: {values.dtype} of {values.ndim} dims, not uint8 NCHW")
+            continue
+        if column.kind == "vectors":
+            if values.ndim != 2 or values.dtype.kind != "f":
+                problems.append(f"{name}: {values.dtype} of {values.ndim} dims, not (N, D)")
+            continue
+        for value in values:
+            if value is None and column.nullable:
+                continue
+            if not _fits(value, column.kind):
+                problems.append(f"{name}: {value!r} is not {column.kind}"
+                                + ("" if column.nullable else " (never null)"))
+                break
+    for name in outputs:
+        if name not in batch:
+            problems.append(f"missing output {name}")
+        elif batch[name].dtype != np.float32:
+            problems.append(f"{name}: {batch[name].dtype}, not float32")
+    if STATUS in batch and outputs:
+        ok = batch[STATUS] == STATUS_OK
+        for name in outputs:
+            if name in batch and (np.isnan(batch[name][ok]).any()
+                                  or not np.isnan(batch[name][~ok]).all()):
+                problems.append(f"{name}: NaN must mark exactly the error rows")
+    return problems
