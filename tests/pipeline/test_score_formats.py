@@ -1,17 +1,17 @@
-"""`iqray score` reads every input layout, locally and from S3, and scores like model.score."""
+"""`iqray score` end to end through Ray: scores like model.score, footers, run records,
+previews, dry runs, checkpoints on S3. Each input layout's reader is tested without Ray in
+test_formats.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import torch
 from pipeline_data import (
     SAMPLE,
@@ -19,9 +19,7 @@ from pipeline_data import (
     assert_scores_match,
     img2dataset_table,
     read_output,
-    wds_members,
     write_parquet,
-    write_tar,
 )
 
 from iqray.jobs.score import ScoreConfig, run_score
@@ -72,43 +70,19 @@ def test_folder_with_a_csv_sidecar(ray_local, tmp_path, sample, reference_model)
                                  "MapBatches(decode_batch)", "MapBatches(Scorer)"]
 
 
-def test_a_folder_without_prompts_scores_quality_only(ray_local, tmp_path, sample,
-                                                      reference_model):
-    shutil.copytree(SAMPLE / "images", tmp_path / "imgs")
-    summary = score(input=str(tmp_path / "imgs"), output=str(tmp_path / "out"),
-                    folder_chunk_size=10)
-    assert len(summary.outputs) == 4  # 32 images in chunks of 10
-    table = read_output(None, summary.outputs)
-    assert table.num_rows == 32 and table["alignment"].null_count + sum(
-        1 for v in table["alignment"].to_pylist() if v != v) == 32
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_img2dataset_parquet_shards(where, ray_local, tmp_path, sample, reference_model,
-                                    request):
+def test_img2dataset_parquet_shards_on_s3(ray_local, s3_bucket, s3_endpoint, sample,
+                                          reference_model):
+    fs, bucket = s3_bucket
     tables = [img2dataset_table(sample, start, 12) for start in (0, 12, 24)]
-    if where == "local":
-        fs, root = None, str(tmp_path / "in")
-        out = str(tmp_path / "out")
-        extra = {}
-    else:
-        fs, bucket = request.getfixturevalue("s3_bucket")
-        root, out = f"{bucket}/in", f"s3://{bucket}/out"
-        extra = {"s3_endpoint": request.getfixturevalue("s3_endpoint")}
     for i, table in enumerate(tables):
-        write_parquet(fs, f"{root}/{i:05d}.parquet", table)
-    source = f"s3://{root}" if fs is not None else root
-    summary = score(input=source, output=out, **extra)
+        write_parquet(fs, f"{bucket}/in/{i:05d}.parquet", table)
+    summary = score(input=f"s3://{bucket}/in", output=f"s3://{bucket}/out",
+                    s3_endpoint=s3_endpoint)
     assert [p.rsplit("/", 1)[1] for p in summary.outputs] == [
         "00000.parquet", "00001.parquet", "00002.parquet"]
-    output_fs = None
-    if fs is not None:
-        output_fs = fs
-        paths = [p.removeprefix("s3://") for p in summary.outputs]
-        assert fs.exists(f"{bucket}/out/_SUCCESS")
-    else:
-        paths = summary.outputs
-    table = read_output(output_fs, paths)
+    paths = [p.removeprefix("s3://") for p in summary.outputs]
+    assert fs.exists(f"{bucket}/out/_SUCCESS")
+    table = read_output(fs, paths)
     source_table = pa.concat_tables(tables)
     assert table["key"].to_pylist() == source_table["key"].to_pylist()
     assert "jpg" not in table.column_names and "url" not in table.column_names
@@ -117,65 +91,11 @@ def test_img2dataset_parquet_shards(where, ray_local, tmp_path, sample, referenc
     assert_scores_match(table, reference_model, source_table["jpg"].to_pylist(),
                         source_table["caption"].to_pylist())
     # The footer names the model, version, config and input.
-    handle = fs.open(paths[0], "rb") if fs is not None else open(paths[0], "rb")
-    with handle:
+    with fs.open(paths[0], "rb") as handle:
         meta = json.loads(pq.read_schema(handle).metadata[b"iqray"])
     assert meta["model"] == "mst-clipiqa-tiny-random" and meta["rows"] == 12
     assert meta["input_url"].endswith("00000.parquet") and meta["iqray_version"]
     assert {"checkpoint_sha256", "config_hash", "written", "score_mode"} <= set(meta)
-
-
-def test_hugging_face_image_struct_and_prompt_columns(ray_local, tmp_path, sample,
-                                                      reference_model):
-    names, images, prompts = sample
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({
-        "id": list(range(8)),
-        "image": pa.array([{"bytes": images[i], "path": names[i]} for i in range(8)],
-                          image_type),
-        "prompt": prompts[:8],
-    })
-    write_parquet(None, str(tmp_path / "in" / "train-00000-of-00001.parquet"), table)
-    summary = score(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
-    out = read_output(None, summary.outputs)
-    assert out["id"].to_pylist() == list(range(8))
-    assert_scores_match(out, reference_model, images[:8], prompts[:8])
-
-
-def test_image_path_column_relative_to_the_shard_on_s3(ray_local, s3_bucket, s3_endpoint,
-                                                       sample, reference_model):
-    fs, bucket = s3_bucket
-    names, images, prompts = sample
-    for name, data in zip(names[:6], images[:6], strict=True):
-        fs.pipe_file(f"{bucket}/data/images/{name}", data)
-    table = pa.table({"image_path": [f"images/{n}" for n in names[:6]], "text": prompts[:6]})
-    write_parquet(fs, f"{bucket}/data/index.parquet", table)
-    summary = score(input=f"s3://{bucket}/data/index.parquet", output=f"s3://{bucket}/out",
-                    s3_endpoint=s3_endpoint)
-    out = read_output(fs, [p.removeprefix("s3://") for p in summary.outputs])
-    assert out["status"].to_pylist() == ["ok"] * 6
-    assert_scores_match(out, reference_model, images[:6], prompts[:6])
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_webdataset_tar_shards(where, ray_local, tmp_path, sample, reference_model, request):
-    names, images, prompts = sample
-    if where == "local":
-        fs, root, out, extra = None, str(tmp_path / "wds"), str(tmp_path / "out"), {}
-    else:
-        fs, bucket = request.getfixturevalue("s3_bucket")
-        root, out = f"{bucket}/wds", f"s3://{bucket}/out"
-        extra = {"s3_endpoint": request.getfixturevalue("s3_endpoint")}
-    write_tar(fs, f"{root}/00000.tar", wds_members(sample, 0, 10, prompt_as="txt"))
-    write_tar(fs, f"{root}/00001.tar", wds_members(sample, 10, 10, prompt_as="json"))
-    # img2dataset's per-shard metadata parquet beside the tars is not an input.
-    write_parquet(fs, f"{root}/00000.parquet", pa.table({"key": ["x"]}))
-    source = f"s3://{root}" if fs is not None else root
-    summary = score(input=source, output=out, **extra)
-    paths = [p.removeprefix("s3://") for p in summary.outputs]
-    table = read_output(fs, paths)
-    assert table["key"].to_pylist() == [f"{i:06d}" for i in range(20)]
-    assert_scores_match(table, reference_model, images[:20], prompts[:20])
 
 
 def test_limit_and_sample_give_a_quick_preview_that_a_full_run_replaces(
@@ -239,44 +159,6 @@ def test_a_checkpoint_on_s3_is_staged_once_and_scores_like_the_local_model(
     assert meta["score_mode"] == "trained"
     assert meta["checkpoint_sha256"] == hashlib.sha256(
         (local / "model.safetensors").read_bytes()).hexdigest()
-
-
-def test_a_glob_selects_the_shards(ray_local, tmp_path, sample):
-    for name in ("a-0.parquet", "a-1.parquet", "b-0.parquet"):
-        write_parquet(None, str(tmp_path / "in" / name), img2dataset_table(sample, 0, 3))
-    summary = score(input=str(tmp_path / "in" / "a-*.parquet"), output=str(tmp_path / "out"))
-    assert sorted(p.rsplit("/", 1)[1] for p in summary.outputs) == ["a-0.parquet",
-                                                                   "a-1.parquet"]
-
-
-def test_a_folder_with_a_jsonl_sidecar_on_s3(ray_local, s3_bucket, s3_endpoint, sample,
-                                             reference_model):
-    fs, bucket = s3_bucket
-    names, images, prompts = sample
-    for name, data in zip(names[:9], images[:9], strict=True):
-        fs.pipe_file(f"{bucket}/gen/{name}", data)
-    sidecar = "\n".join(json.dumps({"file_name": n, "text": p})
-                        for n, p in zip(names[:8], prompts[:8], strict=True))
-    fs.pipe_file(f"{bucket}/gen/metadata.jsonl", sidecar.encode())
-    summary = score(input=f"s3://{bucket}/gen", output=f"s3://{bucket}/out",
-                    s3_endpoint=s3_endpoint, folder_chunk_size=4)
-    assert len(summary.outputs) == 3
-    out = read_output(fs, [p.removeprefix("s3://") for p in summary.outputs])
-    order = [names.index(k) for k in out["key"].to_pylist()]
-    assert sorted(order) == list(range(9))
-    expected_prompts = [prompts[i] if i < 8 else None for i in order]
-    assert out["prompt"].to_pylist() == expected_prompts  # the 9th image has no sidecar entry
-    assert_scores_match(out, reference_model, [images[i] for i in order], expected_prompts)
-
-
-def test_a_csv_index_with_an_image_root(ray_local, tmp_path, sample, reference_model):
-    names, images, prompts = sample
-    index = SAMPLE / "prompts.csv"  # name,prompt,mos_quality,mos_align; images/ beside it
-    summary = score(input=str(index), output=str(tmp_path / "out"), image_path_column="name",
-                    image_root=str(SAMPLE / "images"), key_columns=["name"])
-    out = read_output(None, summary.outputs)
-    assert out["name"].to_pylist() == names and out.num_rows == 32
-    assert_scores_match(out, reference_model, images, prompts)
 
 
 def test_the_shipped_two_view_model_scores_alike_in_the_pipeline(ray_local, tmp_path, sample):
