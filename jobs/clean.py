@@ -30,16 +30,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from iqray.pipeline.execution import RunConfig
-from iqray.pipeline.io.storage import join_url, write_atomic
+from iqray.pipeline.io.shards import InputColumns
+from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
+from iqray.pipeline.options import (
+    ClusterOptions,
+    ModeChoice,
+    ModelChoice,
+    PipelineJob,
+    PrecisionOptions,
+    RunOptions,
+    StageConfig,
+)
 from iqray.pipeline.tables.filtering import FilterRules
 
 
-class CleanConfig(RunConfig):
+class CleanConfig(PipelineJob, InputColumns, ModelChoice, ModeChoice, PrecisionOptions,
+                  StageConfig, ClusterOptions, StorageConfig, RunOptions):
     """`iqray clean`: score new shards of every source, filter, write manifests + run record."""
 
-    input: str = Field(default="", description="unused: see sources",
-                       json_schema_extra={"cli": False})
     sources: list[str] = Field(description="dataset URLs/globs to score (each like `iqray "
                                "score` input)")
     output: str = Field(description="root directory for scores, manifests and run records")
@@ -66,7 +74,7 @@ def source_slug(url: str) -> str:
 
 def run_clean(config: CleanConfig, log=print) -> dict:
     from iqray.jobs.score import ScoreConfig, run_score
-    from iqray.pipeline.execution import EXIT_OK, EXIT_UNFINISHED
+    from iqray.pipeline.exit_codes import EXIT_OK, EXIT_UNFINISHED
     from iqray.pipeline.io.storage import check_separate
     from iqray.pipeline.tables.filtering import add_relative_columns, apply_rules, cache_embeddings
     from iqray.pipeline.tables.runs import read_scores, score_files, score_metadata
@@ -77,13 +85,13 @@ def run_clean(config: CleanConfig, log=print) -> dict:
     when = dt.datetime.now(dt.timezone.utc)
     storage = config.storage_config()
     fs, _ = storage.filesystem(config.output)
-    score_options = config.model_dump(exclude={"sources", "output", "rules", "input"})
     record: dict = {"started": when.isoformat(timespec="seconds"), "model": config.model,
                     "sources": {}, "rules": config.rules.model_dump(exclude_defaults=True)}
     scored_any = False
     for source in config.sources:
         output = join_url(config.output, "scores", source_slug(source))
-        summary = run_score(ScoreConfig(**score_options, input=source, output=output), log=log)
+        summary = run_score(ScoreConfig(**config.fields_of(ScoreConfig, input=source,
+                                                           output=output)), log=log)
         scored_any |= summary.shards_scored > 0
         record["sources"][source] = {"output": output, "shards": summary.shards_total,
                                      "scored": summary.shards_scored,

@@ -25,7 +25,7 @@ class InfoConfig(JobConfig):
 
 def run_info(config: InfoConfig) -> int:
     import iqray.model
-    from iqray.model.checkpoint import iqray_version
+    from iqray.model.version import iqray_version
 
     print(f"iqray {iqray_version()}; shipped models: "
           f"{', '.join(iqray.model.shipped_models())}; presets: "
@@ -69,13 +69,12 @@ class Job:
 
             # Ray Data's per-operator INFO lines drown the summary a user reads.
             logging.getLogger("ray.data").setLevel(logging.WARNING)
-        from iqray.pipeline.execution import (
+        from iqray.pipeline.execution import ErrorBudgetExceeded, stop_local_ray
+        from iqray.pipeline.exit_codes import (
             EXIT_ERROR_BUDGET,
             EXIT_INTERRUPTED,
             EXIT_UNFINISHED,
             EXIT_USAGE,
-            ErrorBudgetExceeded,
-            stop_local_ray,
         )
         from iqray.pipeline.io.read import ShardUnfinished
         from iqray.pipeline.io.storage import PERMANENT_OS_ERRORS, StorageUnavailable
@@ -110,6 +109,7 @@ def exit_code_of(result) -> int:
     return int(getattr(result, "exit_code", 0))
 
 
+ALL = "*"  # build_parser: every job's flags
 JOBS: dict[str, Job] = {
     "score": Job("iqray.jobs.score", "ScoreConfig", "run_score",
                  "score images from Parquet/CSV/WebDataset/folders (local, S3, GCS) into Parquet",
@@ -149,9 +149,12 @@ JOBS: dict[str, Job] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from iqray.model.checkpoint import iqray_version
-    from iqray.pipeline.execution import EXIT_CODES_HELP
+def build_parser(only: str | None = ALL) -> argparse.ArgumentParser:
+    """The `iqray` parser. Every job is listed, but only ``only``'s flags are built (its config
+    imported), so `iqray --help` and `iqray score ...` import no other job's modules; the
+    default builds every job's flags (tests, docs)."""
+    from iqray.model.version import iqray_version
+    from iqray.pipeline.exit_codes import EXIT_CODES_HELP
 
     parser = argparse.ArgumentParser(
         prog="iqray",
@@ -162,12 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="job", metavar="JOB", required=True)
     parser.job_parsers = {}
     for name, job in JOBS.items():
-        config_cls = job.config_class()
-        job_parser = sub.add_parser(name, help=job.help, description=config_cls.__doc__,
+        built = only is ALL or only == name
+        config_cls = job.config_class() if built else None
+        job_parser = sub.add_parser(name, help=job.help,
+                                    description=config_cls.__doc__ if built else job.help,
                                     epilog=EXIT_CODES_HELP if job.uses_ray else None)
-        add_config_flags(job_parser, config_cls, job.positionals)
+        if built:
+            add_config_flags(job_parser, config_cls, job.positionals, job=name)
         parser.job_parsers[name] = job_parser
     return parser
+
+
+def _job_named(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (its first word that is not a flag), if any."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in JOBS else None
+    return None
 
 
 def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -191,7 +205,8 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_job_named(argv))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         _refuse_unknown(parser, args, unknown)

@@ -44,8 +44,6 @@ def _flag_name(path: tuple[str, ...]) -> str:
 
 def _iter_fields(model_cls: type[BaseModel], prefix: tuple[str, ...] = ()):
     for name, field in model_cls.model_fields.items():
-        if (field.json_schema_extra or {}).get("cli") is False:
-            continue  # inherited but meaningless for this job: no flag to pass in vain
         annotation = _unwrap_optional(field.annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _iter_fields(annotation, prefix + (name,))
@@ -53,17 +51,47 @@ def _iter_fields(model_cls: type[BaseModel], prefix: tuple[str, ...] = ()):
             yield prefix + (name,), annotation, field
 
 
+def group_of(model_cls: type[BaseModel], name: str) -> tuple[str, int, int]:
+    """Where a field goes in ``--help``: (the ``group_title`` of the option group that
+    declares it, see :mod:`iqray.pipeline.options`, or '' for the job's own options; that
+    group's place among the job's bases; the field's place in it)."""
+    for depth, cls in enumerate(model_cls.__mro__):
+        declared = list(cls.__dict__.get("__annotations__", {}))
+        title = cls.__dict__.get("group_title")
+        if name in declared and title:
+            return title, depth, declared.index(name)
+    for depth, cls in enumerate(model_cls.__mro__):  # redeclared by the job: the group's
+        title = cls.__dict__.get("group_title")
+        if title and name in cls.__dict__.get("__annotations__", {}):
+            return title, depth, 0
+    own = list(model_cls.__dict__.get("__annotations__", {}))
+    return "", 0, own.index(name) if name in own else len(own)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, model_cls: type[BaseModel],
-                     positionals: tuple[str, ...] = ()) -> None:
-    """Flags for every field; fields named in ``positionals`` may also be given bare
-    (``iqray score IN OUT``), either way."""
+                     positionals: tuple[str, ...] = (), job: str = "") -> None:
+    """Flags for every field, in ``--help`` sections by option group; fields named in
+    ``positionals`` may also be given bare (``iqray score IN OUT``), either way."""
+    from iqray.pipeline.options import GROUP_ORDER
+
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file with the job config; flags override its values")
     for name in positionals:
         parser.add_argument(f"pos:{name}", metavar=name.upper(), nargs="?",
                             default=argparse.SUPPRESS,
                             help=f"same as --{name.replace('_', '-')}")
-    for path, annotation, field in _iter_fields(model_cls):
+    fields = list(_iter_fields(model_cls))
+    places = {path: group_of(model_cls, path[0]) for path, _, _ in fields}
+    own = f"{job} options" if job else "options"
+    order = [t for t in GROUP_ORDER if t in {p[0] for p in places.values()}] + [""]
+    sections = {title: parser.add_argument_group(title or own) for title in order}
+
+    def place(item) -> tuple[int, int, int]:
+        title, depth, index = places[item[0]]
+        return order.index(title), depth, index
+
+    for path, annotation, field in sorted(fields, key=place):
+        target = sections[places[path][0]]
         dest = "cfg:" + ".".join(path)
         help_text = field.description or ""
         if field.is_required():
@@ -91,7 +119,7 @@ def add_config_flags(parser: argparse.ArgumentParser, model_cls: type[BaseModel]
             kwargs["type"] = yaml.safe_load
         if annotation is not bool and origin is not Literal:
             kwargs["metavar"] = path[-1].upper()  # argparse would show the dest, CFG:...
-        parser.add_argument(_flag_name(path), **kwargs)
+        target.add_argument(_flag_name(path), **kwargs)
 
 
 def build_config(model_cls: type[C], args: argparse.Namespace) -> C:

@@ -9,26 +9,45 @@ images already in the cache are not embedded again, wherever they came from.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from iqray.model.checkpoint import iqray_version
+from iqray.model.registry import architecture
+from iqray.model.version import iqray_version
 from iqray.pipeline.embed import Embedder, EmbedSink, embed_prompts
-from iqray.pipeline.execution import RunConfig, RunSummary, ensure_ray, execute, warn_to
+from iqray.pipeline.execution import RunSummary, ensure_ray, execute, warn_to
 from iqray.pipeline.io.discovery import discover_shards, inspect_input
 from iqray.pipeline.io.embed_cache import INDEX_COLUMNS, EmbeddingCache, index_table
-from iqray.pipeline.io.storage import check_separate
+from iqray.pipeline.io.shards import InputColumns
+from iqray.pipeline.io.storage import StorageConfig, check_separate
 from iqray.pipeline.io.writer import ShardWriter, plan_resume
+from iqray.pipeline.options import (
+    ClusterOptions,
+    InputURL,
+    ModelChoice,
+    OptionGroup,
+    PipelineJob,
+    RunOptions,
+    StageConfig,
+)
 from iqray.pipeline.scoring import stage_model
 
 
-class EmbedConfig(RunConfig):
+class CacheOptions(OptionGroup):
+    group_title: ClassVar[str] = "output"
+
+    cache: str = Field(default="cache/embeddings", description="embedding cache directory "
+                       "URL (created if missing)")
+    dtype: Literal["float16", "float32"] = Field(
+        default="float16", description="storage precision of cached embeddings")
+
+
+class EmbedConfig(PipelineJob, InputURL, InputColumns, CacheOptions, ModelChoice, StageConfig,
+                  ClusterOptions, StorageConfig, RunOptions):
     """`iqray embed`: cache the frozen towers' embeddings of every image in INPUT."""
 
     cache: str = Field(description="embedding cache directory URL (created if missing)")
-    dtype: Literal["float16", "float32"] = Field(
-        default="float16", description="storage precision of cached embeddings")
 
     def index_hash(self, tower_identity: str) -> str:
         return self.options_hash(tower_identity, {"image_root", "dtype"})
@@ -42,13 +61,7 @@ def run_embed(config: EmbedConfig, log=print) -> RunSummary:
                              warn=warn_to(log))
     key_columns = inspect_input(shards, read, storage, warn=warn_to(log))
     spec = stage_model(config.model, storage)
-    if config.precision != "fp32":
-        raise ValueError("an embedding cache is shared by every later run of its towers, so "
-                         "it is written with fp32 towers only (drop --precision)")
-    if spec.config.architecture != "mst-clipiqa":
-        raise ValueError(f"iqray embed caches MST-CLIPIQA tower embeddings; "
-                         f"{spec.config.architecture} has none to cache (its training keeps "
-                         "frozen level features in memory)")
+    architecture(spec.config).require("embedding_cache", "iqray embed (an embedding cache)")
     cache = EmbeddingCache(config.cache, storage)
     dim = spec.config.heads.embed_dim
     cache.bind(spec.tower_identity, spec.towers, dim, config.dtype)

@@ -20,7 +20,9 @@ from iqray.jobs.labelled import (
     image_rows,
     labelled_rows,
 )
+from iqray.model.registry import architecture
 from iqray.model.training import HEADS
+from iqray.pipeline import rows as R
 
 
 class EvalConfig(LabelledDataConfig):
@@ -53,7 +55,7 @@ def baseline_scores(config: EvalConfig, rows: list[int]) -> dict[str, np.ndarray
     (shard,) = discover_shards(config.input, read, storage)
     sharpness, size = {}, {}
     for batch in read_shard(shard, read, storage, []):
-        for row, image in zip(batch["source_row"], batch["_image"], strict=True):
+        for row, image in zip(batch[R.SOURCE_ROW], batch[R.IMAGE], strict=True):
             if image is not None:
                 size[row] = float(len(image))
                 sharpness[row] = laplacian_variance(image)
@@ -113,7 +115,7 @@ def run_eval(config: EvalConfig, log=print) -> dict:
     image_root = config.image_root or (config.input.rsplit("/", 1)[0]
                                        if "/" in config.input else ".")
     model = iqray.model.load(config.model, device="cpu", allow_download=False, mode=config.mode)
-    if isinstance(model, iqray.model.BPCLIP):  # scores from images (no embedding cache)
+    if not architecture(model).embedding_cache:  # scores from images
         config = config.model_copy(update={"alignment_column": None})
         labelled = image_rows(config, config.input, image_root, model)
         scores = model.score(labelled.pixels, batch_size=64)

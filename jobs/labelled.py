@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -14,27 +15,44 @@ import pyarrow.compute as pc
 import torch
 from pydantic import Field
 
-from iqray.jobs.embed import EmbedConfig, run_embed
+from iqray.jobs.embed import CacheOptions, EmbedConfig, run_embed
 from iqray.model.training import HEADS, HeadData
 from iqray.pipeline.io.discovery import discover_shards
 from iqray.pipeline.io.embed_cache import EmbeddingCache, shard_index
+from iqray.pipeline.io.shards import InputColumns
+from iqray.pipeline.io.storage import StorageConfig
 from iqray.pipeline.io.tables import read_table
+from iqray.pipeline.options import (
+    ClusterOptions,
+    InputURL,
+    ModeChoice,
+    ModelChoice,
+    OptionGroup,
+    PipelineJob,
+    RunOptions,
+    StageConfig,
+)
 from iqray.pipeline.tables.filtering import pattern_labels
 
 
-class LabelledDataConfig(EmbedConfig):
-    """A table of images with human scores (CSV or Parquet), read like `iqray score` input."""
+class LabelColumns(OptionGroup):
+    group_title: ClassVar[str] = "labels"
 
-    cache: str = Field(default="cache/embeddings", description="embedding cache directory")
     quality_column: str | None = Field(default="mos_quality", description="quality MOS column")
     alignment_column: str | None = Field(default="mos_align",
                                          description="alignment MOS column")
-    progress: bool = Field(default=True, description="show progress bars")
     group_column: str | None = Field(default=None, description="column naming each row's group")
     group_pattern: str | None = Field(
         default=None, description="regex on the image name whose first group is the group "
         "(e.g. '^([^_]+)_' for AGIQA-3K's generator); eval breaks results down by it, train "
         "uses it for the auxiliary loss (--group-weight)")
+
+
+class LabelledDataConfig(PipelineJob, InputURL, InputColumns, LabelColumns, CacheOptions,
+                         ModelChoice, ModeChoice, StageConfig, ClusterOptions, StorageConfig,
+                         RunOptions):
+    """A table of images with human scores (CSV or Parquet), read like `iqray score` input;
+    embedded into the cache with `iqray embed`'s options."""
 
 
 @dataclass
@@ -73,8 +91,8 @@ def groups_for(config: LabelledDataConfig, url: str, rows: list[int],
 
 def embed_table(config: LabelledDataConfig, url: str, image_root: str | None,
                 log) -> EmbeddingCache:
-    run_embed(config.model_copy(update={"input": url, "image_root": image_root,
-                                        "format": "auto"}), log=log)
+    run_embed(EmbedConfig(**config.fields_of(EmbedConfig, input=url, image_root=image_root,
+                                             format="auto")), log=log)
     return EmbeddingCache(config.cache, config.storage_config())
 
 

@@ -18,6 +18,7 @@ import json
 
 from pydantic import Field
 
+from iqray.pipeline import rows as R
 from iqray.pipeline.io.shards import ReadConfig
 from iqray.pipeline.io.storage import StorageConfig
 
@@ -62,7 +63,7 @@ def run_make_fr(config: MakeFRConfig, log=print) -> dict:
     chosen: list[tuple[int, int, bytes]] = []
     for shard in discover_shards(config.input, read, storage):
         for batch in read_shard(shard, read, storage, []):
-            for row, image in zip(batch["source_row"], batch["_image"], strict=True):
+            for row, image in zip(batch[R.SOURCE_ROW], batch[R.IMAGE], strict=True):
                 if image is None:
                     continue
                 item = (-_rank(config.seed, image), row, image)

@@ -10,37 +10,61 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from iqray.model.checkpoint import iqray_version
-from iqray.pipeline.execution import (
-    RunConfig,
-    RunSummary,
-    ensure_ray,
-    execute,
-    warn_to,
-)
+from iqray.model.registry import architecture
+from iqray.model.version import iqray_version
+from iqray.pipeline.execution import RunSummary, ensure_ray, execute, warn_to
 from iqray.pipeline.io.discovery import discover_shards, inspect_input
-from iqray.pipeline.io.shards import Shard, wants_references
-from iqray.pipeline.io.storage import check_separate
+from iqray.pipeline.io.shards import InputColumns, Sampling, Shard, wants_references
+from iqray.pipeline.io.storage import StorageConfig, check_separate
 from iqray.pipeline.io.writer import ShardWriter, plan_resume, score_schema
+from iqray.pipeline.options import (
+    ClusterOptions,
+    InputURL,
+    ModeChoice,
+    ModelChoice,
+    OptionGroup,
+    PipelineJob,
+    PrecisionOptions,
+    PreviewOptions,
+    RunOptions,
+    StageConfig,
+)
 
 
-class ScoreConfig(RunConfig):
-    """`iqray score`: score every image of INPUT and write Parquet to OUTPUT."""
+class ScoreOutput(OptionGroup):
+    group_title: ClassVar[str] = "output"
 
     output: str = Field(description="output directory URL; one Parquet per input shard")
-    retry_failed: bool = Field(default=False,
-                               description="rescore only the error rows of an earlier run")
+    keep_prompt: bool = Field(default=True, description="write the prompt column")
+    keep_image_bytes: bool = Field(default=False, description="write the image bytes too")
+
+
+class DryRun(OptionGroup):
+    group_title: ClassVar[str] = "preview"
+
     dry_run: bool = Field(default=False,
                           description="score a small sample and project the full run's time")
     dry_run_rows: int = Field(default=64, gt=0, description="rows a dry run scores")
-    keep_prompt: bool = Field(default=True, description="write the prompt column")
-    keep_image_bytes: bool = Field(default=False, description="write the image bytes too")
+
+
+class ResumeOptions(OptionGroup):
+    group_title: ClassVar[str] = "resume"
+
+    retry_failed: bool = Field(default=False,
+                               description="rescore only the error rows of an earlier run")
     cache: str | None = Field(
         default=None, description="embedding cache (`iqray embed`): shards it has indexed are "
         "rescored from cached embeddings, heads only, without reading an image")
+
+
+class ScoreConfig(PipelineJob, InputURL, InputColumns, Sampling, PreviewOptions, DryRun,
+                  ScoreOutput, ResumeOptions, ModelChoice, ModeChoice, PrecisionOptions,
+                  StageConfig, ClusterOptions, StorageConfig, RunOptions):
+    """`iqray score`: score every image of INPUT and write Parquet to OUTPUT."""
 
     @model_validator(mode="after")
     def _no_preview_retry(self) -> ScoreConfig:
@@ -76,9 +100,9 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                          "--reference-template" if fr else "--reference-column/"
                          "--reference-template given, but the model is not full-reference "
                          "(--mode fr, bpclip only)")
-    if config.cache and spec.config.architecture != "mst-clipiqa":
-        raise ValueError(f"--cache holds MST-CLIPIQA tower embeddings; "
-                         f"{spec.config.architecture} scores from images")
+    if config.cache:
+        architecture(spec.config).require("embedding_cache", "--cache (scoring from cached "
+                                          "tower embeddings)")
     precision_check = None
     if config.precision != "fp32" and config.precision_check:
         from iqray.pipeline.scoring import check_precision

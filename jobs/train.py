@@ -28,6 +28,7 @@ from iqray.jobs.labelled import (
     image_rows,
     labelled_rows,
 )
+from iqray.model.registry import architecture
 from iqray.model.training import DISTORTION_CLASSES, HEADS, TrainSettings
 from iqray.pipeline.io.storage import StorageConfig
 from iqray.pipeline.io.tables import read_table
@@ -43,10 +44,8 @@ class TrainConfig(LabelledDataConfig, TrainSettings):
         "rows are ever read")
     output: str = Field(default="runs/train", description="checkpoint directory to write")
     repeats: int = Field(default=1, gt=0, description="seeds to train; reports mean +- std")
-    # Declared here because the field is inherited twice and the read config's description
-    # ("seed of --sample") would otherwise be the one --help shows.
     seed: int = Field(default=0, description="seed of the first repeat (repeat k uses seed + "
-                      "k: towers from scratch, heads, batch order, flips); also of --sample")
+                      "k: towers from scratch, heads, batch order, flips)")
     towers: Literal["frozen", "finetune"] = Field(
         default="frozen", description="frozen: heads from cached embeddings; finetune: towers "
         "and heads end to end from images (small towers trained from scratch)")
@@ -161,20 +160,23 @@ def run_train(config: TrainConfig, log=print) -> dict:
     storage = config.storage_config()
     image_root = config.image_root or _default_root(config.input)
     model = iqray.model.load(config.model, device="cpu", allow_download=False, mode=config.mode)
-    bpclip = isinstance(model, iqray.model.BPCLIP)
-    if bpclip and config.towers != "frozen":
-        raise ValueError("bpclip trains with its backbone frozen (--towers frozen)")
-    if bpclip and model.full_reference and config.reference_column is None \
+    arch = architecture(model)
+    if config.towers == "finetune":
+        arch.require("finetune", "--towers finetune")
+    # Architectures whose frozen features are level taps keep them in memory (no cache).
+    levels = arch.training == "heads-on-level-features"
+    finetune = config.towers == "finetune"
+    if model.config.full_reference and config.reference_column is None \
             and config.reference_template is None:
         raise ValueError("--mode fr trains on (image, reference) rows: give "
                          "--reference-column or --reference-template")
-    if bpclip:  # one head: quality
+    if "alignment" not in arch.heads:
         config = config.model_copy(update={"alignment_column": None})
     settings = TrainSettings.model_validate(config.model_dump(
         include=set(TrainSettings.model_fields)))
     with tempfile.TemporaryDirectory(prefix="iqray-train-") as workdir:
         tables = split_tables(config, storage, Path(workdir))
-        if config.towers == "finetune" or bpclip:
+        if finetune or levels:
             random_crops = config.fine_crops == "random"
             splits = {split: image_rows(config, url, image_root, model,
                                         with_fine_areas=random_crops and split == "train")
@@ -193,14 +195,14 @@ def run_train(config: TrainConfig, log=print) -> dict:
                                   getattr(config, f"{head}_range"), head) for head in HEADS}
     updates = {"trained": True,
                "quality_scale": ScoreScale(low=scales["quality"][0], high=scales["quality"][1])}
-    if not bpclip:
+    if "alignment" in arch.heads:
         updates["alignment_scale"] = ScoreScale(low=scales["alignment"][0],
                                                 high=scales["alignment"][1])
     model.config = model.config.model_copy(update=updates)
-    if bpclip:
+    if levels:
         train, val = (level_rows(model, splits[s], scales, config.progress, s)
                       for s in ("train", "val"))
-    elif config.towers == "finetune":
+    elif finetune:
         train, val = (pixel_data(splits[s], scales) for s in ("train", "val"))
     else:
         train = head_data(cache, splits["train"], scales)
@@ -217,10 +219,10 @@ def run_train(config: TrainConfig, log=print) -> dict:
         # --pretrain-distortions implies --towers finetune (the config refuses anything else)
         bar = _EpochBar(config.epochs, f"seed {seed}", config.progress, _mos_postfix,
                         start=not config.pretrain_distortions, log=log)
-        if bpclip:
+        if levels:
             result = fit_bpclip(model, train, val, settings, seed=seed,
                                 on_epoch=bar.update_epoch)
-        elif config.towers == "finetune":
+        elif finetune:
             pretrain_bar = _EpochBar(config.pretrain_distortions,
                                      f"seed {seed} distortion pretraining", config.progress,
                                      _pretrain_postfix, then=bar, log=log)
@@ -244,10 +246,9 @@ def run_train(config: TrainConfig, log=print) -> dict:
 
     best = max(results, key=lambda r: r.best_val["mean"])  # chosen on validation only
     model.load_state_dict(best.state, strict=False)
-    if config.towers == "finetune":
+    if finetune:
         model.refresh_grade_text()
-    reference = reference_stats(model, embed_rows(model, train)
-                                if config.towers == "finetune" and not bpclip else train,
+    reference = reference_stats(model, embed_rows(model, train) if finetune else train,
                                 name=f"train rows of {config.input}")
     model.config = model.config.model_copy(update={"score_reference": reference})
     summary = {head: mean_std([r.best_val[head] for r in results])
@@ -257,7 +258,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
         "selected_seed": best.seed, "rows": {k: len(v.shas) for k, v in splits.items()},
         "settings": settings.model_dump()}
     output = Path(config.output)
-    save_checkpoint(model, output, metrics=metrics, include_towers=config.towers == "finetune",
+    save_checkpoint(model, output, metrics=metrics, include_towers=finetune,
                     weights_dtype=config.weights_dtype,
                     data_hash=data_hash(splits["train"], splits["val"]),
                     extra={"training": {"train": tables["train"] if config.val else config.input,

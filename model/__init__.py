@@ -71,12 +71,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def with_mode(config: ModelConfig, mode: str | None) -> ModelConfig:
     """``config`` in BPCLIP mode ``mode`` ('nr'/'fr'; None keeps it). A trained checkpoint
     keeps the mode it was trained in; MST-CLIPIQA has no full-reference mode."""
-    from iqray.model.config import BPCLIPConfig
+    from iqray.model.registry import architecture
 
     if mode is None or mode == ("fr" if config.full_reference else "nr"):
         return config
-    if not isinstance(config, BPCLIPConfig):
-        raise ValueError(f"mode {mode!r}: only bpclip models have a full-reference mode")
+    architecture(config).require("full_reference", f"mode {mode!r} (full-reference)")
     if config.trained:
         raise ValueError(f"this checkpoint was trained in mode {config.mode!r}; it cannot "
                          f"score in mode {mode!r}")
@@ -85,12 +84,9 @@ def with_mode(config: ModelConfig, mode: str | None) -> ModelConfig:
 
 def build(config: ModelConfig, **kwargs) -> MSTClipIQA | BPCLIP:
     """The module a config describes (towers resolved as in :mod:`iqray.model.weights`)."""
-    from iqray.model.bpclip import BPCLIP
-    from iqray.model.config import BPCLIPConfig
-    from iqray.model.mst_clipiqa import MSTClipIQA
+    from iqray.model.registry import architecture
 
-    cls = BPCLIP if isinstance(config, BPCLIPConfig) else MSTClipIQA
-    return cls.from_config(config, **kwargs)
+    return architecture(config).model_type().from_config(config, **kwargs)
 
 
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
@@ -108,22 +104,18 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
         load_trainable,
         read_checkpoint_config,
     )
-    from iqray.model.config import load_preset, preset_names, shipped_models
+    from iqray.model.config import load_preset
     from iqray.model.mst_clipiqa import MSTClipIQA
+    from iqray.model.registry import looks_like_a_name, resolve_name, unknown_model
 
-    name = str(name_or_path)
-    shipped = shipped_models()
-    if name in shipped:
-        name_or_path = name = str(shipped[name])
-    if name in preset_names():
-        model = build(with_mode(load_preset(name), mode), cache_dir=cache_dir,
+    resolved = resolve_name(str(name_or_path))
+    if resolved.kind == "preset":
+        model = build(with_mode(load_preset(resolved.location), mode), cache_dir=cache_dir,
                       allow_download=allow_download)
     else:
-        path = Path(name).expanduser()
-        if not path.exists() and os.sep not in name and not path.suffix:
-            raise KeyError(f"{name!r} is neither a shipped model ({', '.join(shipped)}), a model "
-                           f"preset ({', '.join(preset_names())}) "
-                           "nor an existing checkpoint path")
+        if not resolved.shipped and looks_like_a_name(resolved.location):
+            raise KeyError(unknown_model(resolved.location))
+        path = Path(resolved.location).expanduser()
         config_path, weights_path = checkpoint_files(path)
         config, raw = read_checkpoint_config(config_path)
         if config.trained and weights_path is None:

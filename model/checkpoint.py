@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from iqray.model.config import ModelConfig, parse_model_config
+from iqray.model.version import iqray_version
 from iqray.model.weights import refuse_pickle
 
 FORMAT = "iqray-checkpoint"
@@ -34,15 +35,6 @@ WEIGHTS_NAME = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint is malformed or does not match the model its config describes."""
-
-
-def iqray_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("iqray")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def save_checkpoint(model, directory: str | os.PathLike, *, metrics: dict | None = None,

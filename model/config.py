@@ -197,9 +197,9 @@ ModelConfig = MSTConfig | BPCLIPConfig
 
 def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
     """The config class its ``architecture`` names (MST-CLIPIQA when absent: older files)."""
-    if raw.get("architecture", "mst-clipiqa") == "bpclip":
-        return BPCLIPConfig.model_validate(raw)
-    return MSTConfig.model_validate(raw)
+    from iqray.model.registry import architecture
+
+    return architecture(raw).config_type().model_validate(raw)
 
 
 def preset_names() -> list[str]:

@@ -45,6 +45,9 @@ def apply_precision(model, precision: str):
     if model.device.type != "cpu":
         raise ValueError("--precision int8 is a CPU path (dynamic quantisation); on a GPU the "
                          "towers already run in bf16 autocast")
+    from iqray.model.registry import architecture
+
+    architecture(model).require("int8", "--precision int8")
     _require_frozen(model, "int8 towers")
     with warnings.catch_warnings():
         # torch 2.14 points eager quantisation at torchao; the API still works and torchao
@@ -85,9 +88,9 @@ def compile_towers(model):
     per process). Shapes are static (``dynamic=False``) because batches are. The text tower
     stays eager: prompts are encoded once per distinct prompt and cached.
     """
-    if not hasattr(model, "fine_visual"):
-        raise ValueError("--compile is built for MST-CLIPIQA's towers; BPCLIP reads its tower "
-                         "at four depths through forward hooks, which compiled graphs skip")
+    from iqray.model.registry import architecture
+
+    architecture(model).require("compile", "--compile")
     if getattr(model, "precision", "fp32") != "fp32":
         raise ValueError("--compile with --precision int8 is not offered: on this CPU it ran "
                          "the ViT-B-16 tower 0.98x as fast and moved outputs by up to 0.06")

@@ -36,7 +36,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ Item = TypeVar("Item")
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    group_title: ClassVar[str] = "training"  # its --help section in `iqray train`
 
     epochs: int = Field(default=40, gt=0, description="passes over the training rows")
     train_batch_size: int = Field(default=64, gt=1, description="rows per optimiser step")

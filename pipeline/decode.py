@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from iqray.model.images import CropViews, ImageDecodeError, open_image
+from iqray.pipeline import rows as R
 
 if TYPE_CHECKING:
     from iqray.model.preprocess import ImageTransform
@@ -68,7 +69,13 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
 
 def row_label(batch: dict[str, Any], i: int) -> str:
-    source, row = batch["source_file"][i], int(batch["source_row"][i])
+    """Which row: its input file and row, and key; rows of a user's own dataset
+    (:func:`~iqray.pipeline.score_dataset`), which have no input file, by image hash."""
+    if R.SOURCE_FILE not in batch:
+        sha = batch.get(R.IMAGE_SHA256)
+        known = sha is not None and not is_missing(sha[i])
+        return f"image sha256 {sha[i][:16]}" if known else f"row {i} of its batch"
+    source, row = batch[R.SOURCE_FILE][i], int(batch[R.SOURCE_ROW][i])
     key = batch.get("key")
     label = f"{source} row {row}"
     if key is not None and not is_missing(key[i]):
@@ -100,13 +107,13 @@ def iter_crops(shard, read, storage, transform: ImageTransform
     from iqray.pipeline.io.read import read_shard
 
     for batch in read_shard(shard, read, storage, []):
-        references = batch.get("_reference", [None] * len(batch["source_row"]))
-        for row, image, prompt, reference in zip(batch["source_row"], batch["_image"],
-                                                 batch["prompt"], references, strict=True):
+        references = batch.get(R.REFERENCE, [None] * len(batch[R.SOURCE_ROW]))
+        for row, image, prompt, reference in zip(batch[R.SOURCE_ROW], batch[R.IMAGE],
+                                                 batch[R.PROMPT], references, strict=True):
             try:
                 decoded = open_image(image)
                 crop = transform.crop(decoded)
-                if "_reference" in batch:
+                if R.REFERENCE in batch:
                     crop = torch.cat([crop, transform.crop(open_image(reference))])
             except (ImageDecodeError, TypeError):
                 yield row, image, prompt, None, None
@@ -154,31 +161,31 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
     reference is cropped the same way and follows its image in the channel axis.
 
     With ``jpeg_on_device`` JPEG rows are not decoded here: their bytes travel on in
-    ``_encoded`` and the model actor decodes them on its device (see
+    ``_encoded`` (:data:`rows.ENCODED`) and the model actor decodes them on its device (see
     :meth:`ModelStage.decode_on_device`); this task then only hashes and checks headers."""
     started = time.perf_counter()
-    count = len(batch["source_row"])
+    count = len(batch[R.IMAGE])
     crop = CropViews(image_size, fine_resize)
     channels = decoded_channels(image_size, fine_resize, references)
     pixels = np.zeros((count, channels, image_size, image_size), np.uint8)
     # Content hash of the encoded bytes: exact-duplicate detection and embedding-cache key.
-    batch["image_sha256"] = np.array(
-        [hashlib.sha256(b).hexdigest() if isinstance(b, bytes) else None
-         for b in batch["_image"]], dtype=object)
-    errors = [None if is_missing(e) else e for e in batch["_error"]]
-    kinds = [None if is_missing(k) else k for k in batch["_error_kind"]]
+    images = batch[R.IMAGE]
+    batch[R.IMAGE_SHA256] = np.array(
+        [hashlib.sha256(b).hexdigest() if isinstance(b, bytes) else None for b in images],
+        dtype=object)
+    errors = [None if is_missing(e) else e for e in batch[R.ERROR]]
+    kinds = [None if is_missing(k) else k for k in batch[R.ERROR_KIND]]
     encoded = np.full(count, None, dtype=object)
     for i in range(count):
         if errors[i] is not None:
             continue
-        if jpeg_on_device and not references and device_decodable(batch["_image"][i],
-                                                                  max_pixels):
-            encoded[i] = batch["_image"][i]
+        if jpeg_on_device and not references and device_decodable(images[i], max_pixels):
+            encoded[i] = images[i]
             continue
         try:
             with time_limit(timeout_s):
                 pixels[i, :crop.channels] = crop(
-                    open_image(batch["_image"][i], max_pixels=max_pixels))
+                    open_image(images[i], max_pixels=max_pixels))
         except ImageDecodeError as exc:
             errors[i], kinds[i] = f"{row_label(batch, i)}: {exc}", "decode"
             continue
@@ -189,21 +196,21 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
             try:
                 with time_limit(timeout_s):
                     pixels[i, crop.channels:] = crop(
-                        open_image(batch["_reference"][i], max_pixels=max_pixels))
+                        open_image(batch[R.REFERENCE][i], max_pixels=max_pixels))
             except (ImageDecodeError, DecodeTimeout) as exc:
                 errors[i] = f"{row_label(batch, i)}: reference: {exc}"
                 kinds[i] = "reference_decode"
-    batch["pixels"] = pixels
+    batch[R.PIXELS] = pixels
     if jpeg_on_device:
-        batch["_encoded"] = encoded
-    batch["_error"] = np.array(errors, dtype=object)
-    batch["_error_kind"] = np.array(kinds, dtype=object)
+        batch[R.ENCODED] = encoded
+    batch[R.ERROR] = np.array(errors, dtype=object)
+    batch[R.ERROR_KIND] = np.array(kinds, dtype=object)
     if keep_image_bytes:
-        batch["image"] = batch["_image"]
-    del batch["_image"]
-    batch.pop("_reference", None)
-    batch["_decode_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
-    batch["_decode_node"] = np.full(count, node_id(), dtype=object)
+        batch[R.IMAGE_BYTES] = images
+    del batch[R.IMAGE]
+    batch.pop(R.REFERENCE, None)
+    batch[R.DECODE_S] = np.full(count, (time.perf_counter() - started) / max(count, 1))
+    batch[R.DECODE_NODE] = np.full(count, node_id(), dtype=object)
     return batch
 
 
@@ -215,3 +222,51 @@ def node_id() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:
         return None
+
+
+def decode_user_batch(batch: dict[str, np.ndarray], image_column: str,
+                      reference_column: str | None, storage, image_root: str | None,
+                      taken: tuple[str, ...], **decode_kwargs) -> dict[str, np.ndarray]:
+    """:func:`decode_batch` for rows of a user's own dataset
+    (:func:`~iqray.pipeline.score_dataset`): their image column (bytes, a path/URL, or a
+    Hugging Face ``Image`` struct) becomes the readers' columns here, in the decode task,
+    so encoded bytes cross the object store once. The user's columns pass through."""
+    from iqray.pipeline.io.shards import image_cell, read_bytes, resolve_ref
+
+    clash = [name for name in taken if name in batch]
+    if clash:
+        raise ValueError(f"the dataset already has column(s) {', '.join(clash)}, which "
+                         "score_dataset adds; rename or drop them first")
+    if image_column not in batch:
+        raise ValueError(f"no image column {image_column!r} in the dataset; columns: "
+                         f"{', '.join(batch)}")
+
+    def read_path(ref: str) -> bytes:
+        if image_root is None and "://" not in ref and not ref.startswith("/"):
+            raise ValueError("a relative path needs image_root (Ray workers do not share "
+                             "the driver's working directory)")
+        return read_bytes(resolve_ref("", ref, image_root), storage)
+
+    def cells(column: str, what: str):
+        return [image_cell(value, f"{what} column {column!r}", read_path, paths=True)
+                for value in batch[column]]
+
+    images = cells(image_column, "image")
+    errors = [error for _, error, _ in images]
+    kinds = [kind for _, _, kind in images]
+    if reference_column is not None:
+        references = cells(reference_column, "reference")
+        for i, (_, error, _) in enumerate(references):
+            if errors[i] is None and error is not None:
+                errors[i], kinds[i] = f"reference: {error}", "read_reference"
+        batch[R.REFERENCE] = _objects([data for data, _, _ in references])
+    batch[R.IMAGE] = _objects([data for data, _, _ in images])
+    batch[R.ERROR] = _objects(errors)
+    batch[R.ERROR_KIND] = _objects(kinds)
+    return decode_batch(batch, **decode_kwargs)
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out

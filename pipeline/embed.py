@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from iqray.pipeline import rows as R
 from iqray.pipeline.io.embed_cache import EmbeddingCache
 from iqray.pipeline.io.writer import ShardWriter
 from iqray.pipeline.scoring import ModelSpec, ModelStage, split_on_oom
@@ -46,7 +47,7 @@ class Embedder(ModelStage):
         coarse = np.zeros((count, dim), self.dtype)
         fine = np.zeros((count, dim), self.dtype)
         error = np.zeros(count, np.float32)
-        todo = np.array([bool(ok[i]) and batch["image_sha256"][i] not in self.known
+        todo = np.array([bool(ok[i]) and batch[R.IMAGE_SHA256][i] not in self.known
                          for i in range(count)], dtype=bool)
         index = np.flatnonzero(todo)
         if index.size:
@@ -59,10 +60,10 @@ class Embedder(ModelStage):
                 stored = target[index].astype(np.float32)
                 stored /= np.linalg.norm(stored, axis=1, keepdims=True)
                 error[index] = np.maximum(error[index], np.abs(unit - stored).max(axis=1))
-        batch["_coarse"] = coarse
-        batch["_fine"] = fine
-        batch["_embedded"] = todo
-        batch["_embed_error"] = error
+        batch[R.COARSE] = coarse
+        batch[R.FINE] = fine
+        batch[R.EMBEDDED] = todo
+        batch[R.EMBED_ERROR] = error
 
 
 class EmbedSink:
@@ -75,18 +76,18 @@ class EmbedSink:
         self.embedded = 0
 
     def add(self, table: pa.Table) -> None:
-        fresh = table.filter(table["_embedded"])
+        fresh = table.filter(table[R.EMBEDDED])
         if fresh.num_rows:
-            shas = fresh["image_sha256"].to_pylist()
+            shas = fresh[R.IMAGE_SHA256].to_pylist()
             keep = [i for i, sha in enumerate(shas) if sha not in self.added]
             # The same image twice in one run: both rows were embedded, one is stored.
             fresh = fresh.take(pa.array(keep, pa.int64()))
             shas = [shas[i] for i in keep]
             self.added.update(shas)
             self.embedded += len(shas)
-            self.cache.add_images(shas, _vectors(fresh["_coarse"], self.dim),
-                                  _vectors(fresh["_fine"], self.dim))
-            self.max_error = max(self.max_error, pc.max(fresh["_embed_error"]).as_py() or 0.0)
+            self.cache.add_images(shas, _vectors(fresh[R.COARSE], self.dim),
+                                  _vectors(fresh[R.FINE], self.dim))
+            self.max_error = max(self.max_error, pc.max(fresh[R.EMBED_ERROR]).as_py() or 0.0)
         self.writer.add(table)
 
     def finish(self) -> None:

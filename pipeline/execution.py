@@ -11,7 +11,6 @@ the driver loop that streams rows into a job's sink.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -21,18 +20,18 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
 
-import iqray.model
-from iqray.model.config import DEFAULT_MAX_PIXELS
+from iqray.pipeline import rows as R
+from iqray.pipeline.exit_codes import EXIT_OK, EXIT_UNFINISHED
 from iqray.pipeline.io.read import read_shard
 from iqray.pipeline.io.shards import ReadConfig, Shard, wants_references
 from iqray.pipeline.io.storage import StorageConfig
+from iqray.pipeline.options import ClusterOptions, PipelineJob, StageConfig
 
 READ_TASK_CPUS = 0.25
 DECODE_TASK_CPUS = 0.5
@@ -59,90 +58,6 @@ def _disable_ray_progress_bars(context) -> None:
         logger.addFilter(_DropProgressBarsDisabled())
 
 
-class RunConfig(ReadConfig, StorageConfig):
-    """Settings every pipeline job shares: input, model, resources, error budget."""
-
-    input: str = Field(description="input URL: file, directory or glob (local, s3://, gs://)")
-    model: str = Field(default=iqray.model.DEFAULT_MODEL,
-                       description="model preset name or checkpoint dir/URL")
-    device: str = Field(default="auto", description="actor device: auto, cpu, cuda")
-    batch_size: int = Field(default=32, gt=0, description="images per model call")
-    decode_batch_size: int = Field(default=32, gt=0, description="images per decode task call")
-    num_actors: int | None = Field(default=None, gt=0,
-                                   description="model actors (default: from cluster resources)")
-    actor_num_cpus: float | None = Field(default=None, gt=0,
-                                         description="logical CPUs reserved per model actor")
-    gpus_per_actor: float = Field(default=1.0, gt=0, description="GPUs per actor (fractional ok)")
-    model_threads: int | None = Field(default=None, gt=0,
-                                      description="torch threads per CPU actor")
-    limit: int | None = Field(default=None, gt=0, description="score only the first N rows")
-    max_error_fraction: float = Field(default=0.05, ge=0, le=1,
-                                      description="abort when more rows than this fail")
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0,
-                            description="refuse images with more pixels than this")
-    decode_timeout_s: float = Field(default=10.0, gt=0, description="per-image decode limit")
-    progress: bool = Field(default=True, description="show a progress bar")
-    ray_address: str | None = Field(default=None,
-                                    description="'auto' to join a cluster; default: local Ray")
-    ray_num_cpus: int | None = Field(default=None, gt=0, description="CPUs for local Ray")
-    object_store_memory: int | None = Field(default=None, gt=0,
-                                            description="object store bytes for local Ray")
-    prompt_cache_size: int = Field(default=4096, gt=0, description="prompts cached per actor")
-    precision: Literal["fp32", "int8"] = Field(
-        default="fp32", description="CPU actors: int8 = dynamic quantisation of the image "
-        "towers' Linear layers (about 2x faster; `iqray bench` checks Spearman >= 0.999 "
-        "against fp32)")
-    actor_start_timeout_s: float = Field(
-        default=600.0, ge=0, description="wait until every model actor has loaded its model "
-        "before feeding any (else the first ready actor takes the first batches and a short "
-        "run never spreads); a pool that cannot start in time is an error; 0 = do not wait")
-    compile: bool = Field(
-        default=False, description="torch.compile the image towers in every actor (CUDA "
-        "graphs on GPUs; on this 2-core CPU 1.09x after ~37 s of compiling per actor); "
-        "MST-CLIPIQA, fp32 only")
-    precision_check: bool = Field(
-        default=True, description="before a --precision int8 run, score the first 32 images "
-        "both ways and refuse if the ranking moves (Spearman < 0.999)")
-    decode: Literal["cpu", "device"] = Field(
-        default="cpu", description="cpu: decode tasks decode every image (PIL); device: JPEGs "
-        "are decoded in the model actor on its device (torchvision decode_jpeg: nvJPEG on a "
-        "GPU), so CPU cores only read and check headers; other formats and full-reference "
-        "references still decode in tasks. Crops differ from PIL's by rounding (bench "
-        "reports the fidelity)")
-    max_in_flight_bytes: int | None = Field(
-        default=None, gt=0, description="object-store bytes this job's blocks may hold in "
-        "flight (read, decoded, scored); default: 8 model batches of decoded crops per actor, "
-        "at least 256 MiB. Bounds memory whatever the input size; Ray Data's own default "
-        "is a share of the whole object store")
-    mode: Literal["nr", "fr"] | None = Field(
-        default=None, description="bpclip: no-reference or full-reference (needs "
-        "--reference-column or --reference-template); default: the model's own")
-
-    # Options that change which rows are read and how: outputs made under other values are
-    # not interchangeable, so resume must not reuse them.
-    READ_OPTIONS: ClassVar[frozenset[str]] = frozenset({
-        "format", "image_column", "image_path_column", "prompt_column", "key_columns",
-        "folder_chunk_size", "max_pixels", "reference_column", "reference_template"})
-
-    def options_hash(self, identity: str, extra: set[str] = frozenset()) -> str:
-        """Short hash of the reading options (plus ``extra`` fields) and an identity."""
-        relevant = self.model_dump(include=set(self.READ_OPTIONS) | set(extra))
-        for unset in ("reference_column", "reference_template"):  # absent: older hashes hold
-            if relevant.get(unset) is None:
-                relevant.pop(unset, None)
-        relevant["identity"] = identity
-        if self.precision != "fp32":  # other scores; fp32 keeps the hashes it always had
-            relevant["precision"] = self.precision
-        if self.decode != "cpu":  # other crops (rounding), so slightly other scores
-            relevant["decode"] = self.decode
-        if self.compile:  # other kernels: the same scores up to float rounding
-            relevant["compile"] = True
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-    def read_config(self) -> ReadConfig:
-        return ReadConfig.model_validate(self.model_dump(include=set(ReadConfig.model_fields)))
-
-
 class Sink(Protocol):
     def add(self, table: pa.Table) -> Any: ...
 
@@ -155,19 +70,6 @@ class Sink(Protocol):
 
 class ErrorBudgetExceeded(RuntimeError):
     pass
-
-
-# Exit codes of the pipeline jobs (README "Exit codes"; `iqray --help`).
-EXIT_OK = 0  # every input row is in the output, as a scored row or an error row
-EXIT_USAGE = 2  # usage or configuration mistake: nothing was written
-EXIT_ERROR_BUDGET = 3  # more rows failed than --max-error-fraction allows
-EXIT_UNFINISHED = 4  # shards left unfinished (storage kept failing): rerun to finish
-EXIT_INTERRUPTED = 130  # Ctrl-C: committed shards kept, a rerun resumes
-EXIT_CODES_HELP = (
-    "exit codes: 0 every input row is in the output (scored or an error row); 2 usage or "
-    "configuration mistake, nothing written; 3 error budget exceeded; 4 shards left "
-    "unfinished (storage kept failing), nothing half-done committed: rerun to finish; "
-    "130 interrupted")
 
 
 @dataclass
@@ -267,7 +169,7 @@ def warn_to(log):
     return lambda message: log(f"warning: {message}")
 
 
-def plan_resources(config: RunConfig, resources: dict[str, float]) -> dict[str, Any]:
+def plan_resources(config: StageConfig, resources: dict[str, float]) -> dict[str, Any]:
     """Size the actor pool from what the cluster has, never starving read/decode tasks."""
     cpus = float(resources.get("CPU", 0))
     gpus = float(resources.get("GPU", 0))
@@ -293,7 +195,7 @@ def plan_resources(config: RunConfig, resources: dict[str, float]) -> dict[str, 
             "decode_workers": left / DECODE_TASK_CPUS}
 
 
-def _actor_device(config: RunConfig, plan: dict[str, Any]) -> str:
+def _actor_device(config: StageConfig, plan: dict[str, Any]) -> str:
     """What an actor loads its model onto. With GPUs reserved and --device auto the actor
     takes CUDA when its process sees a device (Ray sets CUDA_VISIBLE_DEVICES) and says so
     when it falls back; --device cuda insists."""
@@ -305,7 +207,7 @@ def _actor_device(config: RunConfig, plan: dict[str, Any]) -> str:
 _STARTED_LOCAL_RAY = False  # whether ensure_ray started a local Ray in this process
 
 
-def ensure_ray(config: RunConfig):
+def ensure_ray(config: ClusterOptions):
     global _STARTED_LOCAL_RAY
     import ray
 
@@ -378,54 +280,55 @@ def _column(values: list[Any]) -> np.ndarray:
     return array
 
 
-def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
-            key_columns: list[str], sink: Sink, summary: RunSummary,
-            stage_kwargs: dict[str, Any] | None = None, keep_image_bytes: bool = False
-            ) -> None:
-    """Run the stages over ``todo`` and stream every block into ``sink``."""
-    read, storage = config.read_config(), config.storage_config()
-    plan = plan_resources(config, ray.cluster_resources())
-    context = ray.data.DataContext.get_current()
-    _disable_ray_progress_bars(context)
+def configure_context(context, config: StageConfig, spec, plan: dict[str, Any],
+                      references: bool, limit_in_flight: bool = True) -> None:
+    """Block size and the in-flight bound of a Ray Data context (one dataset chain's)."""
     context.wait_for_min_actors_s = config.actor_start_timeout_s or -1
-    from iqray.pipeline.decode import decode_batch, decoded_channels
+    from iqray.pipeline.decode import decoded_channels
 
     # Blocks of about one model batch of decoded crops: Ray Data merges a task's output up
     # to its target block size (128 MiB by default), so a whole shard would arrive at the
     # actor pool as one block, and one actor would score it while the others idle.
-    channels = decoded_channels(spec.config.image_size, spec.config.fine_resize,
-                                wants_references(read))
+    channels = decoded_channels(spec.config.image_size, spec.config.fine_resize, references)
     batch_bytes = config.batch_size * channels * spec.config.image_size ** 2
     context.target_max_block_size = max(1 << 20, batch_bytes)
+    if not limit_in_flight:
+        return
     # Without a limit Ray Data lets reads and decodes run ahead of the model until a share
     # of the object store is full, so memory grows with the input up to that share.
     in_flight = config.max_in_flight_bytes or max(MIN_IN_FLIGHT_BYTES,
                                                   8 * plan["actors"] * batch_bytes)
+    import ray
+
     context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
         object_store_memory=in_flight)
-    image_size = spec.config.image_size
-    items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_shards, batch_size=1, num_cpus=READ_TASK_CPUS,
-                        fn_kwargs={"read": read, "storage": storage,
-                                   "key_columns": key_columns}, batch_format="numpy")
-    if config.limit:
-        ds = ds.limit(config.limit)
+
+
+def model_stages(ds, config: StageConfig, spec, plan: dict[str, Any], stage_cls: type,
+                 references: bool, stage_kwargs: dict[str, Any] | None = None,
+                 decode_fn=None, decode_kwargs: dict[str, Any] | None = None,
+                 keep_image_bytes: bool = False):
+    """``ds`` (rows as the readers make them, see :mod:`iqray.pipeline.rows`) through the
+    decode tasks and the model actor pool."""
+    import ray
+
+    from iqray.pipeline.decode import decode_batch
 
     # Decode must stay its own stage: fused into the actor (Ray Data fuses map stages with
     # identical resource requests), it would run serially in front of the model and starve
     # it. Decode tasks reserve memory for the images they hold, which also keeps them apart.
-    ds = ds.map_batches(decode_batch, batch_size=config.decode_batch_size,
+    ds = ds.map_batches(decode_fn or decode_batch, batch_size=config.decode_batch_size,
                         num_cpus=DECODE_TASK_CPUS, memory=DECODE_TASK_MEMORY,
                         batch_format="numpy",
-                        fn_kwargs={"image_size": image_size,
-                                   "references": wants_references(read),
+                        fn_kwargs={"image_size": spec.config.image_size,
+                                   "references": references,
                                    "fine_resize": spec.config.fine_resize,
                                    "max_pixels": config.max_pixels,
                                    "timeout_s": config.decode_timeout_s,
                                    "keep_image_bytes": keep_image_bytes,
-                                   "jpeg_on_device": config.decode == "device"})
-    ds = ds.map_batches(
+                                   "jpeg_on_device": config.decode == "device",
+                                   **(decode_kwargs or {})})
+    return ds.map_batches(
         stage_cls, batch_size=config.batch_size, batch_format="numpy",
         # Two batches in flight per actor: one computing, one queued. More lets the first
         # ready actor take every batch of a small input while the others idle.
@@ -434,13 +337,36 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
         fn_constructor_kwargs={"spec": spec, "device": _actor_device(config, plan),
                                "threads": None if plan["use_gpu"] else plan["threads"],
                                "prompt_cache_size": config.prompt_cache_size,
-                               "precision": config.precision,
+                               "precision": getattr(config, "precision", "fp32"),
                                "compile": config.compile,
                                **(stage_kwargs or {})})
 
+
+def execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
+            key_columns: list[str], sink: Sink, summary: RunSummary,
+            stage_kwargs: dict[str, Any] | None = None, keep_image_bytes: bool = False
+            ) -> None:
+    """Run the stages over ``todo`` and stream every block into ``sink``."""
+    read, storage = config.read_config(), config.storage_config()
+    references = wants_references(read)
+    plan = plan_resources(config, ray.cluster_resources())
+    context = ray.data.DataContext.get_current()
+    _disable_ray_progress_bars(context)
+    configure_context(context, config, spec, plan, references)
+    items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_shards, batch_size=1, num_cpus=READ_TASK_CPUS,
+                        fn_kwargs={"read": read, "storage": storage,
+                                   "key_columns": key_columns}, batch_format="numpy")
+    limit = getattr(config, "limit", None)  # previews only
+    if limit:
+        ds = ds.limit(limit)
+    ds = model_stages(ds, config, spec, plan, stage_cls, references, stage_kwargs,
+                      keep_image_bytes=keep_image_bytes)
+
     total = sum(s.estimated_rows or 0 for s in todo) or None
-    if config.limit:
-        total = min(total or config.limit, config.limit)
+    if limit:
+        total = min(total or limit, limit)
     progress = _progress(total, config.progress)
     busy = Counter()
     seen = 0
@@ -450,11 +376,11 @@ def execute(config: RunConfig, ray, spec, stage_cls: type, todo: list[Shard],
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if first_at is None:
             first_at, first_rows = time.perf_counter(), table.num_rows
-        for stage in ("read", "decode", "model"):
-            busy[stage] += pc.sum(table[f"_{stage}_s"]).as_py() or 0.0
-        for stage in ("decode", "model"):
-            if f"_{stage}_node" in table.column_names:
-                nodes[stage].update(table[f"_{stage}_node"].to_pylist())
+        for stage, column in R.STAGE_SECONDS.items():
+            busy[stage] += pc.sum(table[column]).as_py() or 0.0
+        for stage, column in R.STAGE_NODES.items():
+            if column in table.column_names:
+                nodes[stage].update(table[column].to_pylist())
         seen += table.num_rows
         tick = time.perf_counter()
         sink.add(table)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from iqray.pipeline import rows as R
 from iqray.pipeline.execution import RunSummary
 from iqray.pipeline.io.embed_cache import EmbeddingCache, index_written_for
 from iqray.pipeline.io.shards import Shard
@@ -61,7 +62,7 @@ def rescore_from_cache(shards: list[Shard], cache_url: str, storage: StorageConf
         table = index.append_column("quality", pa.array(quality)) \
             .append_column("alignment", pa.array(alignment)) \
             .append_column("prompt_truncated", pa.array(truncated)) \
-            .append_column("_shard", pa.array([shard.index] * index.num_rows, pa.int64())) \
-            .append_column("_shard_end", pa.array([index.num_rows] * index.num_rows, pa.int64()))
+            .append_column(R.SHARD, pa.array([shard.index] * index.num_rows, pa.int64())) \
+            .append_column(R.SHARD_END, pa.array([index.num_rows] * index.num_rows, pa.int64()))
         writer.add(table)
     summary.stage_busy_s["heads (from cache)"] = round(time.perf_counter() - started, 3)

@@ -171,7 +171,7 @@ def check_batch(batch: dict[str, np.ndarray], stage: str,
                 outputs: tuple[str, ...] = ()) -> list[str]:
     """What is wrong with ``stage``'s output ``batch`` against the contract (empty: nothing).
 
-    ``outputs``: the model's score columns, float32 with NaN on error rows."""
+    ``outputs``: the model's score columns (quality first), float32, NaN on error rows."""
     wanted, removed = STAGE_OUTPUT[stage]
     problems = [f"missing {name}" for name in wanted if name not in batch]
     problems += [f"still holds {name}" for name in removed if name in batch]
@@ -205,7 +205,9 @@ def check_batch(batch: dict[str, np.ndarray], stage: str,
     if STATUS in batch and outputs:
         ok = batch[STATUS] == STATUS_OK
         for name in outputs:
-            if name in batch and (np.isnan(batch[name][ok]).any()
-                                  or not np.isnan(batch[name][~ok]).all()):
-                problems.append(f"{name}: NaN must mark exactly the error rows")
+            if name in batch and not np.isnan(batch[name][~ok]).all():
+                problems.append(f"{name}: a score on an error row (must be NaN)")
+        # quality needs no prompt; alignment is NaN on an ok row without one
+        if outputs[0] in batch and np.isnan(batch[outputs[0]][ok]).any():
+            problems.append(f"{outputs[0]}: NaN on an ok row")
     return problems

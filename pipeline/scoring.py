@@ -22,14 +22,10 @@ import torch
 
 import iqray.model
 from iqray.model.checkpoint import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
-from iqray.model.config import (
-    ModelConfig,
-    load_preset,
-    parse_model_config,
-    preset_names,
-    shipped_models,
-)
+from iqray.model.config import ModelConfig, load_preset, parse_model_config
+from iqray.model.registry import resolve_name, unknown_model
 from iqray.model.weights import looks_like_path, resolve_tower_weights
+from iqray.pipeline import rows as R
 from iqray.pipeline.decode import (
     crop_transform,
     decode_jpegs,
@@ -89,19 +85,17 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
     """
     put = put or (lambda data: data)
     files: dict[str, bytes] = {}
-    if name in preset_names():
+    resolved = resolve_name(name)
+    if resolved.kind == "preset":
         config = load_preset(name)
         raw: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
         base_dir = remote_dir = None
     else:
-        location = str(shipped_models().get(name, name))  # shipped models live in the package
+        location = resolved.location  # shipped models live in the package
         fs, path = storage.filesystem(location)
         config_path = path if path.endswith(".json") else path.rstrip("/") + "/" + CONFIG_NAME
         if not fs.exists(config_path):
-            raise FileNotFoundError(f"model {name!r} is neither a shipped model "
-                                    f"({', '.join(shipped_models())}), a preset "
-                                    f"({', '.join(preset_names())}) nor a checkpoint with "
-                                    f"{CONFIG_NAME}")
+            raise FileNotFoundError(unknown_model(name))
         raw = json.loads(fs.cat_file(config_path))
         config = parse_model_config(raw.get("model", raw))
         weights_path = config_path.rsplit("/", 1)[0] + "/" + WEIGHTS_NAME
@@ -209,8 +203,9 @@ def split_on_oom(score: Callable[[torch.Tensor, list], dict[str, np.ndarray]],
         return {k: np.concatenate([first[k], second[k]]) for k in first}
 
 
-SCORE_NUMBERS = {"quality", "alignment", "_read_s", "_decode_s", "_model_s", "_coarse", "_fine",
-                 "_embed_error", "_decode_node", "_model_node"}
+# Columns restore_nulls leaves alone: numbers whose NaN means NaN, not an all-None column.
+SCORE_NUMBERS = {"quality", "alignment", R.READ_S, R.DECODE_S, R.MODEL_S, R.COARSE, R.FINE,
+                 R.EMBED_ERROR, R.DECODE_NODE, R.MODEL_NODE}
 
 
 class ModelStage:
@@ -221,7 +216,12 @@ class ModelStage:
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
                  prompt_cache_size: int = 4096, precision: str = "fp32",
-                 compile: bool = False):
+                 compile: bool = False, prompt_column: str | None = R.PROMPT,
+                 public: bool = False):
+        # public: the last stage of a user's pipeline (score_dataset): private columns are
+        # dropped and the output is an Arrow table with the contract's types.
+        self.prompt_column = prompt_column
+        self.public = public
         if threads:
             torch.set_num_threads(threads)
         if device == "auto" and not torch.cuda.is_available():
@@ -240,7 +240,7 @@ class ModelStage:
         self.node = node_id()
 
     def pixels(self, batch: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][index]))
+        pixels = torch.from_numpy(np.ascontiguousarray(batch[R.PIXELS][index]))
         if self.pin:
             pixels = pixels.pin_memory()
         if not self.on_device:
@@ -258,7 +258,7 @@ class ModelStage:
         crops as the CPU path. A batch that fails is retried row by row, so one corrupt
         file becomes one error row."""
         self.on_device = {}
-        encoded = batch.pop("_encoded", None)
+        encoded = batch.pop(R.ENCODED, None)
         if encoded is None:
             return
         rows = [i for i, data in enumerate(encoded) if isinstance(data, bytes)]
@@ -269,8 +269,8 @@ class ModelStage:
         def decode(items):
             return decode_jpegs([encoded[i] for i in items], device)
 
-        batch["_error"] = np.array(batch["_error"], dtype=object)  # writable copies
-        batch["_error_kind"] = np.array(batch["_error_kind"], dtype=object)
+        batch[R.ERROR] = np.array(batch[R.ERROR], dtype=object)  # writable copies
+        batch[R.ERROR_KIND] = np.array(batch[R.ERROR_KIND], dtype=object)
         try:
             decoded = dict(zip(rows, decode(rows), strict=True))
         except RuntimeError:
@@ -279,8 +279,8 @@ class ModelStage:
                 try:
                     decoded[i] = decode([i])[0]
                 except RuntimeError as exc:
-                    batch["_error"][i] = f"{row_label(batch, i)}: cannot decode JPEG: {exc}"
-                    batch["_error_kind"][i] = "decode"
+                    batch[R.ERROR][i] = f"{row_label(batch, i)}: cannot decode JPEG: {exc}"
+                    batch[R.ERROR_KIND][i] = "decode"
         for i, image in decoded.items():
             self.on_device[i] = self.crops.crop_tensor(image)
 
@@ -289,19 +289,42 @@ class ModelStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        count = len(batch["source_row"])
+        count = len(batch[R.PIXELS])
         self.decode_on_device(batch)
-        ok = np.array([is_missing(e) for e in batch["_error"]], dtype=bool)
+        ok = np.array([is_missing(e) for e in batch[R.ERROR]], dtype=bool)
         self.process(batch, ok)
         self.on_device = {}
-        del batch["pixels"]
-        batch["status"] = np.where(ok, "ok", "error").astype(object)
-        batch["error"] = _strings(batch.pop("_error"))
-        batch["error_kind"] = _strings(batch.pop("_error_kind"))
-        batch["_model_s"] = np.full(count, (time.perf_counter() - started) / max(count, 1))
-        batch["_model_node"] = np.full(count, self.node, dtype=object)
+        del batch[R.PIXELS]
+        batch[R.STATUS] = np.where(ok, R.STATUS_OK, R.STATUS_ERROR).astype(object)
+        batch[R.PUBLIC_ERROR] = _strings(batch.pop(R.ERROR))
+        batch[R.PUBLIC_ERROR_KIND] = _strings(batch.pop(R.ERROR_KIND))
+        batch[R.MODEL_S] = np.full(count, (time.perf_counter() - started) / max(count, 1))
+        batch[R.MODEL_NODE] = np.full(count, self.node, dtype=object)
         restore_nulls(batch, skip=SCORE_NUMBERS | set(getattr(self.model, "output_names", ())))
-        return batch
+        return self.public_table(batch) if self.public else batch
+
+    def public_table(self, batch: dict[str, np.ndarray]):
+        """The user's columns as Ray Data would convert them, then iqray's with fixed types
+        (a column that is all None in one block is still a string column)."""
+        import pyarrow as pa
+        from ray.data.block import BlockAccessor
+
+        for name in R.PRIVATE:
+            batch.pop(name, None)
+        typed = {name: pa.float32() for name in getattr(self.model, "output_names", ())}
+        typed.update({R.IMAGE_SHA256: pa.string(), R.STATUS: pa.string(),
+                      R.PUBLIC_ERROR: pa.string(), R.PUBLIC_ERROR_KIND: pa.string(),
+                      R.PROMPT_TRUNCATED: pa.bool_()})
+        theirs = {k: v for k, v in batch.items() if k not in typed}
+        count = len(batch[R.STATUS])
+        table = (BlockAccessor.batch_to_block(theirs) if theirs
+                 else pa.table({"__rows": pa.nulls(count)}).drop_columns(["__rows"]))
+        for name, kind in typed.items():
+            if name in batch:
+                values = batch[name]
+                table = table.append_column(name, pa.array(
+                    values.tolist() if values.dtype == object else values, kind))
+        return table
 
 
 class Scorer(ModelStage):
@@ -316,7 +339,8 @@ class Scorer(ModelStage):
         truncated = np.zeros(count, bool)
         index = np.flatnonzero(ok)
         if index.size:
-            prompts = [_prompt(batch["prompt"][i]) for i in index]
+            column = batch.get(self.prompt_column) if self.prompt_column else None
+            prompts = [_prompt(column[i]) if column is not None else None for i in index]
             scores = split_on_oom(self._score, self.pixels(batch, index), prompts)
             for name, values in outputs.items():
                 values[index] = scores[name]

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from iqray.jobs.config import JobConfig
 
-REPO_SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample"
+REPO_SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"
 TARGETS = {"pipeline_over_limit": 0.9, "pipeline_over_dataloader": 2.0}
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from iqray.pipeline import rows as R
+
 
 @dataclass
 class BenchData:
@@ -404,8 +406,8 @@ def synthetic_cached_input(root: Path, model_name: str, rows: int, shard_rows: i
             "source_row": pa.array(np.arange(count), pa.int64()), "prompt": prompts,
             "image_sha256": shas, "status": ["ok"] * count,
             "error": pa.nulls(count, pa.string()), "error_kind": pa.nulls(count, pa.string()),
-            "_shard": pa.array(np.full(count, shard.index), pa.int64()),
-            "_shard_end": pa.array(np.full(count, count), pa.int64())}))
+            R.SHARD: pa.array(np.full(count, shard.index), pa.int64()),
+            R.SHARD_END: pa.array(np.full(count, count), pa.int64())}))
     return root
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,10 +39,11 @@ InputFormat = Literal["auto", "parquet", "csv", "webdataset", "folder"]
 TABLE_FORMATS = ("parquet", "csv")
 
 
-class ReadConfig(BaseModel):
+class InputColumns(BaseModel):
     """What to read and which columns mean what (None = detect the usual names)."""
 
     model_config = ConfigDict(extra="forbid")
+    group_title: ClassVar[str] = "input"
 
     format: InputFormat = Field(default="auto", description="input layout")
     image_column: str | None = Field(default=None, description="column with image bytes")
@@ -64,9 +66,21 @@ class ReadConfig(BaseModel):
         default=None, description="full-reference models: reference path per row, from "
         "{name} (image file name), {stem} (name without extension) or {key}; relative to "
         "--image-root or the input's folder, e.g. 'refs/{stem}.png'")
+
+
+class Sampling(BaseModel):
+    """A deterministic fraction of the rows (previews)."""
+
+    model_config = ConfigDict(extra="forbid")
+    group_title: ClassVar[str] = "preview"
+
     sample: float | None = Field(default=None, gt=0, le=1,
                                  description="keep this fraction of rows (deterministic)")
     seed: int = Field(default=0, description="seed of --sample")
+
+
+class ReadConfig(InputColumns, Sampling):
+    """Everything a reader takes: the columns and, for previews, the sampling."""
 
 
 @dataclass
@@ -137,6 +151,29 @@ def source_file_kind(source_file: str) -> Literal["table", "webdataset", "image"
     if source_file.endswith((".parquet", ".csv")):
         return "table"
     return "webdataset" if source_file.endswith(".tar") else "image"
+
+
+def image_cell(value: Any, where: str, read_path: Callable[[str], bytes], paths: bool
+               ) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, error, error kind) of one image cell: bytes as they are; a Hugging Face
+    ``Image`` struct's bytes, else its path, read with ``read_path``; with ``paths`` a string
+    is a path/URL to read. Exactly one of bytes and error is None."""
+    ref = None
+    if isinstance(value, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
+        value, ref = value.get("bytes"), value.get("path")
+    elif paths and isinstance(value, str):
+        value, ref = None, value
+    if value is None and ref:
+        try:
+            return read_path(ref), None, None
+        except Exception as exc:
+            return None, f"{ref}: cannot read image: {type(exc).__name__}: {exc}", "read"
+    if value is None or (isinstance(value, float) and value != value):  # NaN: Ray's None
+        return None, f"{where}: no image", "missing_image"
+    if not isinstance(value, bytes | bytearray):
+        return None, f"{where}: image column holds {type(value).__name__}, not bytes", \
+            "bad_type"
+    return bytes(value), None, None
 
 
 def resolve_ref(shard_url: str, ref: str, root: str | None = None) -> str:

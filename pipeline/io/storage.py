@@ -16,7 +16,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 class StorageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    group_title: ClassVar[str] = "storage"  # its --help section in the jobs that use it
 
     s3_endpoint: str | None = Field(
         default=None, description="S3 endpoint URL override (else AWS_ENDPOINT_URL / AWS config)"

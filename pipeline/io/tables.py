@@ -17,6 +17,7 @@ from iqray.pipeline.io.shards import (
     ShardSchemaError,
     check_columns,
     column_roles,
+    image_cell,
     read_bytes,
     resolve_ref,
 )
@@ -106,26 +107,8 @@ def _table_row(shard: Shard, row: int, record: dict, image_col: str | None,
         keys[R.IMAGE_NAME] = record.get(path_col)
     prompt = record.get(prompt_col) if prompt_col else None
     prompt = prompt if isinstance(prompt, str) else None
-    image, ref = None, None
-    if image_col is not None:
-        value = record.get(image_col)
-        if isinstance(value, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
-            image, ref = value.get("bytes"), value.get("path")
-        else:
-            image = value
-    else:
-        ref = record.get(path_col)
-    if image is None and ref:
-        try:
-            image = read_bytes(resolve_ref(shard.url, ref, read.image_root), storage)
-        except Exception as exc:
-            return (shard.url, row, None, prompt, keys,
-                    f"{ref}: cannot read image: {type(exc).__name__}: {exc}", "read")
-    if image is None:
-        return (shard.url, row, None, prompt, keys, f"{shard.url} row {row}: no image",
-                "missing_image")
-    if not isinstance(image, bytes | bytearray):
-        return (shard.url, row, None, prompt, keys,
-                f"{shard.url} row {row}: image column holds {type(image).__name__}, not bytes",
-                "bad_type")
-    return (shard.url, row, bytes(image), prompt, keys, None, None)
+    image, error, kind = image_cell(
+        record.get(image_col or path_col), f"{shard.url} row {row}",
+        lambda ref: read_bytes(resolve_ref(shard.url, ref, read.image_root), storage),
+        paths=image_col is None)
+    return (shard.url, row, image, prompt, keys, error, kind)

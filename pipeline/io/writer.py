@@ -30,15 +30,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from iqray.pipeline import rows as R
 from iqray.pipeline.io.shards import Shard
 from iqray.pipeline.io.storage import StorageConfig, StorageUnavailable, join_url, write_atomic
-from iqray.pipeline.rows import SHARD_CORRUPT, SHARD_UNFINISHED
 
 METADATA_KEY = b"iqray"
 SUCCESS_NAME = "_SUCCESS"
 UNFINISHED_NAME = "_UNFINISHED"
 # Error kinds of old outputs whose whole file has to be read again by --retry-failed.
-WHOLE_FILE_ERRORS = ("shard_read", SHARD_CORRUPT)
+WHOLE_FILE_ERRORS = ("shard_read", R.SHARD_CORRUPT)
 SCORE_COLUMNS = {
     "source_file": pa.string(),
     "source_row": pa.int64(),
@@ -194,7 +194,7 @@ class ShardWriter:
     def add(self, table: pa.Table) -> list[int]:
         """Take a batch from the pipeline; return the shards it completed (now committed)."""
         finished = []
-        shard_ids = table["_shard"]
+        shard_ids = table[R.SHARD]
         for shard_id in pc.unique(shard_ids).to_pylist():
             part = table.filter(pc.equal(shard_ids, shard_id))
             if shard_id in self.unfinished:  # in flight when the shard failed: dropped
@@ -203,8 +203,8 @@ class ShardWriter:
             if shard_id in self.done:
                 raise RuntimeError(f"rows for already committed shard {shard_id} arrived")
             kinds = part["error_kind"] if "error_kind" in part.column_names else None
-            if kinds is not None and pc.any(pc.equal(kinds, SHARD_UNFINISHED)).as_py():
-                marker = part.filter(pc.equal(kinds, SHARD_UNFINISHED))
+            if kinds is not None and pc.any(pc.equal(kinds, R.SHARD_UNFINISHED)).as_py():
+                marker = part.filter(pc.equal(kinds, R.SHARD_UNFINISHED))
                 reason = marker["error"][0].as_py()  # "<shard url>: why"
                 self.fail(shard_id, reason.removeprefix(f"{self.shards[shard_id].url}: "),
                           part.num_rows)
@@ -213,7 +213,7 @@ class ShardWriter:
             state.tables.append(part)
             state.received += part.num_rows
             self._count(state, part)
-            ends = pc.max(part["_shard_end"]).as_py()
+            ends = pc.max(part[R.SHARD_END]).as_py()
             if ends is not None and ends >= 0:
                 state.expected = ends
             if state.expected is not None and state.received == state.expected:
@@ -304,7 +304,7 @@ class ShardWriter:
         errors = (pc.sum(pc.equal(table["status"], "error")).as_py() or 0
                   if "status" in table.column_names else 0)
         corrupt = ("error_kind" in table.column_names
-                   and pc.any(pc.equal(table["error_kind"], SHARD_CORRUPT)).as_py())
+                   and pc.any(pc.equal(table["error_kind"], R.SHARD_CORRUPT)).as_py())
         # A broken file's row count is known only where its metadata gave it.
         input_rows = (table.num_rows if not corrupt or shard.estimated_rows == table.num_rows
                       else None)

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from iqray.pipeline import rows as R
 from iqray.pipeline.io.discovery import discover_shards
 from iqray.pipeline.io.read import read_shard
 from iqray.pipeline.io.shards import ReadConfig, read_bytes, source_file_kind
@@ -185,7 +186,7 @@ def fetch_images(table: pa.Table, rows: list[int], source: str, read: ReadConfig
                                         f"of {source}; pass the score run's input as --source")
             shard = dataclasses.replace(shards[url], only_rows=sorted(by_row))
             for batch in read_shard(shard, read, storage, []):
-                for number, image in zip(batch["source_row"], batch["_image"], strict=True):
+                for number, image in zip(batch[R.SOURCE_ROW], batch[R.IMAGE], strict=True):
                     if image is not None:
                         out[by_row[int(number)]] = image
     missing = [i for i in rows if i not in out]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -12,6 +13,8 @@ from pydantic import BaseModel, Field
 
 from iqray.jobs.cli import main
 from iqray.jobs.config import ConfigError, JobConfig, add_config_flags, build_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Storage(BaseModel):
@@ -144,3 +147,61 @@ def test_required_fields_say_so_in_help(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "PydanticUndefined" not in text
     assert "one Parquet per input shard (required)" in text
+
+
+def test_each_job_offers_only_the_options_it_uses_in_sections(capsys):
+    from iqray.jobs.cli import build_parser
+
+    parser = build_parser()
+
+    def flags(job: str) -> set[str]:
+        return {o for a in parser.job_parsers[job]._actions for o in a.option_strings}
+
+    # embed writes a cache shared by later runs: fp32 only, never a preview, no bpclip mode
+    assert not {"--precision", "--limit", "--sample", "--mode"} & flags("embed")
+    assert not {"--precision", "--limit", "--sample"} & (flags("train") | flags("eval"))
+    assert not {"--limit", "--sample", "--input"} & flags("clean")
+    assert {"--precision", "--limit", "--sample", "--dry-run", "--retry-failed"} <= flags(
+        "score")
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    out = capsys.readouterr().out
+    usage_and_options = out.split("\nexit codes:")[0]
+    sections = [line[:-1] for line in usage_and_options.splitlines() if line.endswith(":")
+                and not line.startswith(" ")]
+    assert sections == ["positional arguments", "options", "input", "preview", "output",
+                        "resume", "model", "resources", "cluster", "storage", "run"]
+    listed = out[out.index("\ninput:"):]
+    assert listed.index("--input INPUT") < listed.index("--format") < listed.index("\npreview:")
+
+
+def test_configs_in_jobs_configs_still_load(tmp_path):
+    from iqray.jobs.cli import JOBS
+
+    folder = REPO / "jobs" / "configs"
+    loaded = 0
+    for path in sorted(folder.glob("*.yaml")):
+        job = "eval" if path.stem.endswith("-eval") else "train"
+        config_cls = JOBS[job].config_class()
+        build_config(config_cls, argparse.Namespace(config=path))
+        loaded += 1
+    assert loaded >= 5
+
+
+def test_resume_hashes_are_those_of_outputs_committed_before_the_configs_were_composed():
+    # Values computed by the release before option groups (1649a30): outputs it committed
+    # must still be recognised as done, so these must never change.
+    from iqray.jobs.embed import EmbedConfig
+    from iqray.jobs.score import ScoreConfig
+
+    cases = {"c327eebd9eff35fe": {},
+             "ff8616dad8a61e2d": {"reference_column": "ref", "mode": "fr"},
+             "7761acae07b3cb02": {"precision": "int8", "decode": "device", "compile": True},
+             "33c59b121c20f003": {"image_column": "jpg", "prompt_column": "caption",
+                                  "key_columns": ["key"], "keep_prompt": False,
+                                  "max_pixels": 1000}}
+    for expected, options in cases.items():
+        config = ScoreConfig(input="in", output="out", **options)
+        assert config.scoring_hash("identity-1") == expected, options
+    embed = EmbedConfig(input="in", cache="c", image_root="r", dtype="float32")
+    assert embed.index_hash("towers-1") == "37505ee00e0eeadd"

@@ -1,0 +1,116 @@
+"""The architecture registry: each model architecture declares what it supports and how it
+trains, and the jobs ask here instead of testing names; model names resolve here, once.
+
+A third architecture is one entry in :data:`ARCHITECTURES` (its config class, its module,
+its capabilities): `iqray score`, `embed`, `train`, `eval`, `bench` and `info` follow.
+Imports neither torch nor Ray (the classes are named, imported on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Training = Literal["heads-on-cached-embeddings", "heads-on-level-features"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # the config's ``architecture`` field
+    paper: str
+    config_class: str  # "module:Class" under iqray.model
+    model_class: str
+    heads: tuple[str, ...]  # what it learns from human ratings, in order
+    training: Training  # how `iqray train` fits it with the towers frozen
+    embedding_cache: bool  # `iqray embed`, `score --cache`, train/eval from the cache
+    full_reference: bool  # has a full-reference mode (--mode fr)
+    finetune: bool  # `iqray train --towers finetune` (towers trained end to end)
+    int8: bool  # `--precision int8` (dynamic quantisation of the image towers)
+    compile: bool  # `--compile` (torch.compile of the image towers)
+
+    def config_type(self) -> type:
+        return _resolve(self.config_class)
+
+    def model_type(self) -> type:
+        return _resolve(self.model_class)
+
+    def require(self, capability: str, what: str) -> None:
+        """ValueError in one line when this architecture lacks ``capability``."""
+        if not getattr(self, capability):
+            able = [a.name for a in ARCHITECTURES.values() if getattr(a, capability)]
+            raise ValueError(f"{what} is not offered by {self.name} models (only "
+                             f"{', '.join(able) or 'none'})")
+
+
+def _resolve(path: str) -> type:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(f"iqray.model.{module}"), name)
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture(
+        name="mst-clipiqa", paper="arXiv 2606.16799",
+        config_class="config:MSTConfig", model_class="mst_clipiqa:MSTClipIQA",
+        heads=("quality", "alignment"), training="heads-on-cached-embeddings",
+        embedding_cache=True, full_reference=False, finetune=True, int8=True, compile=True),
+    Architecture(
+        # BPCLIP reads its tower at four depths through forward hooks: compiled graphs skip
+        # them, end-to-end tuning would move the levels the fusion was fitted on, and the
+        # level features are kept in memory for training rather than cached.
+        name="bpclip", paper="arXiv 2506.17969",
+        config_class="config:BPCLIPConfig", model_class="bpclip:BPCLIP",
+        heads=("quality",), training="heads-on-level-features",
+        embedding_cache=False, full_reference=True, finetune=False, int8=True, compile=False),
+)}
+DEFAULT_ARCHITECTURE = "mst-clipiqa"  # config files from before BPCLIP name none
+
+
+def architecture(of: Any) -> Architecture:
+    """The entry for an architecture name, a config (or its raw dict), or a model."""
+    if isinstance(of, str):
+        name = of
+    elif isinstance(of, dict):
+        name = of.get("architecture", DEFAULT_ARCHITECTURE)
+    else:
+        name = getattr(of, "config", of).architecture
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model architecture {name!r}; known: "
+                         f"{', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+# -- names ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResolvedName:
+    kind: Literal["preset", "checkpoint"]
+    location: str  # preset name, or the checkpoint's directory / config / URL
+    shipped: bool = False
+
+
+def resolve_name(name: str) -> ResolvedName:
+    """What a ``--model`` value names: a shipped checkpoint (package data), a preset, or a
+    checkpoint path/URL, in that order. Whether the checkpoint exists is the loader's check
+    (it may be on object storage); :func:`unknown_model` words the error."""
+    from iqray.model.config import preset_names, shipped_models
+
+    shipped = shipped_models()
+    if name in shipped:
+        return ResolvedName("checkpoint", str(shipped[name]), shipped=True)
+    if name in preset_names():
+        return ResolvedName("preset", name)
+    return ResolvedName("checkpoint", name)
+
+
+def looks_like_a_name(name: str) -> bool:
+    """A bare word (no folder, no suffix) that is not a file: a mistyped model name."""
+    return "/" not in name and not Path(name).suffix and not Path(name).expanduser().exists()
+
+
+def unknown_model(name: str) -> str:
+    from iqray.model.config import preset_names, shipped_models
+
+    return (f"model {name!r} is neither a shipped model ({', '.join(shipped_models())}), a "
+            f"preset ({', '.join(preset_names())}) nor a checkpoint with config.json")

@@ -1,0 +1,78 @@
+"""iqray as a Ray Data stage: :func:`score_dataset` adds scores to a user's own dataset.
+
+    ds = ray.data.read_parquet("s3://bucket/gen/")          # rows with image bytes + prompt
+    ds = score_dataset(ds, "iqray-small-agiqa3k", image_column="jpg", prompt_column="caption")
+    ds.filter(lambda row: row["quality"] > 0.5).write_parquet("s3://bucket/kept/")
+
+The same decode tasks and model actor pool as `iqray score` (:func:`execution.model_stages`),
+sized the same way from ``ray.cluster_resources()``, with the same in-flight bound, OOM
+split and prompt cache; what `iqray score` adds around it (shard discovery, resume, one
+committed file per input shard, exit codes) is the CLI's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import iqray.model
+from iqray.pipeline import rows as R
+from iqray.pipeline.execution import configure_context, model_stages, plan_resources
+from iqray.pipeline.io.storage import StorageConfig
+from iqray.pipeline.options import StageConfig
+
+
+def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: str = "image",
+                  prompt_column: str | None = None, reference_column: str | None = None,
+                  image_root: str | None = None, storage: StorageConfig | None = None,
+                  mode: str | None = None, batch_size: int = 32,
+                  num_actors: int | None = None, device: str = "auto", **options: Any):
+    """``ds`` with the model's score columns, ``image_sha256``, ``status``, ``error`` and
+    ``error_kind`` appended, lazily (nothing runs until the dataset is consumed).
+
+    ``image_column`` holds encoded image bytes, a path/URL (absolute, or relative to
+    ``image_root``; read through ``storage``), or a Hugging Face ``Image`` struct;
+    ``prompt_column`` the prompts (None: no prompts, alignment is NaN);
+    ``reference_column`` the reference images of a full-reference model (``mode="fr"``).
+    Every input row comes out: a row whose image cannot be read or decoded is an error row
+    (``status`` ``"error"``, NaN scores, ``error`` says why). ``model`` is a shipped model,
+    a preset or a checkpoint dir/URL, resolved here, before anything runs.
+
+    ``options`` are :class:`~iqray.pipeline.execution.StageConfig`'s fields (the same as
+    `iqray score`'s flags of those names: ``decode_batch_size``, ``gpus_per_actor``,
+    ``actor_num_cpus``, ``precision``, ``compile``, ``decode``, ``max_in_flight_bytes``,
+    ...). Sets the dataset chain's target block size (about one model batch) and, unless
+    it already has one, its object-store limit, as `iqray score` does.
+    """
+    import ray
+
+    from iqray.pipeline.decode import decode_user_batch
+    from iqray.pipeline.scoring import Scorer, stage_model
+
+    config = StageConfig(batch_size=batch_size, num_actors=num_actors, device=device,
+                         **options)
+    storage = storage or StorageConfig()
+    spec = stage_model(model, storage, mode=mode)
+    references = reference_column is not None
+    if spec.config.full_reference and not references:
+        raise ValueError(f"{model} is full-reference: it needs reference_column")
+    if references and not spec.config.full_reference:
+        raise ValueError("reference_column given, but the model is not full-reference "
+                         "(mode='fr', bpclip only)")
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data would do on first use; the pool is sized from it
+    spec.put_files(ray.put)
+    plan = plan_resources(config, ray.cluster_resources())
+    limits = ds.context.execution_options.resource_limits
+    already_limited = getattr(limits, "object_store_memory", None) not in (None, float("inf"))
+    configure_context(ds.context, config, spec, plan, references,
+                      limit_in_flight=config.max_in_flight_bytes is not None
+                      or not already_limited)
+    added = (*spec.config.output_names, R.PROMPT_TRUNCATED, R.IMAGE_SHA256, R.STATUS,
+             R.PUBLIC_ERROR, R.PUBLIC_ERROR_KIND)
+    return model_stages(
+        ds, config, spec, plan, Scorer, references,
+        stage_kwargs={"prompt_column": prompt_column, "public": True},
+        decode_fn=decode_user_batch,
+        decode_kwargs={"image_column": image_column, "reference_column": reference_column,
+                       "storage": storage, "image_root": image_root, "taken": added})
+
