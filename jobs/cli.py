@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -24,16 +25,46 @@ class InfoConfig(JobConfig):
 
 
 def run_info(config: InfoConfig) -> int:
+    """What was loaded: a trained checkpoint says what it was trained on and how (its own
+    record), a preset says what it is; then towers, parameters and outputs."""
+    import json
+
     import iqray.model
+    from iqray.model.registry import architecture, resolve_name
     from iqray.model.version import iqray_version
 
     print(f"iqray {iqray_version()}; shipped models: "
           f"{', '.join(iqray.model.shipped_models())}; presets: "
           f"{', '.join(iqray.model.preset_names())}")
     model = iqray.model.load(config.model, device=config.device, cache_dir=config.cache_dir)
-    counts = model.parameter_counts()
-    print(f"model: {config.model} [{model.config.architecture}, {model.mode}] on {model.device}")
-    if model.config.description:
+    resolved = resolve_name(config.model)
+    record = {}
+    if resolved.kind == "checkpoint":
+        path = Path(resolved.location).expanduser()
+        path = path if path.suffix == ".json" else path / "config.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    arch = architecture(model)
+    kind = ("shipped checkpoint" if resolved.shipped else
+            "checkpoint" if resolved.kind == "checkpoint" else "preset")
+    print(f"model: {config.model} [{arch.name} ({arch.paper}), {model.mode}, {kind}] "
+          f"on {model.device}")
+    training = record.get("training", {})
+    if model.config.trained and record:
+        rows = record.get("metrics", {}).get("rows", {})
+        towers = training.get("towers", "frozen")
+        print(f"  trained {record.get('created', '?')} with iqray "
+              f"{record.get('iqray_version', '?')}: towers {towers}"
+              f"{' (trained end to end with the heads)' if towers == 'finetune' else ''}; "
+              f"train {training.get('train', '?')} ({rows.get('train', '?')} rows), "
+              f"val {training.get('val') or training.get('split_column', '?')} "
+              f"({rows.get('val', '?')} rows)")
+        val = record.get("metrics", {}).get("val_srcc", {})
+        if val:
+            heads = {h: v for h, v in val.items() if h != "mean" and isinstance(v, dict)}
+            seeds = max((v.get("n", 1) for v in heads.values()), default=1)
+            print(f"  val SRCC, mean of {seeds} seeds (chosen on val: held-out data scores "
+                  "lower): " + ", ".join(f"{h} {v['mean']:.3f}" for h, v in heads.items()))
+    elif model.config.description:
         print(f"  {model.config.description}")
     for role in model.config.tower_roles:
         tower = getattr(model.config, role)
@@ -41,7 +72,13 @@ def run_info(config: InfoConfig) -> int:
         print(f"  {role} tower: {tower.model_name}, weights: {source}")
     print(f"  image size: {model.config.image_size} px; prompt context: "
           f"{model.context_length} tokens")
-    print(f"  parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen")
+    counts = model.parameter_counts()
+    towers_trained = training.get("towers") == "finetune"
+    print(f"  parameters: {counts['trainable']:,} in the heads, {counts['frozen']:,} in the "
+          f"towers ({'trained, then frozen for scoring' if towers_trained else 'frozen'})")
+    supports = [name for name in ("embedding_cache", "full_reference", "finetune", "int8",
+                                  "compile") if getattr(arch, name)]
+    print(f"  supports: {', '.join(n.replace('_', ' ') for n in supports)}")
     for name, spec in model.score_range.items():
         print(f"  output {name}: [{spec.low:g}, {spec.high:g}], "
               f"{'higher' if spec.higher_better else 'lower'} is better; {spec.description}")

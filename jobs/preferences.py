@@ -17,6 +17,7 @@ from iqray.pipeline.io.shards import ReadConfig
 from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
 from iqray.pipeline.tables.preferences import (
     FORMATS,
+    VALIDATION,
     PairRules,
     make_pairs,
     pair_table,
@@ -24,6 +25,8 @@ from iqray.pipeline.tables.preferences import (
     prompt_split,
     ranking_score,
 )
+
+SPLITS = ("train", VALIDATION)
 
 
 class PreferencesConfig(JobConfig, PairRules, StorageConfig):
@@ -68,14 +71,14 @@ def run_preferences(config: PreferencesConfig, log=print) -> dict:
     counts: dict[str, dict[str, int]] = {}
     for fmt in config.formats:
         counts[fmt] = {}
-        for split in ("train", "val"):
+        for split in SPLITS:
             if fmt == "pointwise":
                 rows = [i for i in pointwise if prompt_split(prompts[i], rules) == split]
                 part = pointwise_table(rows, table, score, images)
             else:
                 chosen = [p for p in pairs if prompt_split(p.prompt, rules) == split]
                 part = pair_table(fmt, chosen, table, score, images,
-                                  rules.seed + (split == "val"))
+                                  rules.seed + (split == VALIDATION))
             counts[fmt][split] = part.num_rows
             _write_split(part, join_url(config.output, fmt), split, config.rows_per_file,
                          fs, storage)
@@ -89,7 +92,7 @@ def run_preferences(config: PreferencesConfig, log=print) -> dict:
     log(f"{len(pairs)} pairs from {len(table)} scored rows ({rules.strategy}, by "
         f"{rules.rank_by}, margin {rules.margin:g}, max uses {rules.max_uses})")
     for fmt, by_split in counts.items():
-        log(f"  {fmt}: train {by_split['train']}, val {by_split['val']} rows -> "
+        log(f"  {fmt}: train {by_split['train']}, validation {by_split[VALIDATION]} rows -> "
             f"{join_url(config.output, fmt)}")
     return summary
 
@@ -116,7 +119,7 @@ def dataset_card(config: PreferencesConfig, metadata: dict, counts: dict, rows: 
     header = ["---", "configs:"]
     for fmt in counts:
         header += [f"- config_name: {fmt}", "  data_files:"]
-        header += [f"  - split: {s}\n    path: {fmt}/{s}-*.parquet" for s in ("train", "val")]
+        header += [f"  - split: {s}\n    path: {fmt}/{s}-*.parquet" for s in SPLITS]
     header.append("---")
     rules = config.rules()
     lines = [
@@ -124,13 +127,13 @@ def dataset_card(config: PreferencesConfig, metadata: dict, counts: dict, rows: 
         f"Built by `iqray preferences` from the score run `{config.input}` "
         f"({rows} rows), model `{metadata.get('model')}` "
         f"(identity `{str(metadata.get('model_identity'))[:16]}`).", "",
-        "| format | train | val | layout |", "|---|---|---|---|",
+        "| format | train | validation | layout |", "|---|---|---|---|",
     ]
     layouts = {"dpo": "`caption, jpg_0, jpg_1, label_0, label_1` (Pick-a-Pic v2, as the "
                "Diffusion-DPO training scripts read it; image bytes)",
                "reward": "`prompt, image_chosen, image_rejected, score_chosen, "
                "score_rejected` (+ keys)", "pointwise": "`prompt, image, score` (+ key)"}
-    lines += [f"| {fmt} | {c['train']} | {c['val']} | {layouts[fmt]} |"
+    lines += [f"| {fmt} | {c['train']} | {c[VALIDATION]} | {layouts[fmt]} |"
               for fmt, c in counts.items()]
     lines += [
         "", "## How it was built", "",
@@ -139,7 +142,8 @@ def dataset_card(config: PreferencesConfig, metadata: dict, counts: dict, rows: 
            if rules.rank_by == "mix" else "") + ".",
         f"- Pairs whose score gap is below {rules.margin:g} are dropped (ties carry no "
         f"preference); no image is in more than {rules.max_uses} pairs; strongest gaps first.",
-        f"- Train/val split by prompt ({rules.val_fraction:.0%} of prompts in val, seed "
+        f"- Train/validation split by prompt ({rules.val_fraction:.0%} of prompts in "
+        f"validation, seed "
         f"{rules.seed}): no prompt is in both.",
         "- This is AI feedback: iqray's scores stand in for human preference.", "",
         "## Loading", "", "```python", "from datasets import load_dataset, Image",

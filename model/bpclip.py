@@ -49,7 +49,7 @@ from torch import nn
 
 from iqray.model.config import BPCLIPConfig
 from iqray.model.mst_clipiqa import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoreSpec, ScoringModel
-from iqray.model.preprocess import ImageSource, ImageTransform
+from iqray.model.preprocess import ImageSource, ImageTransform, image_batch, prompt_list
 from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
 
 
@@ -401,14 +401,17 @@ class BPCLIP(ScoringModel):
               prompts: Sequence[str | None] | None = None,
               references: Sequence[ImageSource] | None = None,
               batch_size: int = 32) -> dict[str, np.ndarray]:
-        """Score images (PIL, bytes, paths, arrays, or (N, C, H, W) tensors: uint8 crops or
-        normalised floats; in FR mode 6 channels = image then reference). ``prompts`` are
+        """Score one image or many, as MST-CLIPIQA's ``score`` takes them (an NCHW tensor at
+        the model's crop shape is crops: uint8 or normalised floats; in FR mode 6 channels =
+        image then reference). ``prompts`` are
         accepted for the common interface and unused. FR mode needs ``references`` (one per
         image) unless the tensor carries them. Returns float32 ``quality`` (on
         :attr:`score_range`) and one [0, 1] column per quality dimension."""
+        images = image_batch(images, self.input_channels, self.transform.size)
         count = len(images)
-        if prompts is not None and len(prompts) != count:
-            raise ValueError(f"got {count} images but {len(prompts)} prompts")
+        prompt_list(prompts, count)  # unused, but counted like MST-CLIPIQA's
+        if references is not None:
+            references = image_batch(references, 3, -1)  # never a tensor of crops
         tensor_input = isinstance(images, torch.Tensor)
         if self.full_reference and not tensor_input:
             if references is None or len(references) != count:

@@ -37,7 +37,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from iqray.model.config import MSTConfig
-from iqray.model.preprocess import ImageSource, ImageTransform
+from iqray.model.preprocess import ImageSource, ImageTransform, image_batch, prompt_list
 from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
 
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021: CLIPScore = 2.5 * max(cos, 0)
@@ -543,18 +543,19 @@ class MSTClipIQA(ScoringModel):
     def score(self, images: Sequence[ImageSource] | torch.Tensor,
               prompts: Sequence[str | None] | None = None,
               batch_size: int = 32) -> dict[str, np.ndarray]:
-        """Score images: PIL, bytes, paths, HxWx3 uint8 arrays, or (N,3,H,W) tensors (uint8
-        crops from :meth:`ImageTransform.crop`, or float tensors already normalised).
+        """Score one image or many: a path, bytes, PIL image, HxWx3 uint8 array or CHW
+        tensor (uint8, or floats in [0, 1]); a list of them; or an NCHW batch (at the
+        model's crop shape it is taken as crops: uint8 from :meth:`ImageTransform.crop`, or
+        floats already normalised). ``prompts``: None, one string for every image, or one
+        per image.
 
         Returns float32 ``quality`` and ``alignment`` (NaN where there is no prompt) on the
         scales in :attr:`score_range`, and bool ``prompt_truncated``. Scores do not depend on
         batch size or on the other rows of a batch.
         """
+        images = image_batch(images, self.transform.channels, self.transform.size)
         count = len(images)
-        if prompts is None:
-            prompts = [None] * count
-        if len(prompts) != count:
-            raise ValueError(f"got {count} images but {len(prompts)} prompts")
+        prompts = prompt_list(prompts, count)
         was_training = self.training
         self.eval()
         parts: dict[str, list[np.ndarray]] = {"quality": [], "alignment": [],

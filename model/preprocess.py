@@ -79,3 +79,53 @@ class ImageTransform:
 
     def load(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         return self(open_image(source, max_pixels=max_pixels))
+
+
+def image_batch(images, crop_channels: int, size: int):
+    """What a user passed to ``model.score`` as a list of single images, or as a tensor of
+    crops the model takes as they are.
+
+    One image (path, bytes, PIL, HxWx3 array, CHW tensor) becomes a list of one; a list
+    stays a list (tensors in it become arrays); an NCHW tensor at the model's crop shape
+    (``crop_channels`` x ``size`` x ``size``: uint8 crops, or floats already normalised) is
+    returned as is; any other NCHW tensor or NHWC array is a batch of images."""
+    import os
+
+    import numpy as np
+
+    single = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
+    if isinstance(images, single):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return [images] if images.ndim == 3 else list(images)
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 3:
+            return [_tensor_image(images)]
+        if images.ndim != 4:
+            raise ValueError(f"image tensors are CHW or NCHW, got shape {tuple(images.shape)}")
+        if tuple(images.shape[1:]) == (crop_channels, size, size):
+            return images
+        return [_tensor_image(image) for image in images]
+    return [_tensor_image(i) if isinstance(i, torch.Tensor) else i for i in images]
+
+
+def _tensor_image(image: torch.Tensor):
+    """A CHW image tensor (uint8, or floats in [0, 1]) as an HxWx3 uint8 array."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"an image tensor is (3, H, W) or (1, H, W), got {tuple(image.shape)}")
+    if image.dtype != torch.uint8:
+        image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return image.expand(3, -1, -1).permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def prompt_list(prompts, count: int) -> list:
+    """Prompts for ``count`` images: None (none), one string (the same prompt for every
+    image), or one per image; a ValueError naming both counts else."""
+    if prompts is None:
+        return [None] * count
+    if isinstance(prompts, str):
+        return [prompts] * count
+    prompts = list(prompts)
+    if len(prompts) != count:
+        raise ValueError(f"got {count} images but {len(prompts)} prompts")
+    return prompts

@@ -9,7 +9,8 @@ Pairing (within each prompt, over rows scored ``ok``):
 Every strategy drops pairs whose gap is below ``margin`` (ties and near-ties carry no
 preference). Candidates are taken strongest gap first, and an image joins at most
 ``max_uses`` pairs; equal gaps are ordered by a seeded shuffle, so a seed gives one output.
-The train/val split is by prompt (a seeded hash), so no prompt is on both sides.
+The train/validation split is by prompt (a seeded hash), so no prompt is on both sides; the
+splits are named as Hugging Face datasets name them (``train``, ``validation``).
 
 The score to rank by is quality, alignment, or ``mix``: a weighted mean of the two dataset
 percentiles (the raw scales differ, percentiles do not).
@@ -32,6 +33,9 @@ from iqray.pipeline.tables.runs import score_values
 Strategy = Literal["best_vs_worst", "margin", "top_bottom"]
 
 
+VALIDATION = "validation"  # the held-out split, by its Hugging Face datasets name
+
+
 class PairRules(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,7 +50,7 @@ class PairRules(BaseModel):
     top_k: int = Field(default=2, gt=0, description="--strategy top_bottom: images per side")
     max_uses: int = Field(default=3, gt=0, description="most pairs one image may join")
     val_fraction: float = Field(default=0.1, ge=0, lt=1,
-                                description="fraction of prompts held out as the val split")
+                                description="fraction of prompts held out as the validation split")
     seed: int = Field(default=0, description="seed of tie order, side order and the split")
 
     @model_validator(mode="after")
@@ -83,7 +87,8 @@ def ranking_score(table: pa.Table, rules: PairRules) -> np.ndarray:
 
 def prompt_split(prompt: str, rules: PairRules) -> str:
     digest = hashlib.sha256(f"{rules.seed}:{prompt}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < rules.val_fraction else "train"
+    held_out = int.from_bytes(digest[:8], "big") / 2**64 < rules.val_fraction
+    return VALIDATION if held_out else "train"
 
 
 def make_pairs(table: pa.Table, rules: PairRules) -> list[Pair]:

@@ -90,12 +90,16 @@ def test_train_help_says_what_seed_seeds(capsys):
 def test_info_describes_the_default_model(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "model: iqray-small-agiqa3k [mst-clipiqa, trained]" in out
-    assert "2,036,867 trainable" in out and "fine tower: iqray-small-regnetx002, weights: " \
-        "towers/fine.safetensors" in out
+    assert "model: iqray-small-agiqa3k [mst-clipiqa (arXiv 2606.16799), trained, shipped " \
+        "checkpoint]" in out
+    # what the checkpoint was trained on, not the preset's "meant to be trained" text
+    assert "towers finetune" in out and "agiqa3k/train.csv (2092 rows)" in out
+    assert "meant to be trained" not in out and "val SRCC, mean of 4 seeds" in out
+    assert "2,036,867 in the heads, 8,308,321 in the towers (trained, then frozen" in out
+    assert "fine tower: iqray-small-regnetx002, weights: towers/fine.safetensors" in out
     assert main(["info", "--model", "mst-clipiqa-tiny-random"]) == 0
     out = capsys.readouterr().out
-    assert "zero-shot" in out
+    assert "zero-shot, preset]" in out and "Tiny random-init towers" in out
     assert "coarse tower: iqray-tiny-ViT-32, weights: random init (seed 0)" in out
 
 

@@ -46,9 +46,10 @@ def test_preference_datasets_from_an_s3_score_run_load_with_datasets(
     assert isinstance(decoded, Image.Image) and decoded.size == (512, 512)
 
     reward = datasets.load_dataset(str(out), "reward", cache_dir=str(tmp_path / "hf-cache"))
+    assert sorted(reward) == ["train", "validation"]  # the split names datasets users expect
     train_prompts = set(reward["train"]["prompt"])
-    assert train_prompts and not train_prompts & set(reward["val"]["prompt"])
-    uses = Counter(k for split in ("train", "val") for c in ("key_chosen", "key_rejected")
+    assert train_prompts and not train_prompts & set(reward["validation"]["prompt"])
+    uses = Counter(k for split in ("train", "validation") for c in ("key_chosen", "key_rejected")
                    for k in reward[split][c])
     assert max(uses.values()) <= 2
     row = reward["train"][0]
@@ -57,7 +58,7 @@ def test_preference_datasets_from_an_s3_score_run_load_with_datasets(
     assert summary["counts"]["reward"]["train"] == reward["train"].num_rows
 
     pointwise = datasets.load_dataset(str(out), "pointwise", cache_dir=str(tmp_path / "hf-cache"))
-    assert pointwise["train"].num_rows + pointwise["val"].num_rows == 32
+    assert pointwise["train"].num_rows + pointwise["validation"].num_rows == 32
     image = pointwise["train"][0]["image"]
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -204,3 +204,26 @@ def test_offline_presets_build_and_score(preset, sample_rows):
     scores = model.score([r["path"] for r in sample_rows[:2]], [r["prompt"] for r in
                                                                  sample_rows[:2]])
     assert np.isfinite(scores["quality"]).all() and np.isfinite(scores["alignment"]).all()
+
+
+def test_score_takes_what_users_pass(sample_rows):
+    """One image of each kind, a list, an NCHW batch of full images; one prompt for all."""
+    model = iqray.model.load("mst-clipiqa-tiny-random")
+    path = sample_rows[0]["path"]
+    image = Image.open(path)
+    array = np.array(image.convert("RGB"))
+    chw = torch.from_numpy(array).permute(2, 0, 1)
+    expected = model.score([str(path)], ["a prompt"])
+    for single in (str(path), path, path.read_bytes(), image, array, chw, chw.float() / 255):
+        got = model.score(single, "a prompt")
+        assert got["quality"].shape == (1,), type(single)
+        np.testing.assert_allclose(got["quality"], expected["quality"], atol=1e-4)
+        np.testing.assert_allclose(got["alignment"], expected["alignment"], atol=1e-4)
+    batch = model.score(torch.stack([chw, chw]), "a prompt")  # NCHW of full-size images
+    np.testing.assert_allclose(batch["quality"], np.repeat(expected["quality"], 2), atol=1e-4)
+    both = model.score([image, array], ["a prompt", None])
+    assert np.isfinite(both["alignment"][0]) and np.isnan(both["alignment"][1])
+    with pytest.raises(ValueError, match="got 2 images but 3 prompts"):
+        model.score([image, array], ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"CHW or NCHW, got shape \(5,\)"):
+        model.score(torch.zeros(5))

@@ -98,5 +98,5 @@ def test_the_split_is_by_prompt():
     rules = PairRules(val_fraction=0.3, seed=4)
     prompts = [f"prompt {i}" for i in range(400)]
     splits = {p: prompt_split(p, rules) for p in prompts}
-    assert 0.2 < sum(s == "val" for s in splits.values()) / 400 < 0.4
+    assert 0.2 < sum(s == "validation" for s in splits.values()) / 400 < 0.4
     assert all(prompt_split(p, rules) == s for p, s in splits.items())
