@@ -132,6 +132,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                 "architecture": spec.config.architecture,
                 "precision": config.precision, "precision_check": precision_check,
                 "outputs": spec.config.output_names,
+                "score_range": architecture(spec.config).outputs(spec.config),
                 "key_columns": key_columns}
     writer = ShardWriter(todo, config.output, storage, metadata, complete=not preview,
                          key_columns=key_columns, keep_prompt=config.keep_prompt,

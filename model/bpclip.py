@@ -317,17 +317,7 @@ class BPCLIP(ScoringModel):
 
     @property
     def score_range(self) -> dict[str, ScoreSpec]:
-        q = self.config.quality_scale
-        how = ("zero-shot: mean 'good' probability over the antonym pairs (tower embedding)"
-               if self.zero_shot else "trained quality layer, on the training data's MOS scale")
-        if self.full_reference:
-            how += "; full-reference (needs a reference image per row)"
-        spec = {"quality": ScoreSpec(q.low, q.high, True, self.zero_shot, how)}
-        for name in self.dimensions:
-            words = ", ".join(f"{a}/{b}" for a, b in self.config.heads.adjective_pairs[name])
-            spec[name] = ScoreSpec(0.0, 1.0, True, self.zero_shot,
-                                   f"mean probability of the good side of {words}")
-        return spec
+        return score_range_for(self.config)
 
     def reset_heads(self, seed: int) -> None:
         """Fresh, seeded trainable part (one training repeat); the backbone is untouched."""
@@ -444,3 +434,19 @@ class BPCLIP(ScoringModel):
         if count == 0:
             return {k: np.zeros(0, np.float32) for k in self.output_names}
         return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def score_range_for(config: BPCLIPConfig) -> dict[str, ScoreSpec]:
+    """What each output means, from the config alone (recorded in output footers)."""
+    zero_shot = not config.trained
+    q = config.quality_scale
+    how = ("zero-shot: mean 'good' probability over the antonym pairs (tower embedding)"
+           if zero_shot else "trained quality layer, on the training data's MOS scale")
+    if config.full_reference:
+        how += "; full-reference (needs a reference image per row)"
+    spec = {"quality": ScoreSpec(q.low, q.high, True, zero_shot, how)}
+    for name in config.heads.dimensions:
+        words = ", ".join(f"{a}/{b}" for a, b in config.heads.adjective_pairs[name])
+        spec[name] = ScoreSpec(0.0, 1.0, True, zero_shot,
+                               f"mean probability of the good side of {words}")
+    return spec

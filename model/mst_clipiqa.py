@@ -283,24 +283,7 @@ class MSTClipIQA(ScoringModel):
 
     @property
     def score_range(self) -> dict[str, ScoreSpec]:
-        if self.zero_shot:
-            n = self.quality_head.num_grades
-            return {
-                "quality": ScoreSpec(1.0, float(n), True, True,
-                                     f"zero-shot: expected grade 1..{n} from CLIP similarity "
-                                     "to graded quality prompts (coarse tower)"),
-                "alignment": ScoreSpec(0.0, CLIPSCORE_WEIGHT, True, True,
-                                       "zero-shot: CLIPScore = 2.5*max(cos(image, prompt), 0); "
-                                       "NaN/null without a prompt"),
-            }
-        q, a = self.config.quality_scale, self.config.alignment_scale
-        return {
-            "quality": ScoreSpec(q.low, q.high, True, False,
-                                 "trained quality head, on the training data's MOS scale"),
-            "alignment": ScoreSpec(a.low, a.high, True, False,
-                                   "trained alignment head, on the training data's MOS scale; "
-                                   "NaN/null without a prompt"),
-        }
+        return score_range_for(self.config)
 
     # -- encoders (frozen) ----------------------------------------------------------------
     def _autocast(self):
@@ -583,6 +566,29 @@ class MSTClipIQA(ScoringModel):
             return {"quality": np.zeros(0, np.float32), "alignment": np.zeros(0, np.float32),
                     "prompt_truncated": np.zeros(0, bool)}
         return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def score_range_for(config: MSTConfig) -> dict[str, ScoreSpec]:
+    """What each output means, from the config alone (the driver records it in the output
+    footer without building the model)."""
+    if not config.trained:
+        n = len(config.heads.quality_grades)
+        return {
+            "quality": ScoreSpec(1.0, float(n), True, True,
+                                 f"zero-shot: expected grade 1..{n} from CLIP similarity "
+                                 "to graded quality prompts (coarse tower)"),
+            "alignment": ScoreSpec(0.0, CLIPSCORE_WEIGHT, True, True,
+                                   "zero-shot: CLIPScore = 2.5*max(cos(image, prompt), 0); "
+                                   "NaN/null without a prompt"),
+        }
+    q, a = config.quality_scale, config.alignment_scale
+    return {
+        "quality": ScoreSpec(q.low, q.high, True, False,
+                             "trained quality head, on the training data's MOS scale"),
+        "alignment": ScoreSpec(a.low, a.high, True, False,
+                               "trained alignment head, on the training data's MOS scale; "
+                               "NaN/null without a prompt"),
+    }
 
 
 def _clean_prompt(prompt: str | None) -> str | None:

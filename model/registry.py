@@ -22,6 +22,7 @@ class Architecture:
     paper: str
     config_class: str  # "module:Class" under iqray.model
     model_class: str
+    score_range: str  # function(config) -> {output: ScoreSpec}: what the outputs mean
     heads: tuple[str, ...]  # what it learns from human ratings, in order
     training: Training  # how `iqray train` fits it with the towers frozen
     embedding_cache: bool  # `iqray embed`, `score --cache`, train/eval from the cache
@@ -35,6 +36,14 @@ class Architecture:
 
     def model_type(self) -> type:
         return _resolve(self.model_class)
+
+    def outputs(self, config) -> dict[str, dict[str, Any]]:
+        """What each output of a model with this config means (range, direction, how it is
+        made), as plain data: recorded in every output footer, shown by `iqray report`."""
+        import dataclasses
+
+        specs = _resolve(self.score_range)(config)
+        return {name: dataclasses.asdict(spec) for name, spec in specs.items()}
 
     def require(self, capability: str, what: str) -> None:
         """ValueError in one line when this architecture lacks ``capability``."""
@@ -53,6 +62,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(
         name="mst-clipiqa", paper="arXiv 2606.16799",
         config_class="config:MSTConfig", model_class="mst_clipiqa:MSTClipIQA",
+        score_range="mst_clipiqa:score_range_for",
         heads=("quality", "alignment"), training="heads-on-cached-embeddings",
         embedding_cache=True, full_reference=False, finetune=True, int8=True, compile=True),
     Architecture(
@@ -61,6 +71,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
         # level features are kept in memory for training rather than cached.
         name="bpclip", paper="arXiv 2506.17969",
         config_class="config:BPCLIPConfig", model_class="bpclip:BPCLIP",
+        score_range="bpclip:score_range_for",
         heads=("quality",), training="heads-on-level-features",
         embedding_cache=False, full_reference=True, finetune=False, int8=True, compile=False),
 )}

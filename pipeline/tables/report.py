@@ -3,8 +3,9 @@
 Plots are matplotlib figures embedded as PNG data URIs; image grids are JPEG thumbnails
 embedded the same way. Sections (element ids): ``summary`` (counts per group), ``histograms``
 (quality and alignment, overall and per group), ``scatter`` (quality vs alignment by group),
-``grids`` (best and worst images per group with prompts and scores), ``errors`` (counts by
-kind with examples).
+``meaning`` (each score's range, direction and how it is made, from the run's footer),
+``grids`` (best and worst quality and worst aligned images per group, with prompts and
+scores), ``errors`` (counts by kind with examples).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def histograms(table: pa.Table, groups: np.ndarray) -> str:
     import matplotlib.pyplot as plt
 
     names = sorted(set(groups))
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    figure, axes = plt.subplots(1, 2, figsize=(14, 3.8))
     for axis, score in zip(axes, SCORES, strict=True):
         values = score_values(table, score)
         finite = values[np.isfinite(values)]
@@ -79,7 +80,7 @@ def scatter(table: pa.Table, groups: np.ndarray) -> str:
     import matplotlib.pyplot as plt
 
     quality, alignment = score_values(table, "quality"), score_values(table, "alignment")
-    figure, axis = plt.subplots(figsize=(6, 4.5))
+    figure, axis = plt.subplots(figsize=(14, 5))
     for i, name in enumerate(sorted(set(groups))):
         member = (groups == name) & np.isfinite(quality) & np.isfinite(alignment)
         axis.scatter(quality[member], alignment[member], s=10, alpha=0.7,
@@ -121,12 +122,15 @@ def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
                      f"<tr><td>{html.escape(n)}</td><td>{r}</td><td>{ok}</td><td>{e}</td>"
                      f"<td>{q}</td><td>{a}</td></tr>" for n, r, ok, e, q, a in rows)
                  + "</table></section>")
+    parts.append(_meaning(metadata))
     parts.append(f"<section id=histograms><h2>Score distributions</h2>"
                  f"<img alt='histograms' src='{histograms(table, groups)}'></section>")
     parts.append(f"<section id=scatter><h2>Quality vs alignment</h2>"
                  f"<img alt='scatter' src='{scatter(table, groups)}'></section>")
 
-    grids = ["<section id=grids><h2>Best and worst images</h2>"]
+    grids = ["<section id=grids><h2>Best and worst images</h2>"
+             "<p>Per group: the highest and lowest quality, and the images that match their "
+             "prompt least.</p>"]
     for name, sides in grid_rows.items():
         grids.append(f"<h3>{html.escape(name)}</h3>")
         for side, indices in sides.items():
@@ -138,7 +142,7 @@ def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
                 f"{html.escape((prompts[i] or '')[:120])}<br><small>"
                 f"{html.escape(keys[i])}</small></figcaption></figure>"
                 for i in indices if i in images)
-            grids.append(f"<div class=side><h4>{side} by quality</h4><div class=grid>{cells}"
+            grids.append(f"<div class=side><h4>{side}</h4><div class=grid>{cells}"
                          "</div></div>")
     grids.append("</section>")
     parts.append("".join(grids))
@@ -157,7 +161,8 @@ def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
     parts.append("<section id=errors><h2>Errors</h2>" + (
         f"<table><tr><th>kind</th><th>rows</th><th>example</th></tr>{error_rows}</table>"
         if kinds else "<p>No errors.</p>") + "</section>")
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}"
+             "section>img{width:100%;height:auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;"
              "text-align:right}td:first-child,th:first-child{text-align:left}"
              ".grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:170px;"
@@ -166,6 +171,28 @@ def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             f"<title>{html.escape(title)}</title><style>{style}</style></head><body>"
             + "".join(parts) + "</body></html>")
+
+
+def _meaning(metadata: dict) -> str:
+    """What each score column means: its range and direction as the scoring run recorded
+    them (``score_range`` in the output footer), and how the model made it."""
+    ranges = metadata.get("score_range") or {}
+    if not ranges:
+        return ("<section id=meaning><h2>What the scores mean</h2><p>This score run predates "
+                "recorded score ranges; <code>iqray info --model MODEL</code> describes "
+                "them.</p></section>")
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{spec['low']:g} – {spec['high']:g}</td>"
+        f"<td>{'higher' if spec['higher_better'] else 'lower'} is better</td>"
+        f"<td>{html.escape(spec['description'])}</td></tr>" for name, spec in ranges.items())
+    mode = metadata.get("score_mode")
+    note = (" Zero-shot scores compare images with text prompts; they rank, but their scale "
+            "is not a human rating." if mode == "zero-shot" else
+            " Trained scores are on the scale of the ratings the model was trained on.")
+    return ("<section id=meaning><h2>What the scores mean</h2>"
+            f"<p>Model <code>{html.escape(str(metadata.get('model')))}</code>, "
+            f"{html.escape(str(mode))}.{note}</p><table><tr><th>score</th><th>range</th>"
+            f"<th>direction</th><th>how it is made</th></tr>{rows}</table></section>")
 
 
 def _mean(values: np.ndarray) -> str:
@@ -179,9 +206,11 @@ def _fmt(value: float) -> str:
 
 def grid_choice(table: pa.Table, groups: np.ndarray, per_side: int, max_groups: int
                 ) -> dict[str, dict[str, list[int]]]:
-    """Row indices of the best and worst ``per_side`` scored images of each group (by
-    quality), for the largest ``max_groups`` groups."""
+    """Row indices of the best and worst ``per_side`` scored images of each group by
+    quality, and its worst aligned ones (where there are prompts), for the largest
+    ``max_groups`` groups."""
     quality = score_values(table, "quality")
+    alignment = score_values(table, "alignment")
     sizes = Counter(groups[np.isfinite(quality)])
     chosen: dict[str, dict[str, list[int]]] = {}
     for name, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:max_groups]:
@@ -189,5 +218,8 @@ def grid_choice(table: pa.Table, groups: np.ndarray, per_side: int, max_groups: 
         ordered = member[np.argsort(-quality[member], kind="stable")]
         best = ordered[:per_side].tolist()
         worst = [i for i in ordered[::-1][:per_side].tolist() if i not in best]
-        chosen[name] = {"best": best, "worst": worst}
+        aligned = np.flatnonzero((groups == name) & np.isfinite(alignment))
+        least = aligned[np.argsort(alignment[aligned], kind="stable")][:per_side].tolist()
+        chosen[name] = {"best quality": best, "worst quality": worst,
+                        "worst aligned": least}
     return chosen

@@ -12,7 +12,7 @@ from pipeline_data import SAMPLE, TEST_MODEL, img2dataset_table, write_parquet
 from iqray.jobs.cli import main
 from iqray.jobs.score import ScoreConfig, run_score
 
-SECTIONS = ("summary", "histograms", "scatter", "grids", "errors")
+SECTIONS = ("summary", "meaning", "histograms", "scatter", "grids", "errors")
 
 
 def render(path):
@@ -37,13 +37,19 @@ def test_report_of_the_sample_renders_every_section_offline(ray_local, tmp_path)
     text = page.read_text()
     # Self-contained: every image is inline, nothing is fetched.
     assert not re.search(r"""(src|href)=['"]?(https?:|//|file:)""", text)
-    assert len(re.findall(r"src='data:image/jpeg;base64,", text)) == 5 * 2 * 2 + 2  # glide has 2
+    # 5 groups x (2 best, 2 worst quality, 2 worst aligned); glide has 2 images: 2 + 0 + 2
+    assert len(re.findall(r"src='data:image/jpeg;base64,", text)) == 5 * 2 * 3 + 4
     dom, console = render(page)
     assert console == []
     for section in SECTIONS:
         assert f'id="{section}"' in dom
     for group in ("AttnGAN", "DALLE2", "glide", "midjourney", "sd1.5", "xl2.2"):
         assert f"<h3>{group}</h3>" in dom
+    assert dom.count("<h4>worst aligned</h4>") == 6
+    # each score's range and direction, as the run's footer recorded them (zero-shot model)
+    meaning = dom[dom.index('id="meaning"'):dom.index('id="histograms"')]
+    assert "<td>quality</td><td>1 – 5</td><td>higher is better</td>" in meaning
+    assert "<td>alignment</td><td>0 – 2.5</td>" in meaning and "zero-shot" in meaning
 
 
 def test_report_reads_s3_scores_and_shows_errors(ray_local, sample, s3_bucket, s3_endpoint,
