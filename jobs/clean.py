@@ -79,11 +79,12 @@ def run_clean(config: CleanConfig, log=print) -> dict:
     from iqray.pipeline.tables.filtering import add_relative_columns, apply_rules, cache_embeddings
     from iqray.pipeline.tables.runs import read_scores, score_files, score_metadata
 
+    storage = config.storage_config()
     for source in config.sources:  # before anything is read or written
         check_separate(source, config.output)
+    storage.check_output(config.output)
     started = time.perf_counter()
     when = dt.datetime.now(dt.timezone.utc)
-    storage = config.storage_config()
     fs, _ = storage.filesystem(config.output)
     record: dict = {"started": when.isoformat(timespec="seconds"), "model": config.model,
                     "sources": {}, "rules": config.rules.model_dump(exclude_defaults=True)}

@@ -57,6 +57,7 @@ def run_embed(config: EmbedConfig, log=print) -> RunSummary:
     started = time.perf_counter()
     read, storage = config.read_config(), config.storage_config()
     check_separate(config.input, config.cache, "cache")
+    storage.check_output(config.cache, "cache")
     shards = discover_shards(config.input, read, storage, exclude=config.cache,
                              warn=warn_to(log))
     key_columns = inspect_input(shards, read, storage, warn=warn_to(log))

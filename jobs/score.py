@@ -85,6 +85,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
     started = time.perf_counter()
     read, storage = config.read_config(), config.storage_config()
     check_separate(config.input, config.output)
+    storage.check_output(config.output)
     shards = discover_shards(config.input, read, storage, exclude=config.output,
                              warn=warn_to(log))
     key_columns = inspect_input(shards, read, storage, warn=warn_to(log))

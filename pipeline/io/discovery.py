@@ -48,7 +48,7 @@ def discover_shards(input_url: str, read: ReadConfig, storage: StorageConfig,
         paths = [root]
         base = posixpath.dirname(root)
     else:
-        raise FileNotFoundError(f"input {input_url} does not exist")
+        raise FileNotFoundError(f"input {storage.missing(input_url)}")
     if exclude is not None:
         excluded = location(exclude)
         paths = [p for p in paths if not _under_location(location(to_url(fs, p, input_url)),

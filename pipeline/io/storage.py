@@ -86,6 +86,33 @@ class StorageConfig(BaseModel):
                 time.sleep(self.backoff_s(attempt))
         raise AssertionError("unreachable")
 
+    def missing(self, url: str) -> str:
+        """Why ``url`` is not there, for a one-line error: on an object store, whether its
+        bucket exists, and at which endpoint (a forgotten --s3-endpoint looks like this)."""
+        if "://" not in url or url.startswith("file://"):
+            return f"{url} does not exist"
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        endpoint = self.endpoint_for(url) or "the default endpoint"
+        fs, _ = self.filesystem(url)
+        try:
+            found = self.retry(lambda: fs.exists(bucket), "look up the bucket of", url)
+        except (StorageUnavailable, *PERMANENT_OS_ERRORS) as exc:
+            return f"{url}: cannot look up bucket {bucket!r} at {endpoint}: {exc}"
+        if not found:
+            return (f"{url}: bucket {bucket!r} does not exist at {endpoint} (is --s3-endpoint "
+                    "/ AWS_ENDPOINT_URL right?)")
+        return f"{url} does not exist (bucket {bucket!r} at {endpoint})"
+
+    def check_output(self, url: str, name: str = "output") -> None:
+        """Before anything runs: an output on an object store needs an existing bucket (a
+        missing one would fail only at the first commit, after the work)."""
+        if "://" not in url or url.startswith("file://"):
+            return
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        fs, _ = self.filesystem(url)
+        if not self.retry(lambda: fs.exists(bucket), "look up the bucket of", url):
+            raise ValueError(f"{name} {self.missing(url)}")
+
     def backoff_s(self, attempt: int) -> float:
         """Wait after the ``attempt``-th failure: exponential, capped, +-50% jitter so that
         many workers hitting one throttled prefix do not retry in lockstep."""

@@ -85,3 +85,18 @@ def test_configuration_mistakes_exit_2_in_one_line_before_ray_starts(dataset, tm
     assert wrong_model.returncode == 2 and "model 'mst-clipiqa-tiny' is neither" in \
         wrong_model.stderr and wrong_model.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_missing_bucket_is_named_with_its_endpoint_before_ray_starts(dataset, tmp_path,
+                                                                       s3_bucket, s3_endpoint):
+    fs, bucket = s3_bucket
+    absent = run_without_ray("score", str(dataset), "s3://no-such-bucket/out", "--model",
+                             TEST_MODEL, "--s3-endpoint", s3_endpoint, cwd=tmp_path)
+    assert absent.returncode == 2 and absent.stderr.count("\n") == 1, absent.stderr
+    assert (f"output s3://no-such-bucket/out: bucket 'no-such-bucket' does not exist at "
+            f"{s3_endpoint} (is --s3-endpoint / AWS_ENDPOINT_URL right?)") in absent.stderr
+    missing = run_without_ray("score", f"s3://{bucket}/nothing-here", str(tmp_path / "o"),
+                              "--model", TEST_MODEL, "--s3-endpoint", s3_endpoint, cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert f"input s3://{bucket}/nothing-here does not exist (bucket '{bucket}' at " \
+        f"{s3_endpoint})" in missing.stderr
