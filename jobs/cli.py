@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,11 +100,6 @@ class Job:
         return getattr(importlib.import_module(self.module), self.config)
 
     def run(self, config: BaseModel) -> int:
-        if self.uses_ray:
-            import ray.data  # noqa: F401  (configures its loggers on import; adjust them after)
-
-            # Ray Data's per-operator INFO lines drown the summary a user reads.
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
         from iqray.pipeline.execution import ErrorBudgetExceeded, stop_local_ray
         from iqray.pipeline.exit_codes import (
             EXIT_ERROR_BUDGET,

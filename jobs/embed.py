@@ -31,7 +31,7 @@ from iqray.pipeline.options import (
     RunOptions,
     StageConfig,
 )
-from iqray.pipeline.scoring import stage_model
+from iqray.pipeline.staging import stage_model
 
 
 class CacheOptions(OptionGroup):

@@ -92,7 +92,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
     if config.dry_run:
         return _dry_run(config, shards, log)
 
-    from iqray.pipeline.scoring import Scorer, stage_model
+    from iqray.pipeline.staging import stage_model  # no torch: a rerun with nothing to do
 
     spec = stage_model(config.model, storage, mode=config.mode)
     fr = spec.config.full_reference
@@ -154,6 +154,8 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
             rescore_from_cache(from_cache, config.cache, storage, spec, writer, summary)
             log(f"{len(from_cache)} shards rescored from the embedding cache {config.cache}")
     if todo:
+        from iqray.pipeline.scoring import Scorer
+
         execute(config, ray, spec, Scorer, todo, key_columns, writer, summary,
                 keep_image_bytes=config.keep_image_bytes)
     todo = todo + from_cache

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from iqray.model.config import BPCLIPConfig
-from iqray.model.mst_clipiqa import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoreSpec, ScoringModel
+from iqray.model.mst_clipiqa import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoringModel
+from iqray.model.outputs import ScoreSpec, bpclip_outputs
 from iqray.model.preprocess import ImageSource, ImageTransform, image_batch, prompt_list
 from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
 
@@ -317,7 +318,7 @@ class BPCLIP(ScoringModel):
 
     @property
     def score_range(self) -> dict[str, ScoreSpec]:
-        return score_range_for(self.config)
+        return bpclip_outputs(self.config)
 
     def reset_heads(self, seed: int) -> None:
         """Fresh, seeded trainable part (one training repeat); the backbone is untouched."""
@@ -434,19 +435,3 @@ class BPCLIP(ScoringModel):
         if count == 0:
             return {k: np.zeros(0, np.float32) for k in self.output_names}
         return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def score_range_for(config: BPCLIPConfig) -> dict[str, ScoreSpec]:
-    """What each output means, from the config alone (recorded in output footers)."""
-    zero_shot = not config.trained
-    q = config.quality_scale
-    how = ("zero-shot: mean 'good' probability over the antonym pairs (tower embedding)"
-           if zero_shot else "trained quality layer, on the training data's MOS scale")
-    if config.full_reference:
-        how += "; full-reference (needs a reference image per row)"
-    spec = {"quality": ScoreSpec(q.low, q.high, True, zero_shot, how)}
-    for name in config.heads.dimensions:
-        words = ", ".join(f"{a}/{b}" for a, b in config.heads.adjective_pairs[name])
-        spec[name] = ScoreSpec(0.0, 1.0, True, zero_shot,
-                               f"mean probability of the good side of {words}")
-    return spec

@@ -24,13 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from iqray.model.config import ModelConfig, parse_model_config
+from iqray.model.files import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
 from iqray.model.version import iqray_version
 from iqray.model.weights import refuse_pickle
-
-FORMAT = "iqray-checkpoint"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class CheckpointError(ValueError):

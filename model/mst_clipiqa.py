@@ -37,23 +37,12 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from iqray.model.config import MSTConfig
+from iqray.model.outputs import ScoreSpec, mst_clipiqa_outputs
 from iqray.model.preprocess import ImageSource, ImageTransform, image_batch, prompt_list
 from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
 
-CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021: CLIPScore = 2.5 * max(cos, 0)
 MAX_LOGIT_SCALE = 100.0  # CLIP's own clamp
 HEAD_INIT_SEED = 0  # seeds the trainable heads a model is built with (training reseeds per repeat)
-
-
-@dataclass(frozen=True)
-class ScoreSpec:
-    """What one output column means (pyiqa-style): range, direction, provenance."""
-
-    low: float
-    high: float
-    higher_better: bool
-    zero_shot: bool
-    description: str
 
 
 @dataclass
@@ -283,7 +272,7 @@ class MSTClipIQA(ScoringModel):
 
     @property
     def score_range(self) -> dict[str, ScoreSpec]:
-        return score_range_for(self.config)
+        return mst_clipiqa_outputs(self.config)
 
     # -- encoders (frozen) ----------------------------------------------------------------
     def _autocast(self):
@@ -566,29 +555,6 @@ class MSTClipIQA(ScoringModel):
             return {"quality": np.zeros(0, np.float32), "alignment": np.zeros(0, np.float32),
                     "prompt_truncated": np.zeros(0, bool)}
         return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def score_range_for(config: MSTConfig) -> dict[str, ScoreSpec]:
-    """What each output means, from the config alone (the driver records it in the output
-    footer without building the model)."""
-    if not config.trained:
-        n = len(config.heads.quality_grades)
-        return {
-            "quality": ScoreSpec(1.0, float(n), True, True,
-                                 f"zero-shot: expected grade 1..{n} from CLIP similarity "
-                                 "to graded quality prompts (coarse tower)"),
-            "alignment": ScoreSpec(0.0, CLIPSCORE_WEIGHT, True, True,
-                                   "zero-shot: CLIPScore = 2.5*max(cos(image, prompt), 0); "
-                                   "NaN/null without a prompt"),
-        }
-    q, a = config.quality_scale, config.alignment_scale
-    return {
-        "quality": ScoreSpec(q.low, q.high, True, False,
-                             "trained quality head, on the training data's MOS scale"),
-        "alignment": ScoreSpec(a.low, a.high, True, False,
-                               "trained alignment head, on the training data's MOS scale; "
-                               "NaN/null without a prompt"),
-    }
 
 
 def _clean_prompt(prompt: str | None) -> str | None:

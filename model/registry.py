@@ -62,7 +62,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(
         name="mst-clipiqa", paper="arXiv 2606.16799",
         config_class="config:MSTConfig", model_class="mst_clipiqa:MSTClipIQA",
-        score_range="mst_clipiqa:score_range_for",
+        score_range="outputs:mst_clipiqa_outputs",
         heads=("quality", "alignment"), training="heads-on-cached-embeddings",
         embedding_cache=True, full_reference=False, finetune=True, int8=True, compile=True),
     Architecture(
@@ -71,7 +71,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
         # level features are kept in memory for training rather than cached.
         name="bpclip", paper="arXiv 2506.17969",
         config_class="config:BPCLIPConfig", model_class="bpclip:BPCLIP",
-        score_range="bpclip:score_range_for",
+        score_range="outputs:bpclip_outputs",
         heads=("quality",), training="heads-on-level-features",
         embedding_cache=False, full_reference=True, finetune=False, int8=True, compile=False),
 )}

@@ -21,15 +21,27 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-import open_clip
-import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from typing import TYPE_CHECKING
 
 from iqray.model.config import TowerConfig
 
-# The tiny test towers and the shipped small towers are just more open_clip model configs.
-open_clip.add_model_config(Path(__file__).parent / "configs" / "towers")
+if TYPE_CHECKING:
+    import torch
+
+_REGISTERED = False
+
+
+def _open_clip():
+    """open_clip, imported on first use (torch with it: seconds), with this package's tower
+    configs registered: the tiny test towers and the shipped small towers are just more
+    open_clip model configs. Resolving a tower given as a file needs neither."""
+    global _REGISTERED
+    import open_clip
+
+    if not _REGISTERED:
+        open_clip.add_model_config(Path(__file__).parent / "configs" / "towers")
+        _REGISTERED = True
+    return open_clip
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 SAFE_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
@@ -110,9 +122,9 @@ def resolve_tower_weights(
             )
         return path
 
-    tag_cfg = open_clip.get_pretrained_cfg(tower.model_name, value)
+    tag_cfg = _open_clip().get_pretrained_cfg(tower.model_name, value)
     if not tag_cfg:
-        known = open_clip.list_pretrained_tags_by_model(tower.model_name)
+        known = _open_clip().list_pretrained_tags_by_model(tower.model_name)
         raise WeightsNotFoundError(
             f"tower {tower.model_name}: {value!r} is neither an existing file nor an open_clip "
             f"pretrained tag for this model; known tags: {', '.join(known) or 'none'}."
@@ -183,7 +195,7 @@ def _find_cached(tag_cfg: dict, dirs: Iterable[Path], looked_in: list[str]) -> P
 
 def _download(tag_cfg: dict, cache_dir: str | os.PathLike | None) -> Path:
     repo_id, names = _hf_repo_and_names(tag_cfg)
-    path = open_clip.pretrained.download_pretrained_from_hf(
+    path = _open_clip().pretrained.download_pretrained_from_hf(
         repo_id, filename=names[0], cache_dir=str(cache_dir) if cache_dir else None
     )
     return Path(path)
@@ -193,7 +205,9 @@ def tower_preprocess_stats(tower: TowerConfig) -> tuple[tuple[float, ...], tuple
     """Normalisation mean/std the tower was trained with (CLIP's unless the tag says else)."""
     cfg = {}
     if tower.pretrained and not looks_like_path(tower.pretrained):
-        cfg = open_clip.get_pretrained_cfg(tower.model_name, tower.pretrained)
+        cfg = _open_clip().get_pretrained_cfg(tower.model_name, tower.pretrained)
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
     return tuple(cfg.get("mean", OPENAI_DATASET_MEAN)), tuple(cfg.get("std", OPENAI_DATASET_STD))
 
 
@@ -211,6 +225,9 @@ def create_tower(
     allow_download: bool | None = None,
 ) -> torch.nn.Module:
     """Build an open_clip CLIP model for ``tower`` with its weights, frozen and in eval mode."""
+    import torch
+
+    open_clip = _open_clip()
     weights = resolve_tower_weights(tower, cache_dir, base_dir, allow_download)
     quick_gelu = False
     if tower.pretrained and not looks_like_path(tower.pretrained):
@@ -274,4 +291,4 @@ def _load_tower_file(model: torch.nn.Module, path: Path) -> None:
         state = {k[len("visual."):]: v for k, v in load_file(str(path)).items()}
         model.visual.load_state_dict(state, strict=True)
     else:
-        open_clip.load_checkpoint(model, str(path), strict=True)
+        _open_clip().load_checkpoint(model, str(path), strict=True)

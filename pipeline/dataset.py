@@ -46,7 +46,8 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
     import ray
 
     from iqray.pipeline.decode import decode_user_batch
-    from iqray.pipeline.scoring import Scorer, stage_model
+    from iqray.pipeline.scoring import Scorer
+    from iqray.pipeline.staging import stage_model
 
     config = StageConfig(batch_size=batch_size, num_actors=num_actors, device=device,
                          **options)

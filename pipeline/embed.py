@@ -17,7 +17,8 @@ import torch
 from iqray.pipeline import rows as R
 from iqray.pipeline.io.embed_cache import EmbeddingCache
 from iqray.pipeline.io.writer import ShardWriter
-from iqray.pipeline.scoring import ModelSpec, ModelStage, split_on_oom
+from iqray.pipeline.scoring import ModelStage, split_on_oom
+from iqray.pipeline.staging import ModelSpec
 
 PROMPT_CHUNK = 256
 

@@ -210,7 +210,10 @@ _STARTED_LOCAL_RAY = False  # whether ensure_ray started a local Ray in this pro
 def ensure_ray(config: ClusterOptions):
     global _STARTED_LOCAL_RAY
     import ray
+    import ray.data  # configures its loggers on import; adjust them after
 
+    # Ray Data's per-operator INFO lines drown the summary a user reads.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}

@@ -18,7 +18,7 @@ from iqray.pipeline.io.embed_cache import EmbeddingCache, index_written_for
 from iqray.pipeline.io.shards import Shard
 from iqray.pipeline.io.storage import StorageConfig
 from iqray.pipeline.io.writer import ShardWriter, read_output_metadata
-from iqray.pipeline.scoring import ModelSpec
+from iqray.pipeline.staging import ModelSpec
 
 
 def cached_shards(shards: list[Shard], cache_url: str, storage: StorageConfig,

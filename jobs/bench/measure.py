@@ -367,7 +367,7 @@ def synthetic_cached_input(root: Path, model_name: str, rows: int, shard_rows: i
     from iqray.pipeline.io.shards import ReadConfig
     from iqray.pipeline.io.storage import StorageConfig
     from iqray.pipeline.io.writer import ShardWriter
-    from iqray.pipeline.scoring import stage_model
+    from iqray.pipeline.staging import stage_model
 
     storage = StorageConfig()
     spec = stage_model(model_name, storage)

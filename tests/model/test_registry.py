@@ -32,7 +32,7 @@ def test_jobs_ask_the_registry_and_get_one_line_refusals():
 
 def test_names_resolve_once_for_the_loader_and_the_pipeline():
     from iqray.pipeline.io.storage import StorageConfig
-    from iqray.pipeline.scoring import stage_model
+    from iqray.pipeline.staging import stage_model
 
     shipped = resolve_name(iqray.model.DEFAULT_MODEL)
     assert shipped.kind == "checkpoint" and shipped.shipped

@@ -26,7 +26,7 @@ def test_rescoring_from_the_cache_gives_the_scores_of_the_images(tmp_path, sampl
 
     from iqray.pipeline.embed import Embedder, EmbedSink, embed_prompts
     from iqray.pipeline.rescore import cached_shards, rescore_from_cache
-    from iqray.pipeline.scoring import stage_model
+    from iqray.pipeline.staging import stage_model
 
     source = img2dataset_table(sample, 0, 10)
     write_parquet(None, str(tmp_path / "in" / "a.parquet"), source)
@@ -68,7 +68,7 @@ def test_rescoring_from_the_cache_gives_the_scores_of_the_images(tmp_path, sampl
 
 def test_another_models_towers_never_rescore_from_the_cache(tmp_path, sample):
     from iqray.pipeline.rescore import cached_shards
-    from iqray.pipeline.scoring import stage_model
+    from iqray.pipeline.staging import stage_model
 
     write_parquet(None, str(tmp_path / "in" / "a.parquet"), img2dataset_table(sample, 0, 3))
     shards = discover_shards(str(tmp_path / "in"), ReadConfig(), STORAGE)

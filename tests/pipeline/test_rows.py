@@ -21,7 +21,7 @@ STORAGE = StorageConfig()
 
 @pytest.fixture(scope="module")
 def spec():
-    from iqray.pipeline.scoring import stage_model
+    from iqray.pipeline.staging import stage_model
 
     return stage_model(TEST_MODEL, STORAGE)
 
