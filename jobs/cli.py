@@ -121,9 +121,10 @@ class Job:
         except (ValueError, *PERMANENT_OS_ERRORS) as exc:  # bad input or config: one line
             print(f"iqray: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except KeyboardInterrupt:  # nothing is lost: commits are atomic, resume is per shard
-            print("iqray: interrupted; committed shards are kept, rerun the same command to "
-                  "resume", file=sys.stderr)
+        except KeyboardInterrupt as exc:  # nothing is lost: commits are atomic, per shard
+            done = f" ({exc})" if str(exc) else ""
+            print(f"iqray: interrupted{done}; committed shards are kept, rerun the same "
+                  "command to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
             stop_local_ray()

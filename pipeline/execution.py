@@ -72,6 +72,15 @@ class ErrorBudgetExceeded(RuntimeError):
     pass
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what it had committed (the CLI's one line says so)."""
+
+    def __init__(self, committed: int, total: int, skipped: int):
+        super().__init__(f"{committed} of {total} shards committed by this run"
+                         + (f", {skipped} were already" if skipped else ""))
+        self.committed, self.total, self.skipped = committed, total, skipped
+
+
 @dataclass
 class RunSummary:
     rows: int = 0  # rows written this run: ok + error rows
@@ -349,7 +358,23 @@ def execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
             key_columns: list[str], sink: Sink, summary: RunSummary,
             stage_kwargs: dict[str, Any] | None = None, keep_image_bytes: bool = False
             ) -> None:
-    """Run the stages over ``todo`` and stream every block into ``sink``."""
+    """Run the stages over ``todo`` and stream every block into ``sink``; Ctrl-C ends it as
+    :class:`RunInterrupted`, counting the shards the sink's writer committed."""
+    try:
+        _execute(config, ray, spec, stage_cls, todo, key_columns, sink, summary,
+                 stage_kwargs, keep_image_bytes)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, RunInterrupted):
+            raise
+        writer = getattr(sink, "writer", sink)
+        raise RunInterrupted(len(getattr(writer, "committed", ())),
+                             summary.shards_total - summary.shards_skipped,
+                             summary.shards_skipped) from None
+
+
+def _execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
+             key_columns: list[str], sink: Sink, summary: RunSummary,
+             stage_kwargs: dict[str, Any] | None, keep_image_bytes: bool) -> None:
     read, storage = config.read_config(), config.storage_config()
     references = wants_references(read)
     plan = plan_resources(config, ray.cluster_resources())

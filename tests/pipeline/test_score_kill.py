@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,7 +149,14 @@ def test_ctrl_c_says_so_in_one_line_and_exits_130(tmp_path, clean_run):
     log = (tmp_path / "run.log").read_text()
     assert proc.returncode == 130, log[-3000:]
     assert "Traceback" not in log
-    assert log.rstrip().splitlines()[-1] == ("iqray: interrupted; committed shards are kept, "
-                                             "rerun the same command to resume")
+    last = log.rstrip().splitlines()[-1]
+    shards = re.fullmatch(r"iqray: interrupted \((\d+) of (\d+) shards committed by this "
+                          r"run\); committed shards are kept, rerun the same command to "
+                          r"resume", last)
+    assert shards, last
     assert not (output / "_SUCCESS").exists() and committed(output)
+    # the count it printed is what is there (but for a file whose commit the signal cut
+    # between its rename and the count)
+    files = len(committed(output))
+    assert files - 1 <= int(shards[1]) <= files and int(shards[2]) == SHARDS
     assert session_processes(proc.pid) == []
