@@ -75,3 +75,19 @@ def test_the_io_and_table_packages_import_neither_ray_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd="/").stdout
     assert out.strip() == "[]"
+
+
+def test_iqray_help_and_a_jobs_help_import_no_torch_ray_or_other_jobs():
+    # `iqray --help` answers from the job table alone; `iqray score --help` imports score's
+    # config, which needs neither torch nor Ray (staging a model does not either).
+    code = ("import sys, contextlib, io\n"
+            "from iqray.jobs.cli import main\n"
+            "for argv in (['--help'], ['score', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try: main(argv)\n"
+            "        except SystemExit: pass\n"
+            "    print(sorted(m for m in ('torch', 'ray', 'open_clip', 'iqray.jobs.train',\n"
+            "                             'iqray.jobs.bench') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd="/").stdout
+    assert out.split("\n")[:2] == ["[]", "[]"]
