@@ -63,6 +63,9 @@ def run_embed(config: EmbedConfig, log=print) -> RunSummary:
     key_columns = inspect_input(shards, read, storage, warn=warn_to(log))
     spec = stage_model(config.model, storage)
     architecture(spec.config).require("embedding_cache", "iqray embed (an embedding cache)")
+    if config.decode == "fast":
+        raise ValueError("an embedding cache is shared by every later run of its towers, so it "
+                         "is written from fully decoded images (drop --decode fast)")
     cache = EmbeddingCache(config.cache, storage)
     dim = spec.config.heads.embed_dim
     cache.bind(spec.tower_identity, spec.towers, dim, config.dtype)

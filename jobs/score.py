@@ -113,6 +113,15 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
             f"{precision_check['images']} images: " + ", ".join(
                 f"{k} {v['spearman']:.4f}" for k, v in precision_check.items()
                 if isinstance(v, dict)))
+    decode_check = None
+    if config.decode == "fast" and config.decode_check:
+        from iqray.pipeline.scoring import check_decode
+
+        decode_check = check_decode(spec, shards, read, storage)
+        log(f"--decode fast: {decode_check['reduced']} of the first {decode_check['images']} "
+            "images decode at reduced scale; Spearman against full decode: " + ", ".join(
+                f"{k} {v['spearman']:.4f}" for k, v in decode_check.items()
+                if isinstance(v, dict)))
     scoring_hash = config.scoring_hash(spec.identity)
     preview = config.limit is not None or config.sample is not None
     if preview:
@@ -132,6 +141,7 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
                 "score_reference": spec.config.score_reference,
                 "architecture": spec.config.architecture,
                 "precision": config.precision, "precision_check": precision_check,
+                "decode": config.decode, "decode_check": decode_check,
                 "outputs": spec.config.output_names,
                 "score_range": architecture(spec.config).outputs(spec.config),
                 "key_columns": key_columns}

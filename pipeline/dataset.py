@@ -51,6 +51,9 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
 
     config = StageConfig(batch_size=batch_size, num_actors=num_actors, device=device,
                          **options)
+    if config.decode == "fast":  # its gate reads the input's first images: iqray score's
+        raise ValueError("decode='fast' is checked against full decode on the input's first "
+                         "images by iqray score; score_dataset takes 'cpu' or 'device'")
     storage = storage or StorageConfig()
     spec = stage_model(model, storage, mode=mode)
     references = reference_column is not None

@@ -156,7 +156,8 @@ def decode_jpegs(encoded: list[bytes], device) -> list:
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
                  timeout_s: float | None, keep_image_bytes: bool,
                  fine_resize: int | None = None, references: bool = False,
-                 jpeg_on_device: bool = False) -> dict[str, np.ndarray]:
+                 jpeg_on_device: bool = False, reduced: bool = False
+                 ) -> dict[str, np.ndarray]:
     """Crops of every readable row; with ``references`` (full-reference models) each row's
     reference is cropped the same way and follows its image in the channel axis.
 
@@ -166,6 +167,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
     started = time.perf_counter()
     count = len(batch[R.IMAGE])
     crop = CropViews(image_size, fine_resize)
+    # --decode fast: JPEGs at least twice the largest view decode at a reduced DCT scale
+    least = max(crop.resizes) if reduced else None
     channels = decoded_channels(image_size, fine_resize, references)
     pixels = np.zeros((count, channels, image_size, image_size), np.uint8)
     # Content hash of the encoded bytes: exact-duplicate detection and embedding-cache key.
@@ -185,7 +188,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
         try:
             with time_limit(timeout_s):
                 pixels[i, :crop.channels] = crop(
-                    open_image(images[i], max_pixels=max_pixels))
+                    open_image(images[i], max_pixels=max_pixels, min_short_side=least))
         except ImageDecodeError as exc:
             errors[i], kinds[i] = f"{row_label(batch, i)}: {exc}", "decode"
             continue
@@ -196,7 +199,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
             try:
                 with time_limit(timeout_s):
                     pixels[i, crop.channels:] = crop(
-                        open_image(batch[R.REFERENCE][i], max_pixels=max_pixels))
+                        open_image(batch[R.REFERENCE][i], max_pixels=max_pixels,
+                                   min_short_side=least))
             except (ImageDecodeError, DecodeTimeout) as exc:
                 errors[i] = f"{row_label(batch, i)}: reference: {exc}"
                 kinds[i] = "reference_decode"

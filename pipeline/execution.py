@@ -339,6 +339,7 @@ def model_stages(ds, config: StageConfig, spec, plan: dict[str, Any], stage_cls:
                                    "timeout_s": config.decode_timeout_s,
                                    "keep_image_bytes": keep_image_bytes,
                                    "jpeg_on_device": config.decode == "device",
+                                   "reduced": config.decode == "fast",
                                    **(decode_kwargs or {})})
     return ds.map_batches(
         stage_cls, batch_size=config.batch_size, batch_format="numpy",

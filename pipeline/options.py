@@ -61,6 +61,9 @@ class PrecisionOptions(OptionGroup):
     precision_check: bool = Field(
         default=True, description="before a --precision int8 run, score the first 32 images "
         "both ways and refuse if the ranking moves (Spearman < 0.999)")
+    decode_check: bool = Field(
+        default=True, description="before a --decode fast run, score the first 32 images "
+        "decoded both ways and refuse if the ranking moves (Spearman < 0.999)")
 
 
 class StageConfig(OptionGroup):
@@ -90,8 +93,10 @@ class StageConfig(OptionGroup):
     compile: bool = Field(
         default=False, description="torch.compile the image towers in every actor (CUDA "
         "graphs on GPUs); MST-CLIPIQA, fp32 only")
-    decode: Literal["cpu", "device"] = Field(
-        default="cpu", description="cpu: decode tasks decode every image (PIL); device: JPEGs "
+    decode: Literal["cpu", "fast", "device"] = Field(
+        default="cpu", description="cpu: decode tasks decode every image (PIL); fast: JPEGs "
+        "at least twice the size every view needs decode at a reduced DCT scale (PIL draft; "
+        "gated by --decode-check), the rest in full; device: JPEGs "
         "are decoded in the model actor on its device (torchvision decode_jpeg: nvJPEG on a "
         "GPU), so CPU cores only read and check headers; other formats and full-reference "
         "references still decode in tasks. Crops differ from PIL's by rounding (bench "

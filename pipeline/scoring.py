@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import time
 from collections.abc import Callable
@@ -54,6 +55,54 @@ def check_precision(spec: ModelSpec, shards: list, read, storage: StorageConfig,
         raise ValueError(f"--precision {precision} changes this model's ranking of the first "
                          f"{len(pixels)} images (Spearman against fp32: {worst}; needs >= "
                          f"{MIN_SPEARMAN}); score with fp32")
+    return report
+
+
+def check_decode(spec: ModelSpec, shards: list, read, storage: StorageConfig,
+                 rows: int = 32) -> dict[str, Any]:
+    """Gate ``--decode fast`` on the user's own data: score the first ``rows`` readable images
+    decoded in full and at reduced DCT scale; refuse the run when the ranking moves. The
+    report says how many of them were large enough to be decoded at reduced scale."""
+    from PIL import Image
+
+    from iqray.model.fastpath import MIN_SPEARMAN, fidelity_report
+    from iqray.model.images import CropViews, ImageDecodeError, open_image
+    from iqray.pipeline.decode import iter_crops
+
+    if spec.config.full_reference:
+        raise ValueError("--decode fast is not offered for full-reference models yet")
+    model = spec.load("cpu")
+    views = CropViews(spec.config.image_size, spec.config.fine_resize)
+    least = max(views.resizes)
+    full, fast, prompts, reduced = [], [], [], 0
+    for shard in shards:
+        for _, image, prompt, _, crop in iter_crops(shard, read, storage, model.transform):
+            if crop is None:
+                continue
+            try:
+                fast.append(torch.from_numpy(views(open_image(image, min_short_side=least))))
+            except ImageDecodeError:
+                continue
+            header = Image.open(io.BytesIO(image))
+            reduced += header.format == "JPEG" and min(header.size) >= 2 * least
+            full.append(crop)
+            prompts.append(_prompt(prompt))
+            if len(full) == rows:
+                break
+        if len(full) == rows:
+            break
+    if len(full) < 3:
+        raise ValueError("--decode fast: fewer than 3 readable images to check its scores "
+                         "against full decode")
+    report = fidelity_report(model.score(torch.stack(full), prompts),
+                             model.score(torch.stack(fast), prompts), model.output_names)
+    report.update(images=len(full), reduced=int(reduced))
+    if not report["passes"]:
+        worst = ", ".join(f"{k} {v['spearman']:.4f}" for k, v in report.items()
+                          if isinstance(v, dict))
+        raise ValueError(f"--decode fast changes this model's ranking of the first "
+                         f"{len(full)} images (Spearman against full decode: {worst}; needs "
+                         f">= {MIN_SPEARMAN}); use --decode cpu")
     return report
 
 
