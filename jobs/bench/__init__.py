@@ -39,12 +39,21 @@ class BenchConfig(JobConfig):
     fidelity_models: list[str] = Field(
         default_factory=lambda: ["iqray-small-agiqa3k"],
         description="models (besides --model) whose fast-path fidelity is checked")
-    measure: list[Literal["throughput", "scale", "scale-images"]] = Field(
+    measure: list[Literal["throughput", "scale", "scale-images", "decode"]] = Field(
         default_factory=lambda: ["throughput"],
         description="throughput: the three-way comparison; scale: re-scoring from a "
         "(synthetic) embedding cache at --scale-rows, time and peak memory; scale-images: "
         "the whole image pipeline on synthetic small JPEGs at --scale-image-rows, time, peak "
-        "memory of the driver and every Ray process, peak object-store use")
+        "memory of the driver and every Ray process, peak object-store use; decode: decode + "
+        "crop images/s per core by format, size and --decode mode, and the score fidelity of "
+        "fast against full decode")
+    decode_images: int = Field(default=32, gt=2, description="source JPEGs of the decode "
+                               "measurement (re-encoded at each size)")
+    decode_view: int = Field(default=224, gt=0, description="the view size decode is timed "
+                             "for (a ViT-B tower's input)")
+    decode_models: list[str] = Field(
+        default_factory=lambda: ["mst-clipiqa-tiny-random", "iqray-small-agiqa3k"],
+        description="models whose scores fast decode is compared on (each with its views)")
     scale_rows: list[int] = Field(default_factory=lambda: [10_000, 100_000, 1_000_000],
                                   description="input sizes of the scale measurement")
     scale_image_rows: list[int] = Field(default_factory=lambda: [10_000, 100_000],
@@ -92,6 +101,14 @@ def run_bench(config: BenchConfig, log=print) -> dict:
             results["scale"] = run_scale(config, workdir, log)
         if "scale-images" in config.measure:
             results["scale_images"] = run_image_scale(config, workdir, log)
+        if "decode" in config.measure:
+            results["decode"] = bench.bench_decode(Path(config.source), config.decode_images,
+                                                   config.decode_view, config.decode_models)
+            for r in results["decode"]:
+                log(f"decode {r['format']} {r['size']} px ({r['images_from']}) {r['mode']}: "
+                    f"{r['images_per_s_per_core']:.0f} img/s per core"
+                    + ("" if r["spearman_vs_full"] is None
+                       else f", Spearman vs full >= {r['spearman_vs_full']:.4f}"))
         if "throughput" not in config.measure:
             return _write(results, config, log)
         model = iqray.model.load(config.model)
@@ -204,18 +221,42 @@ def _write(results: dict, config: BenchConfig, log) -> dict:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     name = "bench" if "throughput" in config.measure else "scale"
-    (output / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    if set(config.measure) != {"decode"}:  # a decode-only run writes decode.json alone
+        (output / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     if "throughput" in config.measure:
         (output / "bench.md").write_text(markdown_table(results))
         plot(results, output / "bench.png")
         for key, value in results["ratios"].items():
             log(f"{key}: {value:.2f}" + (f" (target {TARGETS[key]:g})" if key in TARGETS
                                          else ""))
+    if results.get("decode"):
+        (output / "decode.json").write_text(json.dumps(results["decode"], indent=2) + "\n")
+        (output / "decode.md").write_text(decode_table(results["decode"]))
     if results["scale"] or results.get("scale_images"):
         (output / "scale.md").write_text(scale_table(results["scale"])
                                          + image_scale_table(results.get("scale_images", [])))
     log(f"wrote {output}/ ({', '.join(sorted(p.name for p in output.iterdir()))})")
     return results
+
+
+def decode_table(records: list[dict]) -> str:
+    """Markdown: images/s per core by format, size and mode, the speed-up over full decode,
+    and each model's Spearman of fast against full decode (reduced: images it shrank)."""
+    full = {(r["format"], r["size"]): r["images_per_s_per_core"] for r in records
+            if r["mode"] == "full"}
+    lines = [f"Decode + crop to {records[0]['view']} px, one core (`iqray bench --measure "
+             "decode`)", "", "| format | size | images | mode | img/s per core | vs full | "
+             "fast vs full: Spearman (min over outputs), reduced |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        speed = r["images_per_s_per_core"] / full[(r["format"], r["size"])]
+        fidelity = "; ".join(
+            f"{m} {min(v['spearman'] for v in f.values() if isinstance(v, dict)):.4f}, "
+            f"{f['reduced']}/{r['images']}" for m, f in r["fidelity"].items()
+            if any(isinstance(v, dict) for v in f.values()))
+        lines.append(f"| {r['format']} | {r['size']} | {r['images_from']} | {r['mode']} | "
+                     f"{r['images_per_s_per_core']:.0f} | {speed:.2f}x | {fidelity or '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 def image_scale_table(scale: list[dict]) -> str:

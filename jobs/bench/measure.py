@@ -574,3 +574,116 @@ def bench_rescore(model_name: str, root: Path, rows: int) -> dict[str, Any]:
             "peak_object_store_bytes": memory.peak_object_store_bytes,
             "heads_s": summary.stage_busy_s.get(
                 "heads (from cache)")}
+
+
+# (format, side); side None: the source JPEGs as they are (real AGIQA-3K images, 512 px)
+DECODE_CASES = (("JPEG", None), ("JPEG", 1024), ("JPEG", 2048), ("PNG", 1024), ("WEBP", 1024))
+
+
+def encode_at(images: list[bytes], fmt: str, side: int) -> list[bytes]:
+    """The images re-encoded at ``side`` px (Lanczos; JPEG at quality 92): larger than the
+    originals means upscaled, honest for decode speed, optimistic for fidelity."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for data in images:
+        image = Image.open(io.BytesIO(data)).convert("RGB").resize(
+            (side, side), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **({"quality": 92} if fmt in ("JPEG", "WEBP") else {}))
+        out.append(buffer.getvalue())
+    return out
+
+
+def decode_rate(images: list[bytes], mode: str, view: int, repeats: int = 2) -> float:
+    """Decode + crop images/s on one core (one thread): ``full`` PIL decode, ``fast``
+    (reduced DCT scale where the view allows), ``device`` (torchvision decode_jpeg, here on
+    the CPU, + the actors' tensor crop)."""
+    from iqray.model.images import CropViews, open_image
+
+    views = CropViews(view)
+    started = time.perf_counter()
+    if mode == "device":
+        from iqray.pipeline.decode import crop_transform, decode_jpegs
+
+        torch.set_num_threads(1)
+        crop = crop_transform(view)
+        for _ in range(repeats):
+            for data in images:
+                crop.crop_tensor(decode_jpegs([data], "cpu")[0])
+    else:
+        least = view if mode == "fast" else None
+        for _ in range(repeats):
+            for data in images:
+                views(open_image(data, min_short_side=least))
+    return repeats * len(images) / (time.perf_counter() - started)
+
+
+def fast_decode_fidelity(model_name: str, images: list[bytes], prompts: list[str]
+                         ) -> dict[str, Any]:
+    """Scores of ``model_name`` on the images decoded in full and fast (its own views):
+    Spearman and max |diff| per output, and how many were decoded at reduced scale."""
+    import io
+
+    from PIL import Image
+
+    import iqray.model
+    from iqray.model.fastpath import fidelity_report
+    from iqray.model.images import CropViews, open_image
+
+    model = iqray.model.load(model_name)
+    views = CropViews(model.config.image_size, model.config.fine_resize)
+    least = max(views.resizes)
+    full = torch.stack([torch.from_numpy(views(open_image(d))) for d in images])
+    fast = torch.stack([torch.from_numpy(views(open_image(d, min_short_side=least)))
+                        for d in images])
+    report = fidelity_report(model.score(full, prompts), model.score(fast, prompts),
+                             model.output_names)
+    headers = [Image.open(io.BytesIO(d)) for d in images]
+    report["reduced"] = sum(h.format == "JPEG" and min(h.size) >= 2 * least for h in headers)
+    return report
+
+
+def _prompt_of(source: Path, image: Path) -> str | None:
+    for name in ("prompts.csv", "metadata.csv"):
+        if (source / name).is_file():
+            with open(source / name, newline="") as handle:
+                for row in csv.DictReader(handle):
+                    if row.get("name") in (image.name, str(image.relative_to(source))):
+                        return row.get("prompt") or row.get("caption")
+    return None
+
+
+def bench_decode(source: Path, count: int, view: int, models: list[str]) -> list[dict]:
+    """One record per format, size and mode: images/s per core and, for ``fast``, the
+    fidelity of each model's scores against full decode."""
+    import io
+
+    from PIL import Image
+
+    real = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:count]
+    if len(real) < 3:
+        raise ValueError(f"{source}: fewer than 3 JPEGs to benchmark decode on")
+    originals = [p.read_bytes() for p in real]
+    prompts = [_prompt_of(source, p) for p in real]
+    records = []
+    for fmt, side in DECODE_CASES:
+        images = originals if side is None else encode_at(originals, fmt, side)
+        size = side or max(Image.open(io.BytesIO(d)).size[0] for d in originals)
+        modes = ("full", "fast", "device") if fmt == "JPEG" else ("full", "fast")
+        for mode in modes:
+            record = {"format": fmt.lower(), "size": size, "mode": mode, "view": view,
+                      "images_from": "real" if side is None else "upscaled",
+                      "images": len(images),
+                      "images_per_s_per_core": round(decode_rate(images, mode, view), 1),
+                      "spearman_vs_full": None, "fidelity": {}}
+            if mode == "fast":
+                record["fidelity"] = {m: fast_decode_fidelity(m, images, prompts)
+                                      for m in models}
+                record["spearman_vs_full"] = min(
+                    (v["spearman"] for r in record["fidelity"].values() for v in r.values()
+                     if isinstance(v, dict)), default=None)
+            records.append(record)
+    return records

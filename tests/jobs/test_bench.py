@@ -6,7 +6,7 @@ import json
 
 import pytest
 from PIL import Image
-from pipeline_data import TEST_MODEL
+from pipeline_data import SAMPLE, TEST_MODEL
 
 from iqray.jobs.bench import BenchConfig, run_bench
 
@@ -142,3 +142,28 @@ def test_process_tree_finds_children_and_their_memory():
         child.kill()
         child.wait()
     assert child.pid not in process_tree(os.getpid())
+
+
+def test_decode_bench_records_every_format_size_and_mode(tmp_path, sample):
+    import shutil
+
+    names = sample[0][:3]
+    (tmp_path / "src").mkdir()
+    for name in names:
+        shutil.copy(SAMPLE / "images" / name, tmp_path / "src" / name)
+    run_bench(BenchConfig(measure=["decode"], decode_images=3, source=str(tmp_path / "src"),
+                          decode_models=[TEST_MODEL], output=str(tmp_path / "b")),
+              log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["decode.json", "decode.md"]
+    records = json.loads((tmp_path / "b" / "decode.json").read_text())
+    cases = {(r["format"], r["size"], r["mode"]) for r in records}
+    assert len(records) == len(cases) == 3 * 3 + 2 * 2  # JPEG 3 sizes x 3 modes, PNG, WebP
+    assert {("jpeg", 512, "device"), ("jpeg", 2048, "fast"), ("png", 1024, "fast")} <= cases
+    for record in records:
+        assert record["images_per_s_per_core"] > 0 and record["images"] == 3
+        assert (record["spearman_vs_full"] is None) == (record["mode"] != "fast")
+    fast = {(r["format"], r["size"]): r["fidelity"][TEST_MODEL] for r in records
+            if r["mode"] == "fast"}
+    assert fast[("jpeg", 1024)]["reduced"] == 3 and fast[("png", 1024)]["reduced"] == 0
+    assert [r["images_from"] for r in records[:3]] == ["real"] * 3
+    assert "| jpeg | 2048 | upscaled | fast |" in (tmp_path / "b" / "decode.md").read_text()
