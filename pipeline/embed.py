@@ -1,10 +1,7 @@
-"""`iqray embed INPUT --cache DIR`: run the frozen towers once per image, keep the outputs.
-
-Same readers, decode stage and actor pool as `iqray score`; the model stage is
-:class:`Embedder` and the sink writes image embeddings into the cache (keyed by the image
-bytes' sha256) plus a per-shard index (keys, source row, prompt, sha256). Prompt token
-features are computed once per distinct prompt on the driver. Reruns skip committed shards;
-images already in the cache are not embedded again, wherever they came from.
+"""The embed stage: ``Embedder`` (the actor pool's callable class: frozen-tower embeddings of
+every decodable image not already cached) and ``EmbedSink`` (embeddings into the cache, the
+row index through a ShardWriter); `iqray embed` (jobs/embed.py) runs them. Prompt token
+features are computed once per distinct prompt on the driver (``embed_prompts``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What every pipeline job shares: the run config, resource sizing, the Ray Data stages and
+"""What every pipeline job shares: resource sizing, the Ray Data stages (``model_stages``) and
 the driver loop that streams rows into a job's sink.
 
     ray.data.from_items(shards)
