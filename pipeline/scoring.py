@@ -30,7 +30,7 @@ def check_precision(spec: ModelSpec, shards: list, read, storage: StorageConfig,
     """Gate a fast path on the user's own data: score the first ``rows`` readable images
     with fp32 and with ``precision`` on the driver; refuse the run when the ranking moves
     (Spearman below MIN_SPEARMAN on any output)."""
-    from iqray.model.fastpath import MIN_SPEARMAN, apply_precision, fidelity_report
+    from iqray.model.fastpath import apply_precision, fidelity_report
     from iqray.pipeline.decode import iter_crops
 
     reference = spec.load("cpu")
@@ -49,13 +49,8 @@ def check_precision(spec: ModelSpec, shards: list, read, storage: StorageConfig,
     report = fidelity_report(reference.score(batch, prompts), fast.score(batch, prompts),
                              reference.output_names)
     report["images"] = len(pixels)
-    if not report["passes"]:
-        worst = ", ".join(f"{k} {v['spearman']:.4f}" for k, v in report.items()
-                          if isinstance(v, dict))
-        raise ValueError(f"--precision {precision} changes this model's ranking of the first "
-                         f"{len(pixels)} images (Spearman against fp32: {worst}; needs >= "
-                         f"{MIN_SPEARMAN}); score with fp32")
-    return report
+    return refuse_if_ranking_moved(report, f"--precision {precision}", "fp32",
+                                   "score with fp32")
 
 
 def check_decode(spec: ModelSpec, shards: list, read, storage: StorageConfig,
@@ -65,7 +60,7 @@ def check_decode(spec: ModelSpec, shards: list, read, storage: StorageConfig,
     report says how many of them were large enough to be decoded at reduced scale."""
     from PIL import Image
 
-    from iqray.model.fastpath import MIN_SPEARMAN, fidelity_report
+    from iqray.model.fastpath import fidelity_report
     from iqray.model.images import CropViews, ImageDecodeError, open_image
     from iqray.pipeline.decode import iter_crops
 
@@ -97,12 +92,21 @@ def check_decode(spec: ModelSpec, shards: list, read, storage: StorageConfig,
     report = fidelity_report(model.score(torch.stack(full), prompts),
                              model.score(torch.stack(fast), prompts), model.output_names)
     report.update(images=len(full), reduced=int(reduced))
+    return refuse_if_ranking_moved(report, "--decode fast", "full decode", "use --decode cpu")
+
+
+def refuse_if_ranking_moved(report: dict[str, Any], path: str, against: str, instead: str
+                            ) -> dict[str, Any]:
+    """``report`` (a fast path's fidelity on the first images) when it passes; else the
+    ValueError that refuses the run in one line."""
+    from iqray.model.fastpath import MIN_SPEARMAN
+
     if not report["passes"]:
         worst = ", ".join(f"{k} {v['spearman']:.4f}" for k, v in report.items()
                           if isinstance(v, dict))
-        raise ValueError(f"--decode fast changes this model's ranking of the first "
-                         f"{len(full)} images (Spearman against full decode: {worst}; needs "
-                         f">= {MIN_SPEARMAN}); use --decode cpu")
+        raise ValueError(f"{path} changes this model's ranking of the first "
+                         f"{report['images']} images (Spearman against {against}: {worst}; "
+                         f"needs >= {MIN_SPEARMAN}); {instead}")
     return report
 
 
