@@ -263,14 +263,8 @@ def decode_user_batch(batch: dict[str, np.ndarray], image_column: str,
         for i, (_, error, _) in enumerate(references):
             if errors[i] is None and error is not None:
                 errors[i], kinds[i] = f"reference: {error}", "read_reference"
-        batch[R.REFERENCE] = _objects([data for data, _, _ in references])
-    batch[R.IMAGE] = _objects([data for data, _, _ in images])
-    batch[R.ERROR] = _objects(errors)
-    batch[R.ERROR_KIND] = _objects(kinds)
+        batch[R.REFERENCE] = R.column([data for data, _, _ in references])
+    batch[R.IMAGE] = R.column([data for data, _, _ in images])
+    batch[R.ERROR] = R.column(errors)
+    batch[R.ERROR_KIND] = R.column(kinds)
     return decode_batch(batch, **decode_kwargs)
-
-
-def _objects(values: list[Any]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out

@@ -281,15 +281,7 @@ def read_shards(batch: dict[str, np.ndarray], read: ReadConfig, storage: Storage
     for raw in batch["shard"]:
         shard = Shard(**json.loads(raw))
         for rows in read_shard(shard, read, storage, key_columns, on_failure="marker"):
-            yield {name: _column(values) for name, values in rows.items()}
-
-
-def _column(values: list[Any]) -> np.ndarray:
-    array = np.empty(len(values), dtype=object)
-    array[:] = values
-    if values and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        return np.asarray(values)
-    return array
+            yield {name: R.column(values) for name, values in rows.items()}
 
 
 def configure_context(context, config: StageConfig, spec, plan: dict[str, Any],

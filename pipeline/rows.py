@@ -155,6 +155,16 @@ STAGE_OUTPUT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 PRIVATE = frozenset(name for name in COLUMNS if name.startswith("_"))
 
 
+def column(values: list[Any]) -> np.ndarray:
+    """A batch column from a list of values: numbers as a numeric array, anything else
+    (bytes, strings, None) as an object array (numpy would split bytes or guess widths)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    if values and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return np.asarray(values)
+    return array
+
+
 def _fits(value: Any, kind: Kind) -> bool:
     if kind == "str":
         return isinstance(value, str)

@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_data import TEST_MODEL, img2dataset_table, write_parquet
 
+from iqray.pipeline import rows as R
 from iqray.pipeline.decode import decode_batch
-from iqray.pipeline.execution import RunSummary, _column
+from iqray.pipeline.execution import RunSummary
 from iqray.pipeline.io.discovery import discover_shards
 from iqray.pipeline.io.embed_cache import INDEX_COLUMNS, EmbeddingCache, index_table
 from iqray.pipeline.io.read import read_shard
@@ -44,7 +45,7 @@ def test_rescoring_from_the_cache_gives_the_scores_of_the_images(tmp_path, sampl
     sink = EmbedSink(cache, index, dim)
     embedder = Embedder(spec, device="cpu", threads=1, dtype="float32")
     for rows in read_shard(shards[0], read, STORAGE, ["key"]):
-        batch = decode_batch({k: _column(v) for k, v in rows.items()},
+        batch = decode_batch({k: R.column(v) for k, v in rows.items()},
                              image_size=spec.config.image_size, max_pixels=10**7, timeout_s=5,
                              keep_image_bytes=False, fine_resize=spec.config.fine_resize)
         sink.add(BlockAccessor.batch_to_block(embedder(batch)))

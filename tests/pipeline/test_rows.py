@@ -10,7 +10,6 @@ from pipeline_data import TEST_MODEL, img2dataset_table, wds_members, write_parq
 
 from iqray.pipeline import rows as R
 from iqray.pipeline.decode import decode_batch, decode_user_batch
-from iqray.pipeline.execution import _column
 from iqray.pipeline.io.discovery import discover_shards
 from iqray.pipeline.io.read import read_shard
 from iqray.pipeline.io.shards import ReadConfig
@@ -28,7 +27,7 @@ def spec():
 
 def _read_batches(url: str, read: ReadConfig) -> list[dict[str, np.ndarray]]:
     shards = discover_shards(url, read, STORAGE)
-    return [{name: _column(values) for name, values in rows.items()}
+    return [{name: R.column(values) for name, values in rows.items()}
             for shard in shards for rows in read_shard(shard, read, STORAGE, ["key"])]
 
 
@@ -90,8 +89,8 @@ def test_a_users_rows_decode_and_score_to_typed_public_columns(sample, spec):
     from iqray.pipeline.scoring import Scorer
 
     names, images, prompts = sample
-    batch = {"img": _column([images[0], {"bytes": images[1], "path": None}, None, 7]),
-             "text": _column(prompts[:4]), "id": np.arange(4)}
+    batch = {"img": R.column([images[0], {"bytes": images[1], "path": None}, None, 7]),
+             "text": R.column(prompts[:4]), "id": np.arange(4)}
     decoded = decode_user_batch(batch, image_column="img", reference_column=None,
                                 storage=STORAGE, image_root=None, taken=("quality",),
                                 image_size=spec.config.image_size, max_pixels=10**7,
