@@ -94,14 +94,21 @@ def _open_encoded(fp: Any, where: str, max_pixels: int,
         raise ImageDecodeError(f"{where}: cannot decode image: {exc}") from exc
 
 
+def decodes_reduced(image: Image.Image | bytes, min_short_side: int) -> bool:
+    """Whether ``--decode fast`` shrinks this image (an opened, not yet decoded one, or its
+    encoded bytes): a JPEG whose short side is at least twice ``min_short_side``."""
+    if isinstance(image, bytes | bytearray):
+        image = Image.open(io.BytesIO(image))  # the header only
+    return image.format == "JPEG" and min(image.size) >= 2 * min_short_side
+
+
 def reduced_scale(image: Image.Image, min_short_side: int) -> bool:
     """Ask a not yet decoded JPEG for its largest DCT reduction that keeps the short side at
     or above ``min_short_side`` (only where that is at least 1/2); True when it will."""
-    width, height = image.size
-    short = min(width, height)
-    if image.format != "JPEG" or short < 2 * min_short_side:
+    if not decodes_reduced(image, min_short_side):
         return False
-    scale = min_short_side / short  # PIL keeps the size >= the one requested
+    width, height = image.size
+    scale = min_short_side / min(width, height)  # PIL keeps the size >= the one requested
     image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
     return True
 

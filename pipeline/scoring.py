@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import time
 from collections.abc import Callable
@@ -58,10 +57,8 @@ def check_decode(spec: ModelSpec, shards: list, read, storage: StorageConfig,
     """Gate ``--decode fast`` on the user's own data: score the first ``rows`` readable images
     decoded in full and at reduced DCT scale; refuse the run when the ranking moves. The
     report says how many of them were large enough to be decoded at reduced scale."""
-    from PIL import Image
-
     from iqray.model.fastpath import fidelity_report
-    from iqray.model.images import CropViews, ImageDecodeError, open_image
+    from iqray.model.images import CropViews, ImageDecodeError, decodes_reduced, open_image
     from iqray.pipeline.decode import iter_crops
 
     if spec.config.full_reference:
@@ -78,8 +75,7 @@ def check_decode(spec: ModelSpec, shards: list, read, storage: StorageConfig,
                 fast.append(torch.from_numpy(views(open_image(image, min_short_side=least))))
             except ImageDecodeError:
                 continue
-            header = Image.open(io.BytesIO(image))
-            reduced += header.format == "JPEG" and min(header.size) >= 2 * least
+            reduced += decodes_reduced(image, least)
             full.append(crop)
             prompts.append(_prompt(prompt))
             if len(full) == rows:

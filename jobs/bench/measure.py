@@ -625,13 +625,9 @@ def fast_decode_fidelity(model_name: str, images: list[bytes], prompts: list[str
                          ) -> dict[str, Any]:
     """Scores of ``model_name`` on the images decoded in full and fast (its own views):
     Spearman and max |diff| per output, and how many were decoded at reduced scale."""
-    import io
-
-    from PIL import Image
-
     import iqray.model
     from iqray.model.fastpath import fidelity_report
-    from iqray.model.images import CropViews, open_image
+    from iqray.model.images import CropViews, decodes_reduced, open_image
 
     model = iqray.model.load(model_name)
     views = CropViews(model.config.image_size, model.config.fine_resize)
@@ -641,8 +637,7 @@ def fast_decode_fidelity(model_name: str, images: list[bytes], prompts: list[str
                         for d in images])
     report = fidelity_report(model.score(full, prompts), model.score(fast, prompts),
                              model.output_names)
-    headers = [Image.open(io.BytesIO(d)) for d in images]
-    report["reduced"] = sum(h.format == "JPEG" and min(h.size) >= 2 * least for h in headers)
+    report["reduced"] = sum(decodes_reduced(d, least) for d in images)
     return report
 
 
