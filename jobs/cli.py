@@ -7,7 +7,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -26,9 +25,8 @@ class InfoConfig(JobConfig):
 def run_info(config: InfoConfig) -> int:
     """What was loaded: a trained checkpoint says what it was trained on and how (its own
     record), a preset says what it is; then towers, parameters and outputs."""
-    import json
-
     import iqray.model
+    from iqray.model.checkpoint import checkpoint_files, read_checkpoint_config
     from iqray.model.registry import architecture, resolve_name
     from iqray.model.version import iqray_version
 
@@ -38,10 +36,8 @@ def run_info(config: InfoConfig) -> int:
     model = iqray.model.load(config.model, device=config.device, cache_dir=config.cache_dir)
     resolved = resolve_name(config.model)
     record = {}
-    if resolved.kind == "checkpoint":
-        path = Path(resolved.location).expanduser()
-        path = path if path.suffix == ".json" else path / "config.json"
-        record = json.loads(path.read_text()) if path.is_file() else {}
+    if resolved.kind == "checkpoint":  # loaded above, so its files are there
+        record = read_checkpoint_config(checkpoint_files(resolved.location)[0])[1]
     arch = architecture(model)
     kind = ("shipped checkpoint" if resolved.shipped else
             "checkpoint" if resolved.kind == "checkpoint" else "preset")
