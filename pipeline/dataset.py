@@ -40,8 +40,9 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
     ``options`` are :class:`~iqray.pipeline.options.StageConfig`'s fields (the same as
     `iqray score`'s flags of those names: ``decode_batch_size``, ``gpus_per_actor``,
     ``actor_num_cpus``, ``compile``, ``decode`` (cpu or device), ``max_in_flight_bytes``,
-    ...); fp32 only, since the int8 and fast-decode gates read an input's first images. Sets the dataset chain's target block size (about one model batch) and, unless
-    it already has one, its object-store limit, as `iqray score` does.
+    ...); fp32 only, since the int8 and fast-decode gates read an input's first images.
+    Sets the dataset chain's target block size (about one model batch) and, unless it
+    already has one, its object-store limit, as `iqray score` does.
     """
     import ray
 
