@@ -89,29 +89,37 @@ class StorageConfig(BaseModel):
     def missing(self, url: str) -> str:
         """Why ``url`` is not there, for a one-line error: on an object store, whether its
         bucket exists, and at which endpoint (a forgotten --s3-endpoint looks like this)."""
-        if "://" not in url or url.startswith("file://"):
+        bucket = _bucket_name(url)
+        if bucket is None:
             return f"{url} does not exist"
-        bucket = url.split("://", 1)[1].split("/", 1)[0]
         endpoint = self.endpoint_for(url) or "the default endpoint"
-        fs, _ = self.filesystem(url)
         try:
-            found = self.retry(lambda: fs.exists(bucket), "look up the bucket of", url)
+            _, found = self._bucket(url)
         except (StorageUnavailable, *PERMANENT_OS_ERRORS) as exc:
             return f"{url}: cannot look up bucket {bucket!r} at {endpoint}: {exc}"
         if not found:
-            return (f"{url}: bucket {bucket!r} does not exist at {endpoint} (is --s3-endpoint "
-                    "/ AWS_ENDPOINT_URL right?)")
+            return self._no_bucket(url, bucket)
         return f"{url} does not exist (bucket {bucket!r} at {endpoint})"
 
     def check_output(self, url: str, name: str = "output") -> None:
         """Before anything runs: an output on an object store needs an existing bucket (a
         missing one would fail only at the first commit, after the work)."""
-        if "://" not in url or url.startswith("file://"):
-            return
-        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        looked = self._bucket(url)
+        if looked is not None and not looked[1]:
+            raise ValueError(f"{name} {self._no_bucket(url, looked[0])}")
+
+    def _bucket(self, url: str) -> tuple[str, bool] | None:
+        """(bucket, whether it exists) of an object-store URL; None for a local path."""
+        bucket = _bucket_name(url)
+        if bucket is None:
+            return None
         fs, _ = self.filesystem(url)
-        if not self.retry(lambda: fs.exists(bucket), "look up the bucket of", url):
-            raise ValueError(f"{name} {self.missing(url)}")
+        return bucket, self.retry(lambda: fs.exists(bucket), "look up the bucket of", url)
+
+    def _no_bucket(self, url: str, bucket: str) -> str:
+        endpoint = self.endpoint_for(url) or "the default endpoint"
+        return (f"{url}: bucket {bucket!r} does not exist at {endpoint} (is --s3-endpoint / "
+                "AWS_ENDPOINT_URL right?)")
 
     def backoff_s(self, attempt: int) -> float:
         """Wait after the ``attempt``-th failure: exponential, capped, +-50% jitter so that
@@ -127,6 +135,13 @@ class StorageConfig(BaseModel):
     def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         """(filesystem, path without protocol) for ``url``."""
         return url_to_fs(url, **self.options_for(url))
+
+
+def _bucket_name(url: str) -> str | None:
+    """The bucket of an object-store URL; None for a local path."""
+    if "://" not in url or url.startswith("file://"):
+        return None
+    return url.split("://", 1)[1].split("/", 1)[0]
 
 
 class StorageUnavailable(OSError):
