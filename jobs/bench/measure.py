@@ -608,11 +608,15 @@ def decode_rate(images: list[bytes], mode: str, view: int, repeats: int = 2) -> 
     if mode == "device":
         from iqray.pipeline.decode import crop_transform, decode_jpegs
 
-        torch.set_num_threads(1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one core, as the PIL modes use
         crop = crop_transform(view)
-        for _ in range(repeats):
-            for data in images:
-                crop.crop_tensor(decode_jpegs([data], "cpu")[0])
+        try:
+            for _ in range(repeats):
+                for data in images:
+                    crop.crop_tensor(decode_jpegs([data], "cpu")[0])
+        finally:
+            torch.set_num_threads(threads)
     else:
         least = view if mode == "fast" else None
         for _ in range(repeats):
@@ -641,14 +645,14 @@ def fast_decode_fidelity(model_name: str, images: list[bytes], prompts: list[str
     return report
 
 
-def _prompt_of(source: Path, image: Path) -> str | None:
+def _prompts_by_name(source: Path) -> dict[str, str | None]:
+    """Image name -> prompt, from the source's sidecar (read once)."""
     for name in ("prompts.csv", "metadata.csv"):
         if (source / name).is_file():
             with open(source / name, newline="") as handle:
-                for row in csv.DictReader(handle):
-                    if row.get("name") in (image.name, str(image.relative_to(source))):
-                        return row.get("prompt") or row.get("caption")
-    return None
+                return {row.get("name"): row.get("prompt") or row.get("caption")
+                        for row in csv.DictReader(handle)}
+    return {}
 
 
 def bench_decode(source: Path, count: int, view: int, models: list[str]) -> list[dict]:
@@ -662,7 +666,8 @@ def bench_decode(source: Path, count: int, view: int, models: list[str]) -> list
     if len(real) < 3:
         raise ValueError(f"{source}: fewer than 3 JPEGs to benchmark decode on")
     originals = [p.read_bytes() for p in real]
-    prompts = [_prompt_of(source, p) for p in real]
+    by_name = _prompts_by_name(source)
+    prompts = [by_name.get(p.name, by_name.get(str(p.relative_to(source)))) for p in real]
     records = []
     for fmt, side in DECODE_CASES:
         images = originals if side is None else encode_at(originals, fmt, side)
