@@ -10,10 +10,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+
+def fresh_python(code: str) -> str:
+    """What ``code`` prints in a new interpreter (outside the repo: the installed package)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd="/").stdout
+
 def test_the_three_packages_import_from_one_namespace():
     code = "import iqray.model, iqray.pipeline, iqray.jobs; print(iqray.model.load.__module__)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd="/").stdout
+    out = fresh_python(code)
     assert out.strip() == "iqray.model"
 
 
@@ -22,16 +27,14 @@ def test_every_public_model_name_resolves_and_the_star_import_gets_them():
             "missing = [n for n in m.__all__ if n not in names]; "
             "print(len(m.__all__), missing, 'save_checkpoint' in names, "
             "'read_checkpoint_config' in names)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd="/").stdout
+    out = fresh_python(code)
     count, rest = out.split(" ", 1)
     assert int(count) > 20 and rest.strip() == "[] True True"
 
 
 def test_the_model_package_never_imports_ray():
     code = "import sys, iqray.model; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd="/").stdout
+    out = fresh_python(code)
     assert out.strip() == "False"
 
 
@@ -40,8 +43,7 @@ def test_read_and_write_tasks_start_without_torch():
     # and open_clip would add about 7 s to each worker's start on a 2-core machine.
     code = ("import sys, iqray.model, iqray.pipeline.execution, iqray.pipeline.io.writer; "
             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd="/").stdout
+    out = fresh_python(code)
     assert out.strip() == "[]"
 
 
@@ -72,8 +74,7 @@ def test_the_io_and_table_packages_import_neither_ray_nor_torch():
             "runs", "filtering", "joining", "preferences", "report")] + ["iqray.pipeline.rows"]
     code = (f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
             "print(sorted(m for m in ('ray', 'torch', 'open_clip') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd="/").stdout
+    out = fresh_python(code)
     assert out.strip() == "[]"
 
 
@@ -88,6 +89,5 @@ def test_iqray_help_and_a_jobs_help_import_no_torch_ray_or_other_jobs():
             "        except SystemExit: pass\n"
             "    print(sorted(m for m in ('torch', 'ray', 'open_clip', 'iqray.jobs.train',\n"
             "                             'iqray.jobs.bench') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd="/").stdout
+    out = fresh_python(code)
     assert out.split("\n")[:2] == ["[]", "[]"]
