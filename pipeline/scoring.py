@@ -30,16 +30,12 @@ def check_precision(spec: ModelSpec, shards: list, read, storage: StorageConfig,
     with fp32 and with ``precision`` on the driver; refuse the run when the ranking moves
     (Spearman below MIN_SPEARMAN on any output)."""
     from iqray.model.fastpath import apply_precision, fidelity_report
-    from iqray.pipeline.decode import iter_crops
 
     reference = spec.load("cpu")
-    readable = ((crop, _prompt(prompt)) for shard in shards
-                for _, _, prompt, _, crop in iter_crops(shard, read, storage,
-                                                        reference.transform)
-                if crop is not None)
-    chosen = list(itertools.islice(readable, rows))
-    pixels = [crop for crop, _ in chosen]
-    prompts = [prompt for _, prompt in chosen]
+    chosen = list(itertools.islice(_readable(shards, read, storage, reference.transform),
+                                   rows))
+    pixels = [crop for _, _, crop in chosen]
+    prompts = [prompt for _, prompt, _ in chosen]
     if len(pixels) < 3:
         raise ValueError(f"--precision {precision}: fewer than 3 readable images to check "
                          "its scores against fp32")
@@ -59,29 +55,27 @@ def check_decode(spec: ModelSpec, shards: list, read, storage: StorageConfig,
     report says how many of them were large enough to be decoded at reduced scale."""
     from iqray.model.fastpath import fidelity_report
     from iqray.model.images import CropViews, ImageDecodeError, decodes_reduced, open_image
-    from iqray.pipeline.decode import iter_crops
 
     if spec.config.full_reference:
         raise ValueError("--decode fast is not offered for full-reference models yet")
     model = spec.load("cpu")
     views = CropViews(spec.config.image_size, spec.config.fine_resize)
     least = max(views.resizes)
-    full, fast, prompts, reduced = [], [], [], 0
-    for shard in shards:
-        for _, image, prompt, _, crop in iter_crops(shard, read, storage, model.transform):
-            if crop is None:
-                continue
+
+    def with_fast_crops(readable):
+        for image, prompt, crop in readable:
             try:
-                fast.append(torch.from_numpy(views(open_image(image, min_short_side=least))))
+                fast = torch.from_numpy(views(open_image(image, min_short_side=least)))
             except ImageDecodeError:
                 continue
-            reduced += decodes_reduced(image, least)
-            full.append(crop)
-            prompts.append(_prompt(prompt))
-            if len(full) == rows:
-                break
-        if len(full) == rows:
-            break
+            yield image, prompt, crop, fast
+
+    chosen = list(itertools.islice(with_fast_crops(
+        _readable(shards, read, storage, model.transform)), rows))
+    full = [crop for _, _, crop, _ in chosen]
+    fast = [crop for _, _, _, crop in chosen]
+    prompts = [prompt for _, prompt, _, _ in chosen]
+    reduced = sum(decodes_reduced(image, least) for image, _, _, _ in chosen)
     if len(full) < 3:
         raise ValueError("--decode fast: fewer than 3 readable images to check its scores "
                          "against full decode")
@@ -89,6 +83,17 @@ def check_decode(spec: ModelSpec, shards: list, read, storage: StorageConfig,
                              model.score(torch.stack(fast), prompts), model.output_names)
     report.update(images=len(full), reduced=int(reduced))
     return refuse_if_ranking_moved(report, "--decode fast", "full decode", "use --decode cpu")
+
+
+def _readable(shards: list, read, storage: StorageConfig, transform):
+    """(encoded bytes, prompt, uint8 crop) of the shards' readable images, in order, decoded
+    on the driver: what the fast-path gates score both ways."""
+    from iqray.pipeline.decode import iter_crops
+
+    for shard in shards:
+        for _, image, prompt, _, crop in iter_crops(shard, read, storage, transform):
+            if crop is not None:
+                yield image, _prompt(prompt), crop
 
 
 def refuse_if_ranking_moved(report: dict[str, Any], path: str, against: str, instead: str
