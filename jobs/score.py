@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -41,6 +41,10 @@ class ScoreOutput(OptionGroup):
     output: str = Field(description="output directory URL; one Parquet per input shard")
     keep_prompt: bool = Field(default=True, description="write the prompt column")
     keep_image_bytes: bool = Field(default=False, description="write the image bytes too")
+    commit: Literal["driver", "actors"] = Field(
+        default="driver", description="who writes the shard files: the driver, which gathers "
+        "every row (driver), or a pool of commit actors the model actors send rows to, the "
+        "driver only counting (actors: one driver no longer limits a large cluster)")
 
 
 class DryRun(OptionGroup):
@@ -78,23 +82,28 @@ class ScoreConfig(PipelineJob, InputURL, InputColumns, Sampling, PreviewOptions,
         return self.options_hash(model_identity, {"keep_prompt", "keep_image_bytes"})
 
 
-def run_score(config: ScoreConfig, log=print) -> RunSummary:
+def run_score(config: ScoreConfig, log=print, model_stage: type | None = None) -> RunSummary:
     """Everything that can be checked is checked before Ray starts (the output against the
     input, the first shard's columns, the model, resume): a mistake ends here with a
-    ValueError and nothing written, and a run with nothing left to do starts no Ray."""
-    started = time.perf_counter()
+    ValueError and nothing written, and a run with nothing left to do starts no Ray.
+
+    ``model_stage`` replaces the actor pool's :class:`~iqray.pipeline.scoring.Scorer` (the
+    overhead benchmark's constant-score stage)."""
+    started, cpu_at_start = time.perf_counter(), time.process_time()
     read, storage = config.read_config(), config.storage_config()
     check_separate(config.input, config.output)
     storage.check_output(config.output)
     shards = discover_shards(config.input, read, storage, exclude=config.output,
                              warn=warn_to(log))
     key_columns = inspect_input(shards, read, storage, warn=warn_to(log))
+    listed_at = time.perf_counter()
     if config.dry_run:
         return _dry_run(config, shards, log)
 
     from iqray.pipeline.staging import stage_model  # no torch: a rerun with nothing to do
 
     spec = stage_model(config.model, storage, mode=config.mode)
+    staged_at = time.perf_counter()
     fr = spec.config.full_reference
     if fr != wants_references(read):
         raise ValueError("a full-reference model needs --reference-column or "
@@ -129,10 +138,15 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
     else:
         todo, done, previous = plan_resume(shards, config.output, storage, scoring_hash,
                                            config.retry_failed)
-    summary = RunSummary(shards_total=len(shards), shards_skipped=len(done))
+    summary = RunSummary(shards_total=len(shards), shards_skipped=len(done),
+                         started_at=started, cpu_at_start=cpu_at_start)
+    summary.timeline.update(inputs_listed=round(listed_at - started, 3),
+                            model_staged=round(staged_at - started, 3))
+    summary.mark("planned")  # the fast-path gates and resume, after staging
     ray = ensure_ray(config) if todo else None
     if ray is not None:
         spec.put_files(ray.put)
+        summary.mark("ray_started")
     metadata = {"model": spec.name, "model_identity": spec.identity,
                 "checkpoint_sha256": spec.checkpoint_sha256,
                 "score_mode": "trained" if spec.config.trained else "zero-shot",
@@ -166,13 +180,22 @@ def run_score(config: ScoreConfig, log=print) -> RunSummary:
     if todo:
         from iqray.pipeline.scoring import Scorer
 
-        execute(config, ray, spec, Scorer, todo, key_columns, writer, summary,
-                keep_image_bytes=config.keep_image_bytes)
+        sink, stage_kwargs = writer, None
+        if config.commit == "actors":
+            from iqray.pipeline.commit import CommitPool
+            from iqray.pipeline.execution import plan_resources
+
+            sink = CommitPool(writer, todo,
+                              plan_resources(config, ray.cluster_resources())["actors"])
+            stage_kwargs = sink.stage_kwargs()
+        execute(config, ray, spec, model_stage or Scorer, todo, key_columns, sink, summary,
+                stage_kwargs=stage_kwargs, keep_image_bytes=config.keep_image_bytes)
     todo = todo + from_cache
     summary.shards_scored = len(todo)
     summary.account(writer)
     summary.outputs = sorted(writer.committed)  # commit order depends on timing
     summary.wall_s = time.perf_counter() - started
+    summary.mark("finished")
     if not preview:
         record = writer.write_run_record({"summary": summary.as_dict(), "model": spec.name})
         if writer.unfinished:

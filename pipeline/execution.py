@@ -106,6 +106,16 @@ class RunSummary:
     spilled_bytes: int | None = None  # object-store bytes the operators spilled to disk
     rows_per_node: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> node
     extra: dict[str, Any] = field(default_factory=dict)  # job-specific counts
+    # Seconds from the run's start at which each step ended (planned, model_staged,
+    # ray_started, first_row, last_row, finished): where a small run's time goes.
+    timeline: dict[str, float] = field(default_factory=dict)
+    driver_cpu_s: dict[str, float] = field(default_factory=dict)  # the driver's CPU by then
+    started_at: float = field(default_factory=time.perf_counter, repr=False)
+    cpu_at_start: float = field(default_factory=time.process_time, repr=False)
+
+    def mark(self, step: str) -> None:
+        self.timeline[step] = round(time.perf_counter() - self.started_at, 3)
+        self.driver_cpu_s[step] = round(time.process_time() - self.cpu_at_start, 3)
 
     @property
     def rows_per_s(self) -> float:
@@ -132,6 +142,8 @@ class RunSummary:
         out["rows_per_s"] = round(self.rows_per_s, 2)
         out["exit_code"] = self.exit_code
         out.pop("outputs")
+        out.pop("started_at")
+        out.pop("cpu_at_start")
         return out
 
     def render(self) -> str:
@@ -360,7 +372,9 @@ def execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
         if isinstance(exc, RunInterrupted):
             raise
         writer = getattr(sink, "writer", sink)
-        raise RunInterrupted(len(getattr(writer, "committed", ())),
+        committed = (sink.committed_count() if hasattr(sink, "committed_count")
+                     else len(getattr(writer, "committed", ())))
+        raise RunInterrupted(committed,
                              summary.shards_total - summary.shards_skipped,
                              summary.shards_skipped) from None
 
@@ -395,19 +409,30 @@ def _execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
     write_s = 0.0
     first_at, first_rows = None, 0
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # --commit actors: tally rows, each standing for TALLY_ROWS rows (stage sums)
+        weights = (table[R.TALLY_ROWS].to_pylist() if R.TALLY_ROWS in table.column_names
+                   else None)
+        rows = sum(weights) if weights is not None else table.num_rows
         if first_at is None:
-            first_at, first_rows = time.perf_counter(), table.num_rows
+            first_at, first_rows = time.perf_counter(), rows
+            summary.mark("first_row")
         for stage, column in R.STAGE_SECONDS.items():
             busy[stage] += pc.sum(table[column]).as_py() or 0.0
         for stage, column in R.STAGE_NODES.items():
             if column in table.column_names:
-                nodes[stage].update(table[column].to_pylist())
-        seen += table.num_rows
+                names = table[column].to_pylist()
+                if weights is None:
+                    nodes[stage].update(names)
+                else:
+                    for name, weight in zip(names, weights, strict=True):
+                        nodes[stage][name] += weight
+        seen += rows
         tick = time.perf_counter()
         sink.add(table)
         write_s += time.perf_counter() - tick
-        progress.update(table.num_rows)
+        progress.update(rows)
         check_error_budget(*sink.tally(), config.max_error_fraction, final=False)
+    summary.mark("last_row")
     summary.operators = re.findall(r"Operator \d+ (.+?):", ds.stats())
     summary.spilled_bytes = _spilled_bytes(ds)
     if first_at is not None and seen > first_rows:

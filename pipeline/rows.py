@@ -60,6 +60,10 @@ FINE = "_fine"
 EMBEDDED = "_embedded"
 EMBED_ERROR = "_embed_error"
 
+# --commit actors: the model stage returns tally rows instead of scored rows; each stands for
+# this many rows of one shard, its stage-seconds columns holding their sums.
+TALLY_ROWS = "_tally_rows"
+
 # Stage seconds per row, summed by the driver into the run summary's busy time.
 STAGE_SECONDS = {"read": READ_S, "decode": DECODE_S, "model": MODEL_S}
 STAGE_NODES = {"decode": DECODE_NODE, "model": MODEL_NODE}

@@ -141,9 +141,13 @@ class ModelStage:
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
                  prompt_cache_size: int = 4096, precision: str = "fp32",
                  compile: bool = False, prompt_column: str | None = R.PROMPT,
-                 public: bool = False):
+                 public: bool = False, commit_to: list | None = None):
         # public: the last stage of a user's pipeline (score_dataset): private columns are
         # dropped and the output is an Arrow table with the contract's types.
+        # commit_to: --commit actors; rows go to these commit actors, tally rows to Ray Data.
+        from iqray.pipeline.commit import CommitRouter
+
+        self.router = CommitRouter(commit_to) if commit_to else None
         self.prompt_column = prompt_column
         self.public = public
         if threads:
@@ -153,15 +157,21 @@ class ModelStage:
 
             print("iqray: this actor holds a GPU reservation but its process sees no CUDA "
                   "device; scoring on CPU (use --device cuda to fail instead)", file=sys.stderr)
-        from iqray.model.fastpath import apply_precision, compile_towers
-
-        self.model = apply_precision(spec.load(device, prompt_cache_size), precision)
-        if compile:
-            compile_towers(self.model)  # compiles on the first batch
+        self.model = self.load_model(spec, device, prompt_cache_size, precision, compile)
         self.pin = self.model.device.type == "cuda"
         self.crops = crop_transform(spec.config.image_size, spec.config.fine_resize)
         self.on_device: dict[int, torch.Tensor] = {}
         self.node = node_id()
+
+    def load_model(self, spec: ModelSpec, device: str, prompt_cache_size: int,
+                   precision: str, compile: bool):
+        """The actor's model (``iqray bench --measure overhead`` puts a constant one here)."""
+        from iqray.model.fastpath import apply_precision, compile_towers
+
+        model = apply_precision(spec.load(device, prompt_cache_size), precision)
+        if compile:
+            compile_towers(model)  # compiles on the first batch
+        return model
 
     def pixels(self, batch: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(batch[R.PIXELS][index]))
@@ -225,6 +235,8 @@ class ModelStage:
         batch[R.MODEL_S] = np.full(count, (time.perf_counter() - started) / max(count, 1))
         batch[R.MODEL_NODE] = np.full(count, self.node, dtype=object)
         restore_nulls(batch, skip=SCORE_NUMBERS | set(getattr(self.model, "output_names", ())))
+        if self.router is not None:
+            return self.router.route(batch)
         return self.public_table(batch) if self.public else batch
 
     def public_table(self, batch: dict[str, np.ndarray]):

@@ -39,14 +39,16 @@ class BenchConfig(JobConfig):
     fidelity_models: list[str] = Field(
         default_factory=lambda: ["iqray-small-agiqa3k"],
         description="models (besides --model) whose fast-path fidelity is checked")
-    measure: list[Literal["throughput", "scale", "scale-images", "decode"]] = Field(
+    measure: list[Literal["throughput", "scale", "scale-images", "decode", "overhead"]] = Field(
         default_factory=lambda: ["throughput"],
         description="throughput: the three-way comparison; scale: re-scoring from a "
         "(synthetic) embedding cache at --scale-rows, time and peak memory; scale-images: "
         "the whole image pipeline on synthetic small JPEGs at --scale-image-rows, time, peak "
         "memory of the driver and every Ray process, peak object-store use; decode: decode + "
         "crop images/s per core by format, size and --decode mode, and the score fidelity of "
-        "fast against full decode")
+        "fast against full decode; overhead: the pipeline with a constant-score model stage "
+        "(rows/s, CPU per stage and on the driver, the driver's ceiling, the run's timeline) "
+        "for each of --overhead-commits")
     decode_images: int = Field(default=32, gt=2, description="source JPEGs of the decode "
                                "measurement (re-encoded at each size)")
     decode_view: int = Field(default=224, gt=0, description="the view size decode is timed "
@@ -54,6 +56,14 @@ class BenchConfig(JobConfig):
     decode_models: list[str] = Field(
         default_factory=lambda: ["mst-clipiqa-tiny-random", "iqray-small-agiqa3k"],
         description="models whose scores fast decode is compared on (each with its views)")
+    overhead_rows: int = Field(default=20_000, gt=0, description="rows of the overhead run")
+    overhead_shard_rows: int = Field(default=100, gt=0,
+                                     description="rows per shard of the overhead run")
+    overhead_batch_size: int = Field(default=256, gt=0,
+                                     description="model stage batch of the overhead run")
+    overhead_commits: list[Literal["driver", "actors"]] = Field(
+        default_factory=lambda: ["driver", "actors"],
+        description="--commit modes the overhead run compares")
     scale_rows: list[int] = Field(default_factory=lambda: [10_000, 100_000, 1_000_000],
                                   description="input sizes of the scale measurement")
     scale_image_rows: list[int] = Field(default_factory=lambda: [10_000, 100_000],
@@ -109,6 +119,16 @@ def run_bench(config: BenchConfig, log=print) -> dict:
                     f"{r['images_per_s_per_core']:.0f} img/s per core"
                     + ("" if r["spearman_vs_full"] is None
                        else f", Spearman vs full >= {r['spearman_vs_full']:.4f}"))
+        if "overhead" in config.measure:
+            from iqray.jobs.bench.overhead import bench_overhead
+            from iqray.jobs.score import ScoreConfig
+            from iqray.pipeline.execution import ensure_ray
+
+            ensure_ray(ScoreConfig(input=str(workdir), output=str(workdir / "x")))
+            results["overhead"] = bench_overhead(
+                config.scale_image_model, workdir / "overhead", config.overhead_rows,
+                config.overhead_shard_rows, config.overhead_batch_size, 32,
+                config.overhead_commits, log)
         if "throughput" not in config.measure:
             return _write(results, config, log)
         model = iqray.model.load(config.model)
@@ -221,7 +241,7 @@ def _write(results: dict, config: BenchConfig, log) -> dict:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     name = "bench" if "throughput" in config.measure else "scale"
-    if set(config.measure) != {"decode"}:  # a decode-only run writes decode.json alone
+    if not set(config.measure) <= {"decode", "overhead"}:  # these write their own files
         (output / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     if "throughput" in config.measure:
         (output / "bench.md").write_text(markdown_table(results))
@@ -232,6 +252,11 @@ def _write(results: dict, config: BenchConfig, log) -> dict:
     if results.get("decode"):
         (output / "decode.json").write_text(json.dumps(results["decode"], indent=2) + "\n")
         (output / "decode.md").write_text(decode_table(results["decode"]))
+    if results.get("overhead"):
+        from iqray.jobs.bench.overhead import overhead_table
+
+        (output / "overhead.json").write_text(json.dumps(results["overhead"], indent=2) + "\n")
+        (output / "overhead.md").write_text(overhead_table(results["overhead"]))
     if results["scale"] or results.get("scale_images"):
         (output / "scale.md").write_text(scale_table(results["scale"])
                                          + image_scale_table(results.get("scale_images", [])))

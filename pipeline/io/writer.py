@@ -167,6 +167,10 @@ class ShardWriter:
                  schema: dict[str, pa.DataType] | None = None,
                  before_commit: Callable[[], None] | None = None):
         self.shards = {s.index: s for s in shards}
+        self._kwargs = {"output": output, "storage": storage, "metadata": metadata,
+                        "complete": complete, "key_columns": key_columns,
+                        "keep_prompt": keep_prompt, "keep_image_bytes": keep_image_bytes,
+                        "schema": schema}
         self.output = output
         self.storage = storage
         self.fs, self.root = storage.filesystem(output)
@@ -220,6 +224,24 @@ class ShardWriter:
                 if self.commit(shard_id):
                     finished.append(shard_id)
         return finished
+
+    def remote_kwargs(self, shards: list[Shard]) -> dict[str, Any]:
+        """This writer's arguments for a writer of ``shards`` elsewhere (a commit actor)."""
+        return {**self._kwargs,
+                "previous": {s.index: self.previous[s.index] for s in shards
+                             if s.index in self.previous}}
+
+    def absorb(self, report: dict[str, Any]) -> None:
+        """Take over the outcome of another writer of some of these shards (a commit
+        actor's :meth:`CommitActor.report`), as if this writer had written them."""
+        self.committed += report["committed"]
+        self.done.update(report["done"])
+        self.unfinished.update(report["unfinished"])
+        self.unfinished_seen.update(report["unfinished_seen"])
+        self.ok += report["ok"]
+        self.errors.update(report["errors"])
+        self.unknown_size += report["unknown_size"]
+        self.rows_written += report["rows_written"]
 
     def _count(self, state: ShardState, part: pa.Table) -> None:
         if "status" not in part.column_names:

@@ -36,8 +36,9 @@ def png_bomb() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.parametrize("commit", ["driver", "actors"])
 def test_bad_rows_become_error_rows_and_the_rest_is_scored(ray_local, tmp_path, sample,
-                                                           reference_model):
+                                                           reference_model, commit):
     names, images, prompts = sample
     good = img2dataset_table(sample, 0, 8)
     bad_images = [images[0][: len(images[0]) // 3], b"", b"not an image at all", None,
@@ -51,8 +52,12 @@ def test_bad_rows_become_error_rows_and_the_rest_is_scored(ray_local, tmp_path, 
     write_parquet(None, str(tmp_path / "in" / "b.parquet"), bad)
     (tmp_path / "in" / "c.parquet").write_bytes(b"PAR1 this is not really parquet")
     summary = score(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
-                    max_error_fraction=1.0, max_pixels=100_000_000)
+                    max_error_fraction=1.0, max_pixels=100_000_000, commit=commit)
     out = read_output(None, summary.outputs)
+    # one file per shard, whoever committed it
+    assert sorted(p.rsplit("/", 1)[-1] for p in summary.outputs) == [
+        "a.parquet", "b.parquet", "c.parquet"]
+    assert (tmp_path / "out" / "_SUCCESS").exists() and summary.exit_code == 0
     by_key = {r["key"]: r for r in out.to_pylist() if r["key"]}
     assert summary.rows == 8 + 6 + 1 and out.num_rows == 15
     for key in ("bad-0", "bad-1", "bad-2", "bad-4"):
@@ -72,6 +77,28 @@ def test_bad_rows_become_error_rows_and_the_rest_is_scored(ray_local, tmp_path, 
     good_rows = out.filter(pa.compute.is_in(out["key"], good["key"]))
     assert_scores_match(good_rows, reference_model, good["jpg"].to_pylist(),
                         good["caption"].to_pylist())
+
+
+def test_commit_actors_leave_a_shard_they_cannot_finish_uncommitted_and_a_rerun_finishes(
+        ray_local, tmp_path, sample):
+    inputs = tmp_path / "in"
+    write_parquet(None, str(inputs / "a.parquet"), img2dataset_table(sample, 0, 6))
+    write_parquet(None, str(inputs / "b.parquet"), img2dataset_table(sample, 6, 4)
+                  .drop_columns(["url"]).rename_columns(["key", "photo", "caption"]))
+    # b has no image column: a mistake, never committed (not as error rows either)
+    write_parquet(None, str(inputs / "c.parquet"), img2dataset_table(sample, 10, 5))
+    first = score(input=str(inputs), output=str(tmp_path / "out"), commit="actors",
+                  num_actors=1, max_error_fraction=1.0)
+    assert first.exit_code == 4 and list(first.unfinished) == [str(inputs / "b.parquet")]
+    assert (first.ok, first.rows, first.unfinished_rows) == (11, 11, 4)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "_UNFINISHED", "a.parquet", "c.parquet"]
+
+    write_parquet(None, str(inputs / "b.parquet"), img2dataset_table(sample, 6, 4))
+    rerun = score(input=str(inputs), output=str(tmp_path / "out"), commit="actors")
+    assert (rerun.exit_code, rerun.shards_skipped, rerun.shards_scored, rerun.ok) == (0, 2, 1, 4)
+    out = read_output(None, [str(tmp_path / "out" / f"{n}.parquet") for n in "abc"])
+    assert out.num_rows == 15 and (tmp_path / "out" / "_SUCCESS").exists()
 
 
 def test_the_error_budget_aborts_with_counts(ray_local, tmp_path, sample):

@@ -122,3 +122,49 @@ def test_a_broken_file_of_unknown_size_records_that_in_its_footer(tmp_path):
     out.add(batch(0, range(2), end=2, kinds=[None, "shard_corrupt"]))
     meta = pq.read_schema(tmp_path / "out" / "0.parquet").metadata[b"iqray"]
     assert json.loads(meta)["input_rows"] is None and out.unknown_size == 1
+
+
+def test_commit_actors_split_the_shards_and_the_driver_writer_reports_as_if_it_wrote(tmp_path):
+    """--commit actors without Ray: two CommitActors (the class the actors run) over the
+    shards routed to them, their reports folded into the driver's writer, give the same
+    files, counts and unfinished shards as one writer fed the same rows."""
+    from iqray.pipeline.commit import CommitActor, _tally_rows
+
+    def feed(add):
+        add(pa.concat_tables([batch(0, range(2)), batch(1, range(2))]))
+        add(batch(1, range(2, 3), end=3, kinds=[SHARD_UNFINISHED]))
+        add(batch(0, range(2, 3), end=3, kinds=["decode"]))
+        add(batch(2, range(3), end=3))
+        add(batch(3, range(3), end=3))
+
+    alone = writer(shards(4), str(tmp_path / "alone"))
+    feed(alone.add)
+    alone.finish()
+
+    driver = writer(shards(4), str(tmp_path / "pool"))
+    owned = [[s for s in shards(4) if s.index % 2 == n] for n in range(2)]
+    actors = [CommitActor(part, driver.remote_kwargs(part)) for part in owned]
+
+    def route(table):  # what CommitRouter does, without Ray
+        for shard_id in pa.compute.unique(table["_shard"]).to_pylist():
+            part = table.filter(pa.compute.equal(table["_shard"], shard_id))
+            actors[shard_id % 2].add(part)
+
+    feed(route)
+    assert actors[1].received_rows() == {1: 3, 3: 3}
+    for actor in actors:
+        driver.absorb(actor.finish())
+    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == sorted(
+        p.name for p in (tmp_path / "alone").iterdir()) == ["0.parquet", "2.parquet",
+                                                           "3.parquet"]
+    for name in ("0.parquet", "2.parquet", "3.parquet"):
+        assert pq.read_table(tmp_path / "pool" / name).equals(
+            pq.read_table(tmp_path / "alone" / name))
+    assert driver.tally() == alone.tally() and driver.unfinished == alone.unfinished
+    assert sorted(driver.committed) == [str(tmp_path / "pool" / n)
+                                        for n in ("0.parquet", "2.parquet", "3.parquet")]
+
+    # The driver's tally rows: one per shard part, standing for its rows.
+    part = batch(2, range(3), end=3).append_column("_model_s", pa.array([0.5, 0.25, 0.25]))
+    tally = _tally_rows(part, 2)
+    assert list(tally["_tally_rows"]) == [3] and list(tally["_model_s"]) == [1.0]

@@ -1,0 +1,270 @@
+"""`iqray bench --measure overhead`: the pipeline's own ceiling, with the model taken out.
+
+The model stage keeps its place in the graph but scores nothing (:class:`ConstantScorer`: the
+same actor, rows and columns, constant scores), so what is left is what iqray itself costs
+per row: reading, decoding, moving crops through the object store, the model stage's
+bookkeeping, the driver loop and the shard commits. Measured two ways on the same input:
+
+- each stage alone, in this process, without Ray (CPU seconds per 1,000 rows);
+- the whole of `iqray score` through Ray, once per ``--commit`` mode, with the CPU time of
+  the driver process and of every other process of the local cluster (from /proc).
+
+A cluster adds read, decode and model workers with its nodes; it has one driver. The
+driver's CPU seconds per row therefore set a ceiling no cluster size lifts:
+``rows / driver CPU seconds`` (one core: the driver loop holds Python's GIL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iqray.pipeline.scoring import Scorer
+
+# The projection the issue asks for: 64 GPUs at 5,000 img/s each.
+PROJECTED_GPUS = 64
+PROJECTED_ROWS_PER_GPU = 5000
+
+
+class ConstantModel:
+    """Stands in for a model in the actor: the real config's outputs, constant scores."""
+
+    def __init__(self, config):
+        import torch
+
+        self.config = config
+        self.output_names = list(config.output_names)
+        self.device = torch.device("cpu")
+
+    def score(self, pixels, prompts, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        count = len(prompts)
+        out = {name: np.full(count, 0.5, np.float32) for name in self.output_names}
+        if self.config.prompt_aware:
+            out["prompt_truncated"] = np.zeros(count, bool)
+        return out
+
+
+class ConstantScorer(Scorer):
+    """The model stage with the model taken out: everything around ``model.score`` runs."""
+
+    def load_model(self, spec, device, prompt_cache_size, precision, compile):
+        return ConstantModel(spec.config)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:  # exited between listing and reading
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def tree_cpu_s() -> dict[int, float]:
+    """CPU seconds of this process and every process below it (the local Ray cluster)."""
+    from iqray.jobs.bench.measure import process_tree
+
+    return {pid: process_cpu_s(pid) for pid in process_tree(os.getpid())}
+
+
+def stage_costs(model_name: str, folder: Path, output: Path, batch_size: int,
+                decode_batch_size: int) -> dict[str, Any]:
+    """CPU seconds per 1,000 rows of each stage run alone in this process, no Ray: the
+    reader, decode, the constant model stage, the numpy -> Arrow conversion Ray Data makes
+    of the stage's output, and the ShardWriter (split by shard, Parquet, atomic commit)."""
+    from iqray.pipeline import rows as R
+    from iqray.pipeline.decode import decode_batch
+    from iqray.pipeline.io.discovery import discover_shards, inspect_input
+    from iqray.pipeline.io.read import read_shard
+    from iqray.pipeline.io.shards import ReadConfig
+    from iqray.pipeline.io.storage import StorageConfig
+    from iqray.pipeline.io.writer import ShardWriter, score_schema
+    from iqray.pipeline.staging import stage_model
+
+    read, storage = ReadConfig(key_columns=["key"]), StorageConfig()
+    spec = stage_model(model_name, storage)
+    shards = discover_shards(str(folder), read, storage)
+    keys = inspect_input(shards, read, storage)
+    cpu: dict[str, float] = {}
+
+    def timed(name: str, work):
+        started = time.process_time()
+        out = work()
+        cpu[name] = time.process_time() - started
+        return out
+
+    def read_all() -> list[dict]:
+        batches = []
+        for shard in shards:
+            for columns in read_shard(shard, read, storage, keys, on_failure="marker"):
+                columns = {k: R.column(v) for k, v in columns.items()}
+                count = len(columns[R.SOURCE_ROW])
+                batches += [{k: v[i:i + decode_batch_size] for k, v in columns.items()}
+                            for i in range(0, count, decode_batch_size)]
+        return batches
+
+    batches = timed("read", read_all)
+    rows = sum(len(b[R.SOURCE_ROW]) for b in batches)
+    decoded = timed("decode", lambda: [decode_batch(
+        b, image_size=spec.config.image_size, max_pixels=10**8, timeout_s=None,
+        keep_image_bytes=False, fine_resize=spec.config.fine_resize) for b in batches])
+    merged = [{k: np.concatenate([b[k] for b in decoded[i:i + batch_size // decode_batch_size]])
+               for k in decoded[0]}
+              for i in range(0, len(decoded), max(1, batch_size // decode_batch_size))]
+    stage = ConstantScorer(spec, device="cpu")
+    scored = timed("model stage (constant scores)", lambda: [stage(b) for b in merged])
+    from ray.data.block import BlockAccessor  # the conversion itself; no cluster
+
+    tables = timed("to Arrow (Ray Data's block conversion)",
+                   lambda: [BlockAccessor.batch_to_block(b) for b in scored])
+    writer = ShardWriter(shards, str(output), storage, {"bench": "overhead"}, complete=True,
+                         key_columns=keys, keep_prompt=False, keep_image_bytes=False,
+                         schema=score_schema(spec.config.output_names,
+                                             spec.config.prompt_aware))
+
+    def write_all() -> None:
+        for table in tables:
+            writer.add(table)
+        writer.finish()
+
+    timed("write (split by shard, Parquet, commit)", write_all)
+    if writer.ok != rows or len(writer.committed) != len(shards):
+        raise RuntimeError(f"the writer committed {len(writer.committed)} of {len(shards)} "
+                           f"shards, {writer.ok} of {rows} rows ok")
+    shutil.rmtree(output, ignore_errors=True)
+    return {"rows": rows, "shards": len(shards),
+            "cpu_s_per_1000_rows": {k: round(v * 1000 / rows, 4) for k, v in cpu.items()}}
+
+
+def pipeline_overhead(model_name: str, folder: Path, output: Path, batch_size: int,
+                      commit: str) -> dict[str, Any]:
+    """`iqray score` over ``folder`` with :class:`ConstantScorer`: rows/s, CPU seconds per
+    1,000 rows on the driver and in the rest of the cluster, the driver's share, its ceiling,
+    and the run's timeline (where its first seconds went)."""
+    from iqray.jobs.score import ScoreConfig, run_score
+
+    before = tree_cpu_s()
+    wall = time.perf_counter()
+    summary = run_score(ScoreConfig(
+        input=str(folder), output=str(output), model=model_name, key_columns=["key"],
+        batch_size=batch_size, commit=commit, progress=False, keep_prompt=False),
+        log=lambda *a: None, model_stage=ConstantScorer)
+    wall = time.perf_counter() - wall
+    after = tree_cpu_s()
+    if summary.ok != summary.rows or summary.unfinished or not summary.rows:
+        raise RuntimeError(f"overhead run ({commit}): {summary.render()}")
+    me = os.getpid()
+    driver = after.get(me, 0.0) - before.get(me, 0.0)
+    others = sum(v - before.get(pid, 0.0) for pid, v in after.items() if pid != me)
+    rows = summary.rows
+    # Steady state: the driver's CPU between the first and the last row it received, over
+    # the rows in between (start-up, Ray Data planning and the wait for actors left out).
+    cpu, at = summary.driver_cpu_s, summary.timeline
+    steady_rows = (summary.steady_rows_per_s or 0.0) * (at["last_row"] - at["first_row"])
+    steady_cpu = cpu["last_row"] - cpu["first_row"]
+    shutil.rmtree(output, ignore_errors=True)
+    return {"commit": commit, "rows": rows, "shards": summary.shards_total,
+            "seconds": round(wall, 2), "rows_per_s": round(rows / wall, 1),
+            "steady_rows_per_s": round(summary.steady_rows_per_s or 0.0, 1),
+            "driver_cpu_s_per_1000_rows": round(driver * 1000 / rows, 4),
+            "cluster_cpu_s_per_1000_rows": round(others * 1000 / rows, 4),
+            "driver_share": round(driver / max(driver + others, 1e-9), 4),
+            "driver_steady_cpu_s_per_1000_rows": round(steady_cpu * 1000 / max(steady_rows, 1),
+                                                       4),
+            "driver_ceiling_rows_per_s": round(steady_rows / max(steady_cpu, 1e-9)),
+            "driver_write_s": summary.stage_busy_s.get("write"),
+            "timeline": summary.timeline}
+
+
+def projection(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Can one driver carry a 64-GPU cluster at 5,000 img/s per GPU, in each commit mode?"""
+    needed = PROJECTED_GPUS * PROJECTED_ROWS_PER_GPU
+    return {"gpus": PROJECTED_GPUS, "rows_per_s_per_gpu": PROJECTED_ROWS_PER_GPU,
+            "rows_per_s_needed": needed,
+            "by_commit": {r["commit"]: {
+                "driver_ceiling_rows_per_s": r["driver_ceiling_rows_per_s"],
+                "driver_cores_needed": round(needed / r["driver_ceiling_rows_per_s"], 1),
+                "carries": r["driver_ceiling_rows_per_s"] >= needed} for r in runs}}
+
+
+def bench_overhead(model_name: str, root: Path, rows: int, shard_rows: int,
+                   batch_size: int, decode_batch_size: int, commits: list[str], log
+                   ) -> dict[str, Any]:
+    """The whole measurement: stage costs, one pipeline run per commit mode, projection."""
+    from iqray.jobs.bench.measure import synthetic_image_input
+
+    folder = synthetic_image_input(root, rows, shard_rows, distinct_prompts=max(1, rows // 4),
+                                   size=32, distinct_images=256)
+    stages = stage_costs(model_name, folder, root / "stage-out", batch_size,
+                         decode_batch_size)
+    log("overhead, each stage alone (CPU s per 1,000 rows): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in stages["cpu_s_per_1000_rows"].items()))
+    runs = []
+    for commit in commits:
+        run = pipeline_overhead(model_name, folder, root / f"out-{commit}", batch_size, commit)
+        runs.append(run)
+        log(f"overhead, iqray score --commit {commit}, {run['rows']:,} rows in "
+            f"{run['shards']} shards: {run['rows_per_s']:,.0f} rows/s; CPU s per 1,000 rows: "
+            f"driver {run['driver_cpu_s_per_1000_rows']:.3f}, rest of the cluster "
+            f"{run['cluster_cpu_s_per_1000_rows']:.3f} (driver share "
+            f"{run['driver_share']:.0%}); driver ceiling "
+            f"{run['driver_ceiling_rows_per_s']:,} rows/s")
+    shutil.rmtree(folder, ignore_errors=True)
+    result = {"model": model_name, "rows": rows, "shard_rows": shard_rows,
+              "batch_size": batch_size, "image_px": 32, "stages": stages, "runs": runs,
+              "projection": projection(runs)}
+    for commit, p in result["projection"]["by_commit"].items():
+        log(f"projection: {PROJECTED_GPUS} GPUs x {PROJECTED_ROWS_PER_GPU:,} img/s = "
+            f"{result['projection']['rows_per_s_needed']:,} rows/s; --commit {commit}: the "
+            f"driver carries {p['driver_ceiling_rows_per_s']:,} rows/s per core "
+            + ("(enough)" if p["carries"] else f"({p['driver_cores_needed']:g} cores needed)"))
+    return result
+
+
+def overhead_table(result: dict[str, Any]) -> str:
+    """Markdown of an overhead measurement."""
+    stages = result["stages"]["cpu_s_per_1000_rows"]
+    lines = [f"Pipeline overhead (`iqray bench --measure overhead`): {result['rows']:,} rows "
+             f"of {result['image_px']} px JPEGs in shards of {result['shard_rows']}, model "
+             f"stage with constant scores ({result['model']}'s crops), batch "
+             f"{result['batch_size']}", "",
+             "Each stage alone, in one process:", "", "| stage | CPU s per 1,000 rows |",
+             "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in stages.items()]
+    lines += ["", "The whole pipeline through Ray:", "",
+              "| --commit | rows/s | driver CPU s / 1,000 rows | rest of cluster | driver "
+              "share | driver ceiling (rows/s per core) | first row at |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['commit']} | {r['rows_per_s']:,.0f} | "
+                     f"{r['driver_cpu_s_per_1000_rows']:.3f} | "
+                     f"{r['cluster_cpu_s_per_1000_rows']:.3f} | {r['driver_share']:.0%} | "
+                     f"{r['driver_ceiling_rows_per_s']:,} | "
+                     f"{r['timeline'].get('first_row', float('nan')):.1f} s |")
+    p = result["projection"]
+    lines += ["", f"Projection: {p['gpus']} GPUs x {p['rows_per_s_per_gpu']:,} img/s = "
+              f"{p['rows_per_s_needed']:,} rows/s through one driver.", ""]
+    lines += [f"- `--commit {c}`: {v['driver_ceiling_rows_per_s']:,} rows/s per driver core; "
+              + ("enough." if v["carries"] else
+                 f"{v['driver_cores_needed']:g} driver cores' worth: not enough.")
+              for c, v in p["by_commit"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def timeline_table(runs: list[dict[str, Any]]) -> str:
+    steps = list(dict.fromkeys(s for r in runs for s in r["timeline"]))
+    lines = ["| --commit | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
+    lines += ["| " + r["commit"] + " | " + " | ".join(
+        f"{r['timeline'][s]:.2f} s" if s in r["timeline"] else "-" for s in steps) + " |"
+        for r in runs]
+    return "\n".join(lines) + "\n"
+
