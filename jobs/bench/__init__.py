@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from iqray.jobs.config import JobConfig
 
@@ -39,7 +39,8 @@ class BenchConfig(JobConfig):
     fidelity_models: list[str] = Field(
         default_factory=lambda: ["iqray-small-agiqa3k"],
         description="models (besides --model) whose fast-path fidelity is checked")
-    measure: list[Literal["throughput", "scale", "scale-images", "decode", "overhead"]] = Field(
+    measure: list[Literal["throughput", "scale", "scale-images", "decode", "overhead",
+                          "score-runs"]] = Field(
         default_factory=lambda: ["throughput"],
         description="throughput: the three-way comparison; scale: re-scoring from a "
         "(synthetic) embedding cache at --scale-rows, time and peak memory; scale-images: "
@@ -48,7 +49,11 @@ class BenchConfig(JobConfig):
         "crop images/s per core by format, size and --decode mode, and the score fidelity of "
         "fast against full decode; overhead: the pipeline with a constant-score model stage "
         "(rows/s, CPU per stage and on the driver, the driver's ceiling, the run's timeline) "
-        "for each of --overhead-commits")
+        "for each of --overhead-commits; score-runs: `iqray score` on --images images once "
+        "per --score-runs entry (batch size, decode, compile)")
+    score_runs: list[str] = Field(
+        default_factory=lambda: ["256:cpu", "256:fast", "256:device"],
+        description="score-runs: BATCH:DECODE[:compile] per run, e.g. 512:device:compile")
     decode_images: int = Field(default=32, gt=2, description="source JPEGs of the decode "
                                "measurement (re-encoded at each size)")
     decode_view: int = Field(default=224, gt=0, description="the view size decode is timed "
@@ -64,6 +69,15 @@ class BenchConfig(JobConfig):
     overhead_commits: list[Literal["driver", "actors"]] = Field(
         default_factory=lambda: ["driver", "actors"],
         description="--commit modes the overhead run compares")
+    @field_validator("score_runs")
+    @classmethod
+    def _runs_parse(cls, runs: list[str]) -> list[str]:
+        from iqray.jobs.bench.overhead import parse_score_run
+
+        for run in runs:
+            parse_score_run(run)
+        return runs
+
     scale_rows: list[int] = Field(default_factory=lambda: [10_000, 100_000, 1_000_000],
                                   description="input sizes of the scale measurement")
     scale_image_rows: list[int] = Field(default_factory=lambda: [10_000, 100_000],
@@ -121,14 +135,16 @@ def run_bench(config: BenchConfig, log=print) -> dict:
                        else f", Spearman vs full >= {r['spearman_vs_full']:.4f}"))
         if "overhead" in config.measure:
             from iqray.jobs.bench.overhead import bench_overhead
-            from iqray.jobs.score import ScoreConfig
-            from iqray.pipeline.execution import ensure_ray
 
-            ensure_ray(ScoreConfig(input=str(workdir), output=str(workdir / "x")))
             results["overhead"] = bench_overhead(
                 config.scale_image_model, workdir / "overhead", config.overhead_rows,
                 config.overhead_shard_rows, config.overhead_batch_size, 32,
                 config.overhead_commits, log)
+        if "score-runs" in config.measure:
+            from iqray.jobs.bench.overhead import bench_score_runs
+
+            results["score_runs"] = bench_score_runs(config.model, data, workdir,
+                                                     config.score_runs, log)
         if "throughput" not in config.measure:
             return _write(results, config, log)
         model = iqray.model.load(config.model)
@@ -241,7 +257,7 @@ def _write(results: dict, config: BenchConfig, log) -> dict:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     name = "bench" if "throughput" in config.measure else "scale"
-    if not set(config.measure) <= {"decode", "overhead"}:  # these write their own files
+    if not set(config.measure) <= {"decode", "overhead", "score-runs"}:  # own files only
         (output / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     if "throughput" in config.measure:
         (output / "bench.md").write_text(markdown_table(results))
@@ -252,6 +268,14 @@ def _write(results: dict, config: BenchConfig, log) -> dict:
     if results.get("decode"):
         (output / "decode.json").write_text(json.dumps(results["decode"], indent=2) + "\n")
         (output / "decode.md").write_text(decode_table(results["decode"]))
+    if results.get("score_runs"):
+        from iqray.jobs.bench.overhead import score_runs_table
+
+        (output / "score_runs.json").write_text(json.dumps(
+            {"machine": results["machine"], "model": config.model, "images": config.images,
+             "runs": results["score_runs"]}, indent=2) + "\n")
+        (output / "score_runs.md").write_text(score_runs_table(results["score_runs"],
+                                                               config.model, config.images))
     if results.get("overhead"):
         from iqray.jobs.bench.overhead import overhead_table
 

@@ -171,6 +171,14 @@ def pipeline_overhead(model_name: str, folder: Path, output: Path, batch_size: i
     cpu, at = summary.driver_cpu_s, summary.timeline
     steady_rows = (summary.steady_rows_per_s or 0.0) * (at["last_row"] - at["first_row"])
     steady_cpu = cpu["last_row"] - cpu["first_row"]
+    steady_wall = at["last_row"] - at["first_row"]
+    if steady_rows < 1 or steady_cpu <= 0:  # all rows in the first block: the whole run
+        steady_rows, steady_cpu, steady_wall = rows, driver, wall
+    # While it waits for the first row (actors loading) the driver still spends CPU: Ray
+    # Data's scheduling loop. Taken off at that rate, the rest is what each row costs it.
+    waiting_per_s = ((cpu["first_row"] - cpu["ray_started"])
+                     / max(at["first_row"] - at["ray_started"], 1e-9))
+    per_row_cpu = max(steady_cpu - waiting_per_s * steady_wall, 1e-9)
     shutil.rmtree(output, ignore_errors=True)
     return {"commit": commit, "rows": rows, "shards": summary.shards_total,
             "seconds": round(wall, 2), "rows_per_s": round(rows / wall, 1),
@@ -181,8 +189,30 @@ def pipeline_overhead(model_name: str, folder: Path, output: Path, batch_size: i
             "driver_steady_cpu_s_per_1000_rows": round(steady_cpu * 1000 / max(steady_rows, 1),
                                                        4),
             "driver_ceiling_rows_per_s": round(steady_rows / max(steady_cpu, 1e-9)),
+            "driver_cpu_s_per_s_waiting": round(waiting_per_s, 4),
+            "driver_marginal_ceiling_rows_per_s": round(steady_rows / per_row_cpu),
             "driver_write_s": summary.stage_busy_s.get("write"),
             "timeline": summary.timeline}
+
+
+def startup(model_name: str, root: Path, rows: int = 256) -> dict[str, Any]:
+    """A small real run (the model loaded in its actor): where its seconds go before the
+    first scored row reaches the driver, and after. Starts Ray itself when none is up."""
+    import ray
+
+    from iqray.jobs.bench.measure import synthetic_image_input
+    from iqray.jobs.score import ScoreConfig, run_score
+
+    cold = not ray.is_initialized()
+    folder = synthetic_image_input(root / "startup", rows, max(1, rows // 4), rows // 4,
+                                   size=32, distinct_images=64)
+    summary = run_score(ScoreConfig(input=str(folder), output=str(root / "startup-out"),
+                                    model=model_name, key_columns=["key"], progress=False),
+                        log=lambda *a: None)
+    shutil.rmtree(root / "startup", ignore_errors=True)
+    shutil.rmtree(root / "startup-out", ignore_errors=True)
+    return {"model": model_name, "rows": summary.rows, "ray_started_by_run": cold,
+            "seconds": round(summary.wall_s, 2), "timeline": summary.timeline}
 
 
 def projection(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -192,7 +222,8 @@ def projection(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "rows_per_s_needed": needed,
             "by_commit": {r["commit"]: {
                 "driver_ceiling_rows_per_s": r["driver_ceiling_rows_per_s"],
-                "driver_cores_needed": round(needed / r["driver_ceiling_rows_per_s"], 1),
+                "driver_cores_needed": round(needed / max(r["driver_ceiling_rows_per_s"], 1),
+                                             1),
                 "carries": r["driver_ceiling_rows_per_s"] >= needed} for r in runs}}
 
 
@@ -202,6 +233,10 @@ def bench_overhead(model_name: str, root: Path, rows: int, shard_rows: int,
     """The whole measurement: stage costs, one pipeline run per commit mode, projection."""
     from iqray.jobs.bench.measure import synthetic_image_input
 
+    started = startup(model_name, root)
+    t = started["timeline"]
+    log(f"start-up of a {started['rows']}-row run ({model_name}): "
+        + ", ".join(f"{k} at {v:.1f} s" for k, v in t.items()))
     folder = synthetic_image_input(root, rows, shard_rows, distinct_prompts=max(1, rows // 4),
                                    size=32, distinct_images=256)
     stages = stage_costs(model_name, folder, root / "stage-out", batch_size,
@@ -220,7 +255,8 @@ def bench_overhead(model_name: str, root: Path, rows: int, shard_rows: int,
             f"{run['driver_ceiling_rows_per_s']:,} rows/s")
     shutil.rmtree(folder, ignore_errors=True)
     result = {"model": model_name, "rows": rows, "shard_rows": shard_rows,
-              "batch_size": batch_size, "image_px": 32, "stages": stages, "runs": runs,
+              "batch_size": batch_size, "image_px": 32, "startup": started,
+              "stages": stages, "runs": runs,
               "projection": projection(runs)}
     for commit, p in result["projection"]["by_commit"].items():
         log(f"projection: {PROJECTED_GPUS} GPUs x {PROJECTED_ROWS_PER_GPU:,} img/s = "
@@ -242,16 +278,26 @@ def overhead_table(result: dict[str, Any]) -> str:
     lines += [f"| {k} | {v:.3f} |" for k, v in stages.items()]
     lines += ["", "The whole pipeline through Ray:", "",
               "| --commit | rows/s | driver CPU s / 1,000 rows | rest of cluster | driver "
-              "share | driver ceiling (rows/s per core) | first row at |",
-              "|---|---|---|---|---|---|---|"]
+              "share | driver ceiling (rows/s per core) | marginal ceiling | first row at |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['commit']} | {r['rows_per_s']:,.0f} | "
                      f"{r['driver_cpu_s_per_1000_rows']:.3f} | "
                      f"{r['cluster_cpu_s_per_1000_rows']:.3f} | {r['driver_share']:.0%} | "
                      f"{r['driver_ceiling_rows_per_s']:,} | "
+                     f"{r['driver_marginal_ceiling_rows_per_s']:,} | "
                      f"{r['timeline'].get('first_row', float('nan')):.1f} s |")
+    start = result["startup"]
+    lines += ["", "Driver ceiling: rows over the driver's CPU seconds between its first and "
+              "last row (one core: its loop holds the GIL). Marginal: the same after taking "
+              "off the CPU its scheduling loop spends per second while no row flows (measured "
+              "while the actors load), i.e. what each further row costs it."]
+    ray_state = "started by the run" if start["ray_started_by_run"] else "already up"
+    lines += ["", f"Start-up of a {start['rows']}-row run with the model loaded ("
+              f"{start['model']}; Ray {ray_state}), seconds from the command's start:", "",
+              timeline_table([start])]
     p = result["projection"]
-    lines += ["", f"Projection: {p['gpus']} GPUs x {p['rows_per_s_per_gpu']:,} img/s = "
+    lines += [f"Projection: {p['gpus']} GPUs x {p['rows_per_s_per_gpu']:,} img/s = "
               f"{p['rows_per_s_needed']:,} rows/s through one driver.", ""]
     lines += [f"- `--commit {c}`: {v['driver_ceiling_rows_per_s']:,} rows/s per driver core; "
               + ("enough." if v["carries"] else
@@ -262,9 +308,59 @@ def overhead_table(result: dict[str, Any]) -> str:
 
 def timeline_table(runs: list[dict[str, Any]]) -> str:
     steps = list(dict.fromkeys(s for r in runs for s in r["timeline"]))
-    lines = ["| --commit | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
-    lines += ["| " + r["commit"] + " | " + " | ".join(
+    lines = ["| run | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
+    lines += ["| " + r.get("commit", r.get("model", "")) + " | " + " | ".join(
         f"{r['timeline'][s]:.2f} s" if s in r["timeline"] else "-" for s in steps) + " |"
         for r in runs]
     return "\n".join(lines) + "\n"
 
+
+
+def parse_score_run(text: str) -> dict[str, Any]:
+    """``BATCH:DECODE[:compile]`` -> the run's options (a mistake says which entry)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0].isdigit() or parts[1] not in (
+            "cpu", "fast", "device") or parts[2:] not in ([], ["compile"]):
+        raise ValueError(f"--score-runs {text!r}: expected BATCH:DECODE[:compile], DECODE "
+                         "one of cpu, fast, device (e.g. 256:device:compile)")
+    return {"batch_size": int(parts[0]), "decode": parts[1], "compile": parts[2:] == ["compile"]}
+
+
+def bench_score_runs(model_name: str, data, workdir: Path, runs: list[str], log
+                     ) -> list[dict[str, Any]]:
+    """`iqray score` over the bench's images once per run: images/s over the whole run and
+    steady (after the first batch), the run's timeline and its bottleneck stage. The fast
+    paths' gates are off: their fidelity is measured by ``--measure decode``."""
+    from iqray.jobs.score import ScoreConfig, run_score
+
+    options = [parse_score_run(r) for r in runs]  # all checked before the first run
+    out = []
+    for number, option in enumerate(options):
+        summary = run_score(ScoreConfig(
+            input=str(data.folder), output=str(workdir / f"score-run-{number}"),
+            model=model_name, num_actors=1, progress=False, keep_prompt=False,
+            decode_check=False, **option), log=lambda *a: None)
+        if summary.ok != len(data.files):
+            raise RuntimeError(f"score run {runs[number]}: {summary.render()}")
+        shutil.rmtree(workdir / f"score-run-{number}", ignore_errors=True)
+        record = {**option, "images": summary.rows, "seconds": round(summary.wall_s, 2),
+                  "images_per_s": round(summary.rows_per_s, 1),
+                  "steady_images_per_s": round(summary.steady_rows_per_s or 0.0, 1),
+                  "timeline": summary.timeline, "bottleneck": summary.bottleneck}
+        out.append(record)
+        log(f"iqray score, batch {option['batch_size']}, decode {option['decode']}"
+            + (", compiled" if option["compile"] else "") + f": {record['images_per_s']:,.1f}"
+            f" img/s over the run, {record['steady_images_per_s']:,.1f} steady; "
+            f"{summary.bottleneck}")
+    return out
+
+
+def score_runs_table(runs: list[dict[str, Any]], model: str, images: int) -> str:
+    lines = [f"`iqray score` runs ({model}, {images} images, one actor)", "",
+             "| batch | decode | compile | img/s (run) | img/s (steady) | first row at | "
+             "bottleneck |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch_size']} | {r['decode']} | {'yes' if r['compile'] else 'no'} | "
+              f"{r['images_per_s']:,.1f} | {r['steady_images_per_s']:,.1f} | "
+              f"{r['timeline'].get('first_row', float('nan')):.1f} s | {r['bottleneck']} |"
+              for r in runs]
+    return "\n".join(lines) + "\n"

@@ -167,3 +167,43 @@ def test_decode_bench_records_every_format_size_and_mode(tmp_path, sample):
     assert fast[("jpeg", 1024)]["reduced"] == 3 and fast[("png", 1024)]["reduced"] == 0
     assert [r["images_from"] for r in records[:3]] == ["real"] * 3
     assert "| jpeg | 2048 | upscaled | fast |" in (tmp_path / "b" / "decode.md").read_text()
+
+
+def test_gpu_bench_script_smoke_runs_every_measurement_and_writes_its_files(tmp_path):
+    """scripts/gpu_bench.sh --smoke: the GPU machine's one command, end to end on tiny towers
+    (its own Ray in each step, as on the GPU machine)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline_data import REPO
+
+    out = tmp_path / "gpu"
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_bench.sh"), "--smoke"],
+                          env={**os.environ, "IQRAY_PYTHON": sys.executable,
+                               "IQRAY_BENCH_OUTPUT": str(out)},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"bench.json", "bench.md", "bench.png", "score_runs.json", "score_runs.md",
+            "decode.json", "decode.md", "overhead.json", "overhead.md"} <= {
+        p.name for p in out.iterdir()}
+    runs = json.loads((out / "score_runs.json").read_text())["runs"]
+    assert [(r["batch_size"], r["decode"], r["compile"]) for r in runs] == [
+        (8, "cpu", False), (16, "fast", False)]
+    assert all(r["images"] == 24 and r["steady_images_per_s"] > 0 for r in runs)
+    overhead = json.loads((out / "overhead.json").read_text())
+    assert [r["commit"] for r in overhead["runs"]] == ["driver", "actors"]
+    for run in overhead["runs"]:
+        assert run["rows"] == 300 and 0 < run["driver_share"] < 1
+        assert run["driver_ceiling_rows_per_s"] > 0
+        assert list(run["timeline"])[-3:] == ["first_row", "last_row", "finished"]
+    assert overhead["startup"]["timeline"]["first_row"] > 0
+    assert set(overhead["stages"]["cpu_s_per_1000_rows"]) >= {"read", "write (split by "
+                                                              "shard, Parquet, commit)"}
+    assert overhead["projection"]["rows_per_s_needed"] == 64 * 5000
+    assert "driver ceiling" in (out / "overhead.md").read_text()
+
+
+def test_score_runs_are_checked_before_anything_runs():
+    with pytest.raises(ValueError, match="BATCH:DECODE"):
+        BenchConfig(measure=["score-runs"], score_runs=["256:gpu"])
