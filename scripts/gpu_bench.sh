@@ -40,6 +40,7 @@ if [ "$smoke" = 1 ]; then
     model=mst-clipiqa-tiny-random
     out=${IQRAY_BENCH_OUTPUT:-out/gpu-bench-smoke}
     images=24 batch=8 runs=(8:cpu 16:fast) decode_images=3 overhead_rows=300
+    decode_batches=(32)
 else
     if ! gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); then
         echo "no NVIDIA GPU found (nvidia-smi); use --smoke to check the script here" >&2
@@ -49,6 +50,7 @@ else
     out=${IQRAY_BENCH_OUTPUT:-benchmarks/$(echo "$gpu" | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')}
     images=2048 batch=256 decode_images=32 overhead_rows=50000
     runs=(64:cpu 128:cpu 256:cpu 512:cpu 256:fast 256:device 512:device 256:device:compile)
+    decode_batches=(32 256)
 fi
 mkdir -p "$out"
 echo "gpu_bench: model $model, $images images, writing $out/"
@@ -58,5 +60,6 @@ iqray bench --model "$model" --images "$images" --batch-size "$batch" --actors 1
 iqray bench --measure score-runs --model "$model" --images "$images" \
     --score-runs "${runs[@]}" --output "$out"
 iqray bench --measure decode overhead --decode-images "$decode_images" \
-    --decode-models "$model" --overhead-rows "$overhead_rows" --output "$out"
+    --decode-models "$model" --overhead-rows "$overhead_rows" \
+    --overhead-decode-batch-sizes "${decode_batches[@]}" --output "$out"
 echo "gpu_bench: done; $out/ holds $(ls "$out" | tr '\n' ' ')"

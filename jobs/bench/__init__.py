@@ -66,6 +66,11 @@ class BenchConfig(JobConfig):
                                      description="rows per shard of the overhead run")
     overhead_batch_size: int = Field(default=256, gt=0,
                                      description="model stage batch of the overhead run")
+    overhead_decode_batch_sizes: list[int] = Field(
+        default_factory=lambda: [32, 256], description="--decode-batch-size values the "
+        "overhead run compares (blocks per row are what Ray Data's scheduling costs)")
+    overhead_crop: int = Field(default=32, gt=0, description="crop size (px) of the overhead "
+                               "run: small, so rows arrive fast enough to load the driver")
     overhead_commits: list[Literal["driver", "actors"]] = Field(
         default_factory=lambda: ["driver", "actors"],
         description="--commit modes the overhead run compares")
@@ -138,8 +143,9 @@ def run_bench(config: BenchConfig, log=print) -> dict:
 
             results["overhead"] = bench_overhead(
                 config.scale_image_model, workdir / "overhead", config.overhead_rows,
-                config.overhead_shard_rows, config.overhead_batch_size, 32,
-                config.overhead_commits, log)
+                config.overhead_shard_rows, config.overhead_batch_size,
+                config.overhead_decode_batch_sizes, config.overhead_commits,
+                config.overhead_crop, log)
         if "score-runs" in config.measure:
             from iqray.jobs.bench.overhead import bench_score_runs
 

@@ -76,6 +76,24 @@ def tree_cpu_s() -> dict[int, float]:
     return {pid: process_cpu_s(pid) for pid in process_tree(os.getpid())}
 
 
+def constant_model(base: str, crop: int, folder: Path) -> str:
+    """A checkpoint folder of ``base``'s config at ``crop`` px (no weights: the constant stage
+    builds no towers): small crops keep decode and object-store transfers cheap, so that rows
+    arrive fast enough to load the driver, whose cost per row does not depend on their size."""
+    import json
+
+    from iqray.model.config import load_preset
+    from iqray.model.files import CONFIG_NAME, FORMAT, FORMAT_VERSION
+
+    config = load_preset(base).model_dump(mode="json")
+    config.update(image_size=crop, description=f"{base} at {crop} px: iqray bench's constant "
+                  "model stage only (it has no weights and scores nothing)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config}))
+    return str(folder)
+
+
 def stage_costs(model_name: str, folder: Path, output: Path, batch_size: int,
                 decode_batch_size: int) -> dict[str, Any]:
     """CPU seconds per 1,000 rows of each stage run alone in this process, no Ray: the
@@ -146,7 +164,7 @@ def stage_costs(model_name: str, folder: Path, output: Path, batch_size: int,
 
 
 def pipeline_overhead(model_name: str, folder: Path, output: Path, batch_size: int,
-                      commit: str) -> dict[str, Any]:
+                      commit: str, decode_batch_size: int) -> dict[str, Any]:
     """`iqray score` over ``folder`` with :class:`ConstantScorer`: rows/s, CPU seconds per
     1,000 rows on the driver and in the rest of the cluster, the driver's share, its ceiling,
     and the run's timeline (where its first seconds went)."""
@@ -156,7 +174,8 @@ def pipeline_overhead(model_name: str, folder: Path, output: Path, batch_size: i
     wall = time.perf_counter()
     summary = run_score(ScoreConfig(
         input=str(folder), output=str(output), model=model_name, key_columns=["key"],
-        batch_size=batch_size, commit=commit, progress=False, keep_prompt=False),
+        batch_size=batch_size, decode_batch_size=decode_batch_size, commit=commit,
+        progress=False, keep_prompt=False),
         log=lambda *a: None, model_stage=ConstantScorer)
     wall = time.perf_counter() - wall
     after = tree_cpu_s()
@@ -180,7 +199,8 @@ def pipeline_overhead(model_name: str, folder: Path, output: Path, batch_size: i
                      / max(at["first_row"] - at["ray_started"], 1e-9))
     per_row_cpu = max(steady_cpu - waiting_per_s * steady_wall, 1e-9)
     shutil.rmtree(output, ignore_errors=True)
-    return {"commit": commit, "rows": rows, "shards": summary.shards_total,
+    return {"commit": commit, "decode_batch_size": decode_batch_size, "rows": rows,
+            "shards": summary.shards_total,
             "seconds": round(wall, 2), "rows_per_s": round(rows / wall, 1),
             "steady_rows_per_s": round(summary.steady_rows_per_s or 0.0, 1),
             "driver_cpu_s_per_1000_rows": round(driver * 1000 / rows, 4),
@@ -216,51 +236,61 @@ def startup(model_name: str, root: Path, rows: int = 256) -> dict[str, Any]:
 
 
 def projection(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Can one driver carry a 64-GPU cluster at 5,000 img/s per GPU, in each commit mode?"""
+    """Can one driver carry a 64-GPU cluster at 5,000 img/s per GPU, in each run's mode?"""
     needed = PROJECTED_GPUS * PROJECTED_ROWS_PER_GPU
     return {"gpus": PROJECTED_GPUS, "rows_per_s_per_gpu": PROJECTED_ROWS_PER_GPU,
             "rows_per_s_needed": needed,
-            "by_commit": {r["commit"]: {
+            "by_run": {run_name(r): {
                 "driver_ceiling_rows_per_s": r["driver_ceiling_rows_per_s"],
                 "driver_cores_needed": round(needed / max(r["driver_ceiling_rows_per_s"], 1),
                                              1),
+                "marginal_ceiling_rows_per_s": r["driver_marginal_ceiling_rows_per_s"],
                 "carries": r["driver_ceiling_rows_per_s"] >= needed} for r in runs}}
 
 
+def run_name(run: dict[str, Any]) -> str:
+    return f"--commit {run['commit']} --decode-batch-size {run['decode_batch_size']}"
+
+
 def bench_overhead(model_name: str, root: Path, rows: int, shard_rows: int,
-                   batch_size: int, decode_batch_size: int, commits: list[str], log
-                   ) -> dict[str, Any]:
-    """The whole measurement: stage costs, one pipeline run per commit mode, projection."""
+                   batch_size: int, decode_batch_sizes: list[int], commits: list[str],
+                   crop: int, log) -> dict[str, Any]:
+    """The whole measurement: a small real run's start-up, stage costs, one pipeline run per
+    commit mode (``model_name``'s config at ``crop`` px), the projection."""
     from iqray.jobs.bench.measure import synthetic_image_input
 
     started = startup(model_name, root)
+    base, model_name = model_name, constant_model(model_name, crop, root / "constant-model")
     t = started["timeline"]
-    log(f"start-up of a {started['rows']}-row run ({model_name}): "
+    log(f"start-up of a {started['rows']}-row run ({base}): "
         + ", ".join(f"{k} at {v:.1f} s" for k, v in t.items()))
     folder = synthetic_image_input(root, rows, shard_rows, distinct_prompts=max(1, rows // 4),
                                    size=32, distinct_images=256)
     stages = stage_costs(model_name, folder, root / "stage-out", batch_size,
-                         decode_batch_size)
+                         decode_batch_sizes[0])
     log("overhead, each stage alone (CPU s per 1,000 rows): " + ", ".join(
         f"{k} {v:.3f}" for k, v in stages["cpu_s_per_1000_rows"].items()))
     runs = []
-    for commit in commits:
-        run = pipeline_overhead(model_name, folder, root / f"out-{commit}", batch_size, commit)
-        runs.append(run)
-        log(f"overhead, iqray score --commit {commit}, {run['rows']:,} rows in "
+    for decode_batch_size in decode_batch_sizes:
+        for commit in commits:
+            runs.append(pipeline_overhead(model_name, folder, root / "out", batch_size, commit,
+                                          decode_batch_size))
+    for run in runs:
+        log(f"overhead, iqray score {run_name(run)}, {run['rows']:,} rows in "
             f"{run['shards']} shards: {run['rows_per_s']:,.0f} rows/s; CPU s per 1,000 rows: "
             f"driver {run['driver_cpu_s_per_1000_rows']:.3f}, rest of the cluster "
             f"{run['cluster_cpu_s_per_1000_rows']:.3f} (driver share "
             f"{run['driver_share']:.0%}); driver ceiling "
             f"{run['driver_ceiling_rows_per_s']:,} rows/s")
     shutil.rmtree(folder, ignore_errors=True)
-    result = {"model": model_name, "rows": rows, "shard_rows": shard_rows,
-              "batch_size": batch_size, "image_px": 32, "startup": started,
+    result = {"model": base, "crop_px": crop, "rows": rows, "shard_rows": shard_rows,
+              "batch_size": batch_size,
+              "image_px": 32, "startup": started,
               "stages": stages, "runs": runs,
               "projection": projection(runs)}
-    for commit, p in result["projection"]["by_commit"].items():
+    for name, p in result["projection"]["by_run"].items():
         log(f"projection: {PROJECTED_GPUS} GPUs x {PROJECTED_ROWS_PER_GPU:,} img/s = "
-            f"{result['projection']['rows_per_s_needed']:,} rows/s; --commit {commit}: the "
+            f"{result['projection']['rows_per_s_needed']:,} rows/s; {name}: the "
             f"driver carries {p['driver_ceiling_rows_per_s']:,} rows/s per core "
             + ("(enough)" if p["carries"] else f"({p['driver_cores_needed']:g} cores needed)"))
     return result
@@ -270,18 +300,18 @@ def overhead_table(result: dict[str, Any]) -> str:
     """Markdown of an overhead measurement."""
     stages = result["stages"]["cpu_s_per_1000_rows"]
     lines = [f"Pipeline overhead (`iqray bench --measure overhead`): {result['rows']:,} rows "
-             f"of {result['image_px']} px JPEGs in shards of {result['shard_rows']}, model "
-             f"stage with constant scores ({result['model']}'s crops), batch "
-             f"{result['batch_size']}", "",
+             f"of {result['image_px']} px JPEGs in shards of {result['shard_rows']}, cropped "
+             f"to {result['crop_px']} px, a model stage with constant scores "
+             f"({result['model']}'s outputs), model batch {result['batch_size']}", "",
              "Each stage alone, in one process:", "", "| stage | CPU s per 1,000 rows |",
              "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in stages.items()]
     lines += ["", "The whole pipeline through Ray:", "",
-              "| --commit | rows/s | driver CPU s / 1,000 rows | rest of cluster | driver "
-              "share | driver ceiling (rows/s per core) | marginal ceiling | first row at |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| --commit | --decode-batch-size | rows/s | driver CPU s / 1,000 rows | rest "
+              "of cluster | driver share | driver ceiling (rows/s per core) | marginal "
+              "ceiling | first row at |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        lines.append(f"| {r['commit']} | {r['rows_per_s']:,.0f} | "
+        lines.append(f"| {r['commit']} | {r['decode_batch_size']} | {r['rows_per_s']:,.0f} | "
                      f"{r['driver_cpu_s_per_1000_rows']:.3f} | "
                      f"{r['cluster_cpu_s_per_1000_rows']:.3f} | {r['driver_share']:.0%} | "
                      f"{r['driver_ceiling_rows_per_s']:,} | "
@@ -299,10 +329,11 @@ def overhead_table(result: dict[str, Any]) -> str:
     p = result["projection"]
     lines += [f"Projection: {p['gpus']} GPUs x {p['rows_per_s_per_gpu']:,} img/s = "
               f"{p['rows_per_s_needed']:,} rows/s through one driver.", ""]
-    lines += [f"- `--commit {c}`: {v['driver_ceiling_rows_per_s']:,} rows/s per driver core; "
+    lines += [f"- `{c}`: {v['driver_ceiling_rows_per_s']:,} rows/s per driver core "
+              f"(marginal {v['marginal_ceiling_rows_per_s']:,}); "
               + ("enough." if v["carries"] else
                  f"{v['driver_cores_needed']:g} driver cores' worth: not enough.")
-              for c, v in p["by_commit"].items()]
+              for c, v in p["by_run"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -194,6 +194,10 @@ class ShardWriter:
         self.unfinished: dict[int, str] = {}  # shard -> why it is not committed
         self.unfinished_seen: Counter = Counter()  # rows that arrived for those shards
         self.unknown_size = 0  # committed broken files whose row count is unknown
+        # What a shard of unknown size weighs in the error budget: a typical shard of this
+        # run. Worked out once: tally() runs for every block, and a run may have 100k shards.
+        sizes = [s.estimated_rows for s in shards if s.estimated_rows is not None]
+        self.typical_rows = round(sum(sizes) / len(sizes)) if sizes else 1
 
     def add(self, table: pa.Table) -> list[int]:
         """Take a batch from the pipeline; return the shards it completed (now committed)."""
@@ -355,10 +359,8 @@ class ShardWriter:
         """(ok rows, error rows by kind, rows of unfinished shards) of this run so far."""
         # A shard of unknown size counts as a typical shard of this run (or the rows seen of
         # it, if more), so that a shard failing whole weighs what its rows would.
-        sizes = [s.estimated_rows for s in self.shards.values() if s.estimated_rows is not None]
-        typical = round(sum(sizes) / len(sizes)) if sizes else 1
         return self.ok, self.errors, self.unfinished_rows()[0] + sum(
-            max(self.unfinished_seen[i], typical) for i in self.unfinished
+            max(self.unfinished_seen[i], self.typical_rows) for i in self.unfinished
             if self.shards[i].estimated_rows is None)
 
     def _path(self, name: str) -> str:

@@ -192,7 +192,8 @@ def test_gpu_bench_script_smoke_runs_every_measurement_and_writes_its_files(tmp_
         (8, "cpu", False), (16, "fast", False)]
     assert all(r["images"] == 24 and r["steady_images_per_s"] > 0 for r in runs)
     overhead = json.loads((out / "overhead.json").read_text())
-    assert [r["commit"] for r in overhead["runs"]] == ["driver", "actors"]
+    assert [(r["commit"], r["decode_batch_size"]) for r in overhead["runs"]] == [
+        ("driver", 32), ("actors", 32)]
     for run in overhead["runs"]:
         assert run["rows"] == 300 and 0 < run["driver_share"] < 1
         assert run["driver_ceiling_rows_per_s"] > 0
