@@ -72,49 +72,6 @@ class ErrorBudgetExceeded(RuntimeError):
     pass
 
 
-class SigintWatch:
-    """Sees every Ctrl-C the driver gets, even one Ray drops.
-
-    Ray's driver defers SIGINT around some of its own calls and forgets it when such a call
-    ends in an exception (its ``DeferSigint``), so now and then a Ctrl-C raised no
-    KeyboardInterrupt and the run went on to the end. CPython's C-level handler still writes
-    every caught signal to the wakeup fd, whichever Python handler is in place: the driver
-    loop asks :meth:`interrupted` after each block. A no-op off the main thread (only the
-    main thread may set the wakeup fd, and only it gets KeyboardInterrupt anyway)."""
-
-    def __enter__(self) -> SigintWatch:
-        import signal
-        import threading
-
-        self.fds = None
-        if threading.current_thread() is threading.main_thread():
-            read_fd, write_fd = os.pipe()
-            os.set_blocking(read_fd, False)
-            os.set_blocking(write_fd, False)
-            self.previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-            self.fds = (read_fd, write_fd)
-        return self
-
-    def interrupted(self) -> bool:
-        import signal
-
-        if self.fds is None:
-            return False
-        try:
-            caught = os.read(self.fds[0], 1024)
-        except BlockingIOError:
-            return False
-        return signal.SIGINT in caught
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        if self.fds is not None:
-            signal.set_wakeup_fd(self.previous)
-            for fd in self.fds:
-                os.close(fd)
-
-
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run, with what it had committed (the CLI's one line says so)."""
 
@@ -409,9 +366,8 @@ def execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
     """Run the stages over ``todo`` and stream every block into ``sink``; Ctrl-C ends it as
     :class:`RunInterrupted`, counting the shards the sink's writer committed."""
     try:
-        with SigintWatch() as watch:
-            _execute(config, ray, spec, stage_cls, todo, key_columns, sink, summary,
-                     stage_kwargs, keep_image_bytes, watch)
+        _execute(config, ray, spec, stage_cls, todo, key_columns, sink, summary,
+                 stage_kwargs, keep_image_bytes)
     except KeyboardInterrupt as exc:
         if isinstance(exc, RunInterrupted):
             raise
@@ -425,8 +381,7 @@ def execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
 
 def _execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
              key_columns: list[str], sink: Sink, summary: RunSummary,
-             stage_kwargs: dict[str, Any] | None, keep_image_bytes: bool,
-             watch: SigintWatch) -> None:
+             stage_kwargs: dict[str, Any] | None, keep_image_bytes: bool) -> None:
     read, storage = config.read_config(), config.storage_config()
     references = wants_references(read)
     plan = plan_resources(config, ray.cluster_resources())
@@ -477,10 +432,6 @@ def _execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
         write_s += time.perf_counter() - tick
         progress.update(rows)
         check_error_budget(*sink.tally(), config.max_error_fraction, final=False)
-        if watch.interrupted():  # a Ctrl-C that Ray swallowed (see SigintWatch)
-            raise KeyboardInterrupt
-    if watch.interrupted():
-        raise KeyboardInterrupt
     summary.mark("last_row")
     summary.operators = re.findall(r"Operator \d+ (.+?):", ds.stats())
     summary.spilled_bytes = _spilled_bytes(ds)

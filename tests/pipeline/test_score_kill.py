@@ -160,22 +160,3 @@ def test_ctrl_c_says_so_in_one_line_and_exits_130(tmp_path, clean_run):
     files = len(committed(output))
     assert files - 1 <= int(shards[1]) <= files and int(shards[2]) == SHARDS
     assert session_processes(proc.pid) == []
-
-
-def test_a_ctrl_c_whose_python_handler_dropped_it_is_still_seen_by_the_driver_loop():
-    """Ray's driver defers SIGINT around some calls and can drop it; the loop's watch reads
-    the signal from the wakeup fd, which no Python handler can swallow."""
-    from iqray.pipeline.execution import SigintWatch
-
-    dropped = signal.signal(signal.SIGINT, lambda *_: None)  # a handler that loses it
-    try:
-        with SigintWatch() as watch:
-            assert not watch.interrupted()
-            os.kill(os.getpid(), signal.SIGINT)
-            deadline = time.monotonic() + 5
-            while not watch.interrupted():
-                assert time.monotonic() < deadline, "the watch never saw the Ctrl-C"
-                time.sleep(0.01)
-            assert not watch.interrupted()  # seen once
-    finally:
-        signal.signal(signal.SIGINT, dropped)
