@@ -54,8 +54,11 @@ def session_processes(session: int) -> list[str]:
 def running(command: list[str], log: Path) -> Iterator[subprocess.Popen]:
     """The command in a session of its own, so that every process it starts can be found;
     whatever still runs at the end is killed."""
+    # SIGINT as a terminal gives it: a suite started in the background of a non-interactive
+    # shell ignores SIGINT, and a child would inherit that (Ctrl-C would then do nothing).
     proc = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         yield proc
     finally:
