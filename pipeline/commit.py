@@ -98,6 +98,9 @@ class CommitRouter:
             sent.append(self.actors[shard_id % len(self.actors)].add.remote(part))
             tally.append(_tally_rows(part, shard_id))
         self.in_flight.append(sent)
+        if not tally:  # an empty batch: no rows to stand for
+            return {R.SHARD: np.zeros(0, np.int64), R.TALLY_ROWS: np.zeros(0, np.int64),
+                    **{c: np.zeros(0) for c in R.STAGE_SECONDS.values()}}
         return {name: np.concatenate([t[name] for t in tally]) for name in tally[0]}
 
 

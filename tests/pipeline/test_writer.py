@@ -164,6 +164,15 @@ def test_commit_actors_split_the_shards_and_the_driver_writer_reports_as_if_it_w
     assert sorted(driver.committed) == [str(tmp_path / "pool" / n)
                                         for n in ("0.parquet", "2.parquet", "3.parquet")]
 
+    # An empty batch routes nothing and stands for no rows.
+    import numpy as np
+
+    from iqray.pipeline.commit import CommitRouter
+
+    empty = CommitRouter([]).route({"_shard": np.zeros(0, np.int64),
+                                    "quality": np.zeros(0, np.float32)})
+    assert len(empty["_tally_rows"]) == 0 and "_model_s" in empty
+
     # The driver's tally rows: one per shard part, standing for its rows.
     part = batch(2, range(3), end=3).append_column("_model_s", pa.array([0.5, 0.25, 0.25]))
     tally = _tally_rows(part, 2)
