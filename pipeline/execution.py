@@ -106,8 +106,8 @@ class RunSummary:
     spilled_bytes: int | None = None  # object-store bytes the operators spilled to disk
     rows_per_node: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> node
     extra: dict[str, Any] = field(default_factory=dict)  # job-specific counts
-    # Seconds from the run's start at which each step ended (planned, model_staged,
-    # ray_started, first_row, last_row, finished): where a small run's time goes.
+    # Seconds from the run's start at which each step ended (inputs_listed, model_staged,
+    # planned, ray_started, first_row, last_row, finished): where a small run's time goes.
     timeline: dict[str, float] = field(default_factory=dict)
     driver_cpu_s: dict[str, float] = field(default_factory=dict)  # the driver's CPU by then
     started_at: float = field(default_factory=time.perf_counter, repr=False)
