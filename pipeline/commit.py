@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from iqray.pipeline import rows as R
-from iqray.pipeline.io.writer import ShardWriter
+from iqray.pipeline.io.writer import ShardWriter, shard_parts
 
 # Batches a model actor may have sent without their rows having reached the commit actors:
 # bounds the rows in flight and surfaces a commit actor's error within two batches.
@@ -91,10 +91,8 @@ class CommitRouter:
         table = BlockAccessor.batch_to_block(batch)  # the conversion Ray Data would make
         while len(self.in_flight) >= IN_FLIGHT_BATCHES:
             ray.get(self.in_flight.popleft())
-        shard_ids = table[R.SHARD]
         sent, tally = [], []
-        for shard_id in pc.unique(shard_ids).to_pylist():
-            part = table.filter(pc.equal(shard_ids, shard_id))
+        for shard_id, part in shard_parts(table):
             sent.append(self.actors[shard_id % len(self.actors)].add.remote(part))
             tally.append(_tally_rows(part, shard_id))
         self.in_flight.append(sent)

@@ -22,7 +22,7 @@ import io
 import json
 import posixpath
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,13 @@ def score_schema(output_names: list[str], prompt_truncated: bool = True
         else:
             schema[name] = kind
     return schema
+
+
+def shard_parts(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
+    """(shard index, its rows) for each shard a batch holds rows of."""
+    shard_ids = table[R.SHARD]
+    for shard_id in pc.unique(shard_ids).to_pylist():
+        yield shard_id, table.filter(pc.equal(shard_ids, shard_id))
 
 
 @dataclass
@@ -202,9 +209,7 @@ class ShardWriter:
     def add(self, table: pa.Table) -> list[int]:
         """Take a batch from the pipeline; return the shards it completed (now committed)."""
         finished = []
-        shard_ids = table[R.SHARD]
-        for shard_id in pc.unique(shard_ids).to_pylist():
-            part = table.filter(pc.equal(shard_ids, shard_id))
+        for shard_id, part in shard_parts(table):
             if shard_id in self.unfinished:  # in flight when the shard failed: dropped
                 self.unfinished_seen[shard_id] += part.num_rows
                 continue

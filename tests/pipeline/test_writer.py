@@ -20,6 +20,7 @@ from iqray.pipeline.io.writer import (
     ShardWriter,
     plan_resume,
     read_output_metadata,
+    shard_parts,
 )
 from iqray.pipeline.rows import SHARD_UNFINISHED
 
@@ -146,8 +147,7 @@ def test_commit_actors_split_the_shards_and_the_driver_writer_reports_as_if_it_w
     actors = [CommitActor(part, driver.remote_kwargs(part)) for part in owned]
 
     def route(table):  # what CommitRouter does, without Ray
-        for shard_id in pa.compute.unique(table["_shard"]).to_pylist():
-            part = table.filter(pa.compute.equal(table["_shard"], shard_id))
+        for shard_id, part in shard_parts(table):
             actors[shard_id % 2].add(part)
 
     feed(route)
