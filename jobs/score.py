@@ -89,21 +89,21 @@ def run_score(config: ScoreConfig, log=print, model_stage: type | None = None) -
 
     ``model_stage`` replaces the actor pool's :class:`~iqray.pipeline.scoring.Scorer` (the
     overhead benchmark's constant-score stage)."""
-    started, cpu_at_start = time.perf_counter(), time.process_time()
+    summary = RunSummary()  # its clock starts here: the timeline is marked as the run goes
     read, storage = config.read_config(), config.storage_config()
     check_separate(config.input, config.output)
     storage.check_output(config.output)
     shards = discover_shards(config.input, read, storage, exclude=config.output,
                              warn=warn_to(log))
     key_columns = inspect_input(shards, read, storage, warn=warn_to(log))
-    listed_at = time.perf_counter()
+    summary.mark("inputs_listed")
     if config.dry_run:
         return _dry_run(config, shards, log)
 
     from iqray.pipeline.staging import stage_model  # no torch: a rerun with nothing to do
 
     spec = stage_model(config.model, storage, mode=config.mode)
-    staged_at = time.perf_counter()
+    summary.mark("model_staged")
     fr = spec.config.full_reference
     if fr != wants_references(read):
         raise ValueError("a full-reference model needs --reference-column or "
@@ -138,10 +138,7 @@ def run_score(config: ScoreConfig, log=print, model_stage: type | None = None) -
     else:
         todo, done, previous = plan_resume(shards, config.output, storage, scoring_hash,
                                            config.retry_failed)
-    summary = RunSummary(shards_total=len(shards), shards_skipped=len(done),
-                         started_at=started, cpu_at_start=cpu_at_start)
-    summary.timeline.update(inputs_listed=round(listed_at - started, 3),
-                            model_staged=round(staged_at - started, 3))
+    summary.shards_total, summary.shards_skipped = len(shards), len(done)
     summary.mark("planned")  # the fast-path gates and resume, after staging
     ray = ensure_ray(config) if todo else None
     if ray is not None:
@@ -194,7 +191,7 @@ def run_score(config: ScoreConfig, log=print, model_stage: type | None = None) -
     summary.shards_scored = len(todo)
     summary.account(writer)
     summary.outputs = sorted(writer.committed)  # commit order depends on timing
-    summary.wall_s = time.perf_counter() - started
+    summary.wall_s = time.perf_counter() - summary.started_at
     summary.mark("finished")
     if not preview:
         record = writer.write_run_record({"summary": summary.as_dict(), "model": spec.name})
