@@ -187,7 +187,7 @@ class CommitPool:
             if report.get("failure"):
                 raise RuntimeError(f"a commit actor failed: {report['failure']}")
             self.writer.absorb(report)
-        self._refresh_from_writer()
+        self.snapshots = [self.writer.tally()]  # the final counts, all in the writer now
 
     def _await_routed(self, actor, shards) -> None:
         import ray
@@ -210,9 +210,6 @@ class CommitPool:
         return {"committed": [], "done": [], "ok": 0, "errors": {}, "unknown_size": 0,
                 "rows_written": 0, "unfinished_seen": {},
                 "unfinished": {s.index: why for s in shards}, "failure": None}
-
-    def _refresh_from_writer(self) -> None:
-        self.snapshots = [self.writer.tally()]
 
     def committed_count(self, timeout_s: float = 5.0) -> int:
         """Shards committed so far (asked of the actors; for Ctrl-C's one line)."""

@@ -260,20 +260,20 @@ def bench_overhead(model_name: str, root: Path, rows: int, shard_rows: int,
     from iqray.jobs.bench.measure import synthetic_image_input
 
     started = startup(model_name, root)
-    base, model_name = model_name, constant_model(model_name, crop, root / "constant-model")
+    constant = constant_model(model_name, crop, root / "constant-model")
     t = started["timeline"]
-    log(f"start-up of a {started['rows']}-row run ({base}): "
+    log(f"start-up of a {started['rows']}-row run ({model_name}): "
         + ", ".join(f"{k} at {v:.1f} s" for k, v in t.items()))
     folder = synthetic_image_input(root, rows, shard_rows, distinct_prompts=max(1, rows // 4),
                                    size=32, distinct_images=256)
-    stages = stage_costs(model_name, folder, root / "stage-out", batch_size,
+    stages = stage_costs(constant, folder, root / "stage-out", batch_size,
                          decode_batch_sizes[0])
     log("overhead, each stage alone (CPU s per 1,000 rows): " + ", ".join(
         f"{k} {v:.3f}" for k, v in stages["cpu_s_per_1000_rows"].items()))
     runs = []
     for decode_batch_size in decode_batch_sizes:
         for commit in commits:
-            runs.append(pipeline_overhead(model_name, folder, root / "out", batch_size, commit,
+            runs.append(pipeline_overhead(constant, folder, root / "out", batch_size, commit,
                                           decode_batch_size))
     for run in runs:
         log(f"overhead, iqray score {run_name(run)}, {run['rows']:,} rows in "
@@ -283,7 +283,7 @@ def bench_overhead(model_name: str, root: Path, rows: int, shard_rows: int,
             f"{run['driver_share']:.0%}); driver ceiling "
             f"{run['driver_ceiling_rows_per_s']:,} rows/s")
     shutil.rmtree(folder, ignore_errors=True)
-    result = {"model": base, "crop_px": crop, "rows": rows, "shard_rows": shard_rows,
+    result = {"model": model_name, "crop_px": crop, "rows": rows, "shard_rows": shard_rows,
               "batch_size": batch_size,
               "image_px": 32, "startup": started,
               "stages": stages, "runs": runs,
@@ -325,7 +325,7 @@ def overhead_table(result: dict[str, Any]) -> str:
     ray_state = "started by the run" if start["ray_started_by_run"] else "already up"
     lines += ["", f"Start-up of a {start['rows']}-row run with the model loaded ("
               f"{start['model']}; Ray {ray_state}), seconds from the command's start:", "",
-              timeline_table([start])]
+              timeline_table(start)]
     p = result["projection"]
     lines += [f"Projection: {p['gpus']} GPUs x {p['rows_per_s_per_gpu']:,} img/s = "
               f"{p['rows_per_s_needed']:,} rows/s through one driver.", ""]
@@ -337,13 +337,12 @@ def overhead_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def timeline_table(runs: list[dict[str, Any]]) -> str:
-    steps = list(dict.fromkeys(s for r in runs for s in r["timeline"]))
-    lines = ["| run | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
-    lines += ["| " + r.get("commit", r.get("model", "")) + " | " + " | ".join(
-        f"{r['timeline'][s]:.2f} s" if s in r["timeline"] else "-" for s in steps) + " |"
-        for r in runs]
-    return "\n".join(lines) + "\n"
+def timeline_table(run: dict[str, Any]) -> str:
+    """One run's timeline as a Markdown table: seconds from its start to each step."""
+    steps = list(run["timeline"])
+    return "\n".join(["| run | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps),
+                      f"| {run['model']} | " + " | ".join(
+                          f"{run['timeline'][s]:.2f} s" for s in steps) + " |"]) + "\n"
 
 
 
