@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
+from iqray.jobs.console import log
 from iqray.pipeline.io.shards import InputColumns
 from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
 from iqray.pipeline.options import (
@@ -72,7 +73,7 @@ def source_slug(url: str) -> str:
     return f"{bare[-60:]}-{digest}"
 
 
-def run_clean(config: CleanConfig, log=print) -> dict:
+def run_clean(config: CleanConfig, log=log) -> dict:
     from iqray.jobs.score import ScoreConfig, run_score
     from iqray.pipeline.exit_codes import EXIT_OK, EXIT_UNFINISHED
     from iqray.pipeline.io.storage import check_separate

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from iqray.jobs.config import ConfigError, JobConfig, add_config_flags, build_config
+from iqray.jobs.config import (
+    ConfigError,
+    JobConfig,
+    RepeatedFlag,
+    add_config_flags,
+    build_config,
+)
 
 
 class InfoConfig(JobConfig):
@@ -95,36 +103,88 @@ class Job:
     def config_class(self) -> type[BaseModel]:
         return getattr(importlib.import_module(self.module), self.config)
 
-    def run(self, config: BaseModel) -> int:
+    def run(self, config: BaseModel, name: str = "") -> int:
+        """Run the job and turn its outcome into an exit code and at most one line on
+        stderr (docs/operations.md has the table; each row is tested)."""
         from iqray.pipeline.execution import ErrorBudgetExceeded, stop_local_ray
         from iqray.pipeline.exit_codes import (
+            EXIT_BUG,
             EXIT_ERROR_BUDGET,
             EXIT_INTERRUPTED,
             EXIT_UNFINISHED,
             EXIT_USAGE,
         )
         from iqray.pipeline.io.read import ShardUnfinished
-        from iqray.pipeline.io.storage import PERMANENT_OS_ERRORS, StorageUnavailable
+        from iqray.pipeline.io.storage import (
+            PERMANENT_OS_ERRORS,
+            StorageUnavailable,
+            files_written,
+        )
+
+        name = name or self.runner
+        written_before = files_written()  # the count is per process; this run's part
+
+        def written() -> int:
+            return files_written() - written_before
 
         try:
             result = getattr(importlib.import_module(self.module), self.runner)(config)
         except ErrorBudgetExceeded as exc:
-            print(f"iqray: aborted: {exc}", file=sys.stderr)
+            say(f"iqray: aborted: {exc}")
             return EXIT_ERROR_BUDGET
         except (StorageUnavailable, ShardUnfinished) as exc:  # nothing half-done committed
-            print(f"iqray: unfinished: {exc}; rerun to finish", file=sys.stderr)
+            say(f"iqray: unfinished: {exc}; rerun to finish")
             return EXIT_UNFINISHED
         except (ValueError, *PERMANENT_OS_ERRORS) as exc:  # bad input or config: one line
-            print(f"iqray: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            count = written()
+            if not count:
+                say(f"iqray: error: {exc}")
+                return EXIT_USAGE
+            say(f"iqray: error after this run committed {count} file"
+                f"{'' if count == 1 else 's'} (they are kept; fix the cause and rerun to "
+                f"finish): {exc}")
+            return EXIT_BUG
         except KeyboardInterrupt as exc:  # nothing is lost: commits are atomic, per shard
             done = f" ({exc})" if str(exc) else ""
-            print(f"iqray: interrupted{done}; committed shards are kept, rerun the same "
-                  "command to resume", file=sys.stderr)
+            say(f"iqray: interrupted{done}; committed shards are kept, rerun the same "
+                "command to resume")
             return EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback in a file
+            say(bug_line(name, exc, written()))
+            return EXIT_BUG
         finally:
             stop_local_ray()
         return exit_code_of(result)
+
+
+def say(line: str) -> None:
+    """The job's last word on stderr (whatever ``sys.stderr`` is now)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def bug_line(job: str, exc: BaseException, written: int) -> str:
+    """One line for an exception nobody expected: where (a stage and its rows, or the
+    driver's file and line) and what; its full traceback goes to a file the line names."""
+    import traceback
+
+    from iqray.pipeline.failures import find_stage_bug, write_traceback
+
+    driver = "".join(traceback.format_exception(exc))
+    bug = find_stage_bug(exc)
+    if bug is not None:
+        where, what = f"{bug.stage} stage, {bug.where}", bug.what
+        text = f"{bug.traceback_text}\n(raised on the driver as)\n{driver}"
+    else:
+        frames = traceback.extract_tb(exc.__traceback__)
+        last = frames[-1] if frames else None
+        where = (f"driver, {Path(last.filename).name}:{last.lineno} in {last.name}"
+                 if last else "driver")
+        what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        text = driver
+    path = write_traceback(job, text)
+    kept = (f"; {written} file{'' if written == 1 else 's'} this run committed are kept"
+            if written else "; nothing was written")
+    return f"iqray: bug in the {where}: {what} (traceback: {path}){kept}"
 
 
 def exit_code_of(result) -> int:
@@ -200,6 +260,10 @@ def build_parser(only: str | None = ALL) -> argparse.ArgumentParser:
                                     epilog=EXIT_CODES_HELP if job.uses_ray else None)
         if built:
             add_config_flags(job_parser, config_cls, job.positionals, job=name)
+        job_parser.add_argument(
+            "-v", "--verbose", action="store_true", default=False,
+            help="also show iqray's debug lines and Ray's own console output (Ray's logs "
+            "always stay in its session folder, whose path this prints)")
         parser.job_parsers[name] = job_parser
     return parser
 
@@ -234,8 +298,12 @@ def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(only=_job_named(argv))
-    args, unknown = parser.parse_known_args(argv)
+    job_name = _job_named(argv)
+    parser = build_parser(only=job_name)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except RepeatedFlag as exc:
+        parser.exit(2, f"iqray {job_name}: {exc}\n")
     if unknown:
         _refuse_unknown(parser, args, unknown)
     job = JOBS[args.job]
@@ -243,7 +311,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(job.config_class(), args)
     except ConfigError as exc:
         parser.exit(2, f"iqray {args.job}: {exc}\n")
-    return job.run(config)
+    from iqray.jobs.console import setup
+
+    setup(verbose=args.verbose)
+    if args.verbose:  # Ray's own console lines too, and where its session logs are
+        os.environ["IQRAY_VERBOSE"] = "1"
+    if not job.uses_ray:
+        return job.run(config, args.job)
+    from iqray.pipeline.execution import keep_native_stderr_off_console
+
+    keep_native_stderr_off_console(not args.verbose)
+    try:
+        return job.run(config, args.job)
+    finally:
+        keep_native_stderr_off_console(False)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,29 @@ class ConfigError(ValueError):
     """A job config could not be built; the message names the file/flag and the field."""
 
 
+class RepeatedFlag(Exception):
+    """A flag that takes one value was given twice (``--image-column a --image-column b``):
+    argparse would keep the last one silently."""
+
+
+def _given_once(action_cls: type[argparse.Action]) -> type[argparse.Action]:
+    """``action_cls`` refusing a second use of its flag: the namespace holds something other
+    than the flag's default (SUPPRESS: nothing at all) only once the flag was given."""
+
+    class GivenOnce(action_cls):
+        def __call__(self, parser, namespace, values, option_string=None):
+            earlier = getattr(namespace, self.dest, self.default)
+            if earlier is not self.default:
+                raise RepeatedFlag(
+                    f"{self.option_strings[0]} given twice ({earlier!r}, then "
+                    f"{option_string}{'' if values is None else f' {values!r}'}); it takes "
+                    "one value, so give it once")
+            super().__call__(parser, namespace, values, option_string)
+
+    GivenOnce.__name__ = f"{action_cls.__name__}GivenOnce"
+    return GivenOnce
+
+
 def _unwrap_optional(annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -74,7 +97,8 @@ def add_config_flags(parser: argparse.ArgumentParser, model_cls: type[BaseModel]
     ``positionals`` may also be given bare (``iqray score IN OUT``), either way."""
     from iqray.pipeline.options import GROUP_ORDER
 
-    parser.add_argument("--config", type=Path, default=None,
+    parser.add_argument("--config", type=Path, default=None, action=_given_once(
+                            argparse._StoreAction),
                         help="YAML file with the job config; flags override its values")
     for name in positionals:
         parser.add_argument(f"pos:{name}", metavar=name.upper(), nargs="?",
@@ -119,6 +143,7 @@ def add_config_flags(parser: argparse.ArgumentParser, model_cls: type[BaseModel]
             kwargs["type"] = yaml.safe_load
         if annotation is not bool and origin is not Literal:
             kwargs["metavar"] = path[-1].upper()  # argparse would show the dest, CFG:...
+        kwargs["action"] = _given_once(kwargs.get("action", argparse._StoreAction))
         target.add_argument(_flag_name(path), **kwargs)
 
 

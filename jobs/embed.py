@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from iqray.jobs.console import log
 from iqray.model.registry import architecture
 from iqray.model.version import iqray_version
 from iqray.pipeline.embed import Embedder, EmbedSink, embed_prompts
@@ -53,7 +54,7 @@ class EmbedConfig(PipelineJob, InputURL, InputColumns, CacheOptions, ModelChoice
         return self.options_hash(tower_identity, {"image_root", "dtype"})
 
 
-def run_embed(config: EmbedConfig, log=print) -> RunSummary:
+def run_embed(config: EmbedConfig, log=log) -> RunSummary:
     started = time.perf_counter()
     read, storage = config.read_config(), config.storage_config()
     check_separate(config.input, config.cache, "cache")

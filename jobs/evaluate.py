@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from iqray.jobs.console import log
 from iqray.jobs.labelled import (
     LabelledDataConfig,
     embed_table,
@@ -101,7 +102,7 @@ def group_breakdown(pred: np.ndarray, mos: np.ndarray, groups: np.ndarray) -> di
     return out
 
 
-def run_eval(config: EvalConfig, log=print) -> dict:
+def run_eval(config: EvalConfig, log=log) -> dict:
     import iqray.model
     from iqray.model.metrics import (
         agreement,

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from iqray.jobs.config import JobConfig
+from iqray.jobs.console import log
 from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
 from iqray.pipeline.tables.filtering import (
     FilterRules,
@@ -45,7 +46,7 @@ def score_columns(table: pa.Table) -> list[str]:
             if c.startswith(("quality", "alignment")) or c in PASS_THROUGH]
 
 
-def run_filter(config: FilterConfig, log=print) -> dict:
+def run_filter(config: FilterConfig, log=log) -> dict:
     from iqray.pipeline.tables.runs import read_scores, score_metadata
 
     started = time.perf_counter()

@@ -91,9 +91,39 @@ def groups_for(config: LabelledDataConfig, url: str, rows: list[int],
 
 def embed_table(config: LabelledDataConfig, url: str, image_root: str | None,
                 log) -> EmbeddingCache:
-    run_embed(EmbedConfig(**config.fields_of(EmbedConfig, input=url, image_root=image_root,
-                                             format="auto")), log=log)
+    """The table's images in the embedding cache (only those not there yet are embedded):
+    a cache fill on the way to train's or eval's output, not an output of its own."""
+    from iqray.pipeline.io.storage import cache_fill
+
+    with cache_fill():
+        run_embed(EmbedConfig(**config.fields_of(EmbedConfig, input=url, image_root=image_root,
+                                                 format="auto")), log=log)
     return EmbeddingCache(config.cache, config.storage_config())
+
+
+def check_validation_ratings(config: LabelledDataConfig, url: str, heads: tuple[str, ...]
+                             ) -> None:
+    """Before anything is read or trained: validation can choose an epoch only if each
+    head's ratings there are at least 3 and not all equal (else SRCC is undefined)."""
+    from iqray.model.training import MIN_VALIDATION_ROWS, ValidationUndefined
+
+    source = read_table(url, config.storage_config())
+    for head, column in (("quality", config.quality_column),
+                         ("alignment", config.alignment_column)):
+        if head not in heads or column is None or column not in source.column_names:
+            continue
+        values = source[column].to_numpy(zero_copy_only=False).astype(float)
+        values = values[np.isfinite(values)]
+        if len(values) < MIN_VALIDATION_ROWS:
+            raise ValidationUndefined(
+                f"{url}: {len(values)} validation rows rated in {column!r}; SRCC needs at "
+                f"least {MIN_VALIDATION_ROWS} to choose an epoch, so nothing would be "
+                "selected; give more validation rows")
+        if np.all(values == values[0]):
+            raise ValidationUndefined(
+                f"{url}: every validation rating in {column!r} is {values[0]:g}, so "
+                "validation SRCC is undefined and cannot choose an epoch; give validation "
+                "rows with differing ratings")
 
 
 def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache) -> Labelled:

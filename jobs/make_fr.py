@@ -18,6 +18,7 @@ import json
 
 from pydantic import Field
 
+from iqray.jobs.console import log
 from iqray.pipeline import rows as R
 from iqray.pipeline.io.shards import ReadConfig
 from iqray.pipeline.io.storage import StorageConfig
@@ -45,7 +46,7 @@ def _rank(seed: int, image: bytes) -> int:
     return int.from_bytes(digest, "big")
 
 
-def run_make_fr(config: MakeFRConfig, log=print) -> dict:
+def run_make_fr(config: MakeFRConfig, log=log) -> dict:
     from PIL import Image
 
     from iqray.model.distortions import KINDS, LEVELS, distort, square

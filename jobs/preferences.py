@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from iqray.jobs.config import JobConfig
+from iqray.jobs.console import log
 from iqray.pipeline.io.shards import ReadConfig
 from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
 from iqray.pipeline.tables.preferences import (
@@ -46,7 +47,7 @@ class PreferencesConfig(JobConfig, PairRules, StorageConfig):
         return PairRules.model_validate(self.model_dump(include=set(PairRules.model_fields)))
 
 
-def run_preferences(config: PreferencesConfig, log=print) -> dict:
+def run_preferences(config: PreferencesConfig, log=log) -> dict:
     from iqray.pipeline.tables.runs import fetch_images, read_scores, score_metadata
 
     started = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from iqray.jobs.config import JobConfig
+from iqray.jobs.console import log
 from iqray.pipeline.io.shards import ReadConfig
 from iqray.pipeline.io.storage import StorageConfig, write_atomic
 
@@ -33,7 +34,7 @@ class ReportConfig(JobConfig, StorageConfig):
         return self
 
 
-def run_report(config: ReportConfig, log=print) -> dict:
+def run_report(config: ReportConfig, log=log) -> dict:
     from iqray.pipeline.tables.filtering import FilterRules, group_labels
     from iqray.pipeline.tables.report import build_report, grid_choice
     from iqray.pipeline.tables.runs import fetch_images, read_scores, score_metadata

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from iqray.jobs.console import log
 from iqray.model.registry import architecture
 from iqray.model.version import iqray_version
 from iqray.pipeline.execution import RunSummary, ensure_ray, execute, warn_to
@@ -82,7 +83,7 @@ class ScoreConfig(PipelineJob, InputURL, InputColumns, Sampling, PreviewOptions,
         return self.options_hash(model_identity, {"keep_prompt", "keep_image_bytes"})
 
 
-def run_score(config: ScoreConfig, log=print, model_stage: type | None = None) -> RunSummary:
+def run_score(config: ScoreConfig, log=log, model_stage: type | None = None) -> RunSummary:
     """Everything that can be checked is checked before Ray starts (the output against the
     input, the first shard's columns, the model, resume): a mistake ends here with a
     ValueError and nothing written, and a run with nothing left to do starts no Ray.

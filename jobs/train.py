@@ -19,9 +19,11 @@ import pyarrow.compute as pc
 import torch
 from pydantic import Field, model_validator
 
+from iqray.jobs.console import log
 from iqray.jobs.labelled import (
     Labelled,
     LabelledDataConfig,
+    check_validation_ratings,
     embed_table,
     groups_for,
     head_data,
@@ -144,7 +146,7 @@ def default_scale(values: np.ndarray, given: tuple[float, float] | None, head: s
     return float(finite.min()), float(finite.max())
 
 
-def run_train(config: TrainConfig, log=print) -> dict:
+def run_train(config: TrainConfig, log=log) -> dict:
     import iqray.model
     from iqray.model.checkpoint import save_checkpoint
     from iqray.model.config import ScoreScale
@@ -176,6 +178,7 @@ def run_train(config: TrainConfig, log=print) -> dict:
         include=set(TrainSettings.model_fields)))
     with tempfile.TemporaryDirectory(prefix="iqray-train-") as workdir:
         tables = split_tables(config, storage, Path(workdir))
+        check_validation_ratings(config, tables["val"], arch.heads)
         if finetune or levels:
             random_crops = config.fine_crops == "random"
             splits = {split: image_rows(config, url, image_root, model,

@@ -107,7 +107,12 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
     )
     from iqray.model.config import load_preset
     from iqray.model.mst_clipiqa import MSTClipIQA
-    from iqray.model.registry import looks_like_a_name, resolve_name, unknown_model
+    from iqray.model.registry import (
+        UnknownModel,
+        looks_like_a_name,
+        resolve_name,
+        unknown_model,
+    )
 
     resolved = resolve_name(str(name_or_path))
     if resolved.kind == "preset":
@@ -115,7 +120,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
                       allow_download=allow_download)
     else:
         if not resolved.shipped and looks_like_a_name(resolved.location):
-            raise KeyError(unknown_model(resolved.location))
+            raise UnknownModel(unknown_model(resolved.location))
         path = Path(resolved.location).expanduser()
         config_path, weights_path = checkpoint_files(path)
         config, raw = read_checkpoint_config(config_path)

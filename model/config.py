@@ -218,5 +218,8 @@ def shipped_models() -> dict[str, Path]:
 def load_preset(name: str) -> ModelConfig:
     path = resources.files("iqray.model") / "configs" / "presets" / f"{name}.json"
     if not path.is_file():
-        raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(preset_names())}")
+        from iqray.model.registry import UnknownModel
+
+        raise UnknownModel(f"unknown model preset {name!r}; known presets: "
+                           f"{', '.join(preset_names())}")
     return parse_model_config(json.loads(path.read_text()))

@@ -120,6 +120,14 @@ def looks_like_a_name(name: str) -> bool:
     return "/" not in name and not Path(name).suffix and not Path(name).expanduser().exists()
 
 
+class UnknownModel(KeyError, ValueError):
+    """A model name that is no shipped model, preset or checkpoint: a usage mistake (a
+    ValueError, so jobs answer it in one line), still a KeyError for lookups."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole sentence
+        return str(self.args[0]) if self.args else ""
+
+
 def unknown_model(name: str) -> str:
     from iqray.model.config import preset_names, shipped_models
 

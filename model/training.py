@@ -102,6 +102,15 @@ class HeadData:
                         None if self.groups is None else self.groups[index])
 
 
+# Spearman's rank correlation needs at least 3 rows to say anything about an order.
+MIN_VALIDATION_ROWS = 3
+
+
+class ValidationUndefined(ValueError):
+    """Validation cannot choose a model (too few rows, or a metric undefined in every
+    epoch): training ends without one rather than save a state it never selected."""
+
+
 @dataclass
 class TrainResult:
     seed: int
@@ -582,6 +591,10 @@ def _fit(model: MSTClipIQA | BPCLIP, train, val, settings: TrainSettings, seed: 
     generator = torch.Generator().manual_seed(seed)
     average = (WeightAverage(model, set(state()), settings.ema_decay)
                if settings.ema_decay > 0 else None)
+    if len(val) < MIN_VALIDATION_ROWS:
+        raise ValidationUndefined(
+            f"{len(val)} validation rows: SRCC needs at least {MIN_VALIDATION_ROWS} to choose "
+            "an epoch; give more validation rows (--val or --split-column)")
     result = TrainResult(seed=seed, best_epoch=-1, best_val={"mean": -math.inf})
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -613,6 +626,11 @@ def _fit(model: MSTClipIQA | BPCLIP, train, val, settings: TrainSettings, seed: 
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+    if result.best_epoch < 0:  # NaN never beats -inf: no epoch was ever chosen
+        raise ValidationUndefined(
+            f"validation SRCC was undefined in all {settings.epochs} epochs of seed {seed} "
+            f"(constant predictions or constant ratings on the {len(val)} validation rows), "
+            "so no epoch could be chosen and nothing is saved")
     model.load_state_dict(result.state, strict=False)
     model.eval()
     return result

@@ -235,7 +235,9 @@ def create_tower(
             "quick_gelu", False
         ))
     if tower.model_name not in open_clip.list_models():
-        raise KeyError(
+        from iqray.model.registry import UnknownModel
+
+        raise UnknownModel(
             f"unknown open_clip model {tower.model_name!r}; register its JSON config with "
             "open_clip.add_model_config(path) first."
         )

@@ -153,11 +153,34 @@ def decode_jpegs(encoded: list[bytes], device) -> list:
                        apply_exif_orientation=True)
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
-                 timeout_s: float | None, keep_image_bytes: bool,
-                 fine_resize: int | None = None, references: bool = False,
-                 jpeg_on_device: bool = False, reduced: bool = False
-                 ) -> dict[str, np.ndarray]:
+def batch_where(batch: dict[str, Any]) -> str:
+    """Which rows a batch holds, for a bug's one line: its input files, or (a user's own
+    dataset) how many rows."""
+    files = batch.get(R.SOURCE_FILE)
+    if files is None or not len(files):
+        count = len(next(iter(batch.values()), ()))
+        return f"a batch of {count} rows of the dataset"
+    unique = list(dict.fromkeys(str(f) for f in files))
+    more = f" and {len(unique) - 2} more" if len(unique) > 2 else ""
+    return f"rows of {', '.join(unique[:2])}{more}"
+
+
+def decode_batch(batch: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+    """:func:`_decode_batch`; an exception it does not expect of an image (a bug, not a bad
+    file) stops the run as a :class:`~iqray.pipeline.failures.StageBug`."""
+    try:
+        return _decode_batch(batch, **options)
+    except Exception as exc:
+        from iqray.pipeline.failures import StageBug
+
+        raise StageBug.of("decode", batch_where(batch), exc) from exc
+
+
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
+                  timeout_s: float | None, keep_image_bytes: bool,
+                  fine_resize: int | None = None, references: bool = False,
+                  jpeg_on_device: bool = False, reduced: bool = False
+                  ) -> dict[str, np.ndarray]:
     """Crops of every readable row; with ``references`` (full-reference models) each row's
     reference is cropped the same way and follows its image in the channel axis.
 
@@ -201,9 +224,11 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
                     pixels[i, crop.channels:] = crop(
                         open_image(batch[R.REFERENCE][i], max_pixels=max_pixels,
                                    min_short_side=least))
-            except (ImageDecodeError, DecodeTimeout) as exc:
+            except ImageDecodeError as exc:
                 errors[i] = f"{row_label(batch, i)}: reference: {exc}"
                 kinds[i] = "reference_decode"
+            except DecodeTimeout as exc:
+                errors[i], kinds[i] = f"{row_label(batch, i)}: reference: {exc}", "timeout"
     batch[R.PIXELS] = pixels
     if jpeg_on_device:
         batch[R.ENCODED] = encoded

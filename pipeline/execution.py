@@ -28,9 +28,10 @@ import pyarrow.compute as pc
 
 from iqray.pipeline import rows as R
 from iqray.pipeline.exit_codes import EXIT_OK, EXIT_UNFINISHED
+from iqray.pipeline.failures import StageBug, find_stage_bug
 from iqray.pipeline.io.read import read_shard
 from iqray.pipeline.io.shards import ReadConfig, Shard, wants_references
-from iqray.pipeline.io.storage import StorageConfig
+from iqray.pipeline.io.storage import StorageConfig, note_written
 from iqray.pipeline.options import ClusterOptions, PipelineJob, StageConfig
 
 READ_TASK_CPUS = 0.25
@@ -226,6 +227,78 @@ def _actor_device(config: StageConfig, plan: dict[str, Any]) -> str:
 
 
 _STARTED_LOCAL_RAY = False  # whether ensure_ray started a local Ray in this process
+_NATIVE_STDERR_OFF_CONSOLE = [False]  # set by the CLI: see keep_native_stderr_off_console
+
+
+def keep_native_stderr_off_console(enabled: bool = True) -> None:
+    """Once Ray runs, send what native code writes to file descriptor 2 (Ray's C++ core
+    worker: ``core_worker.cc:... Actor ... has constructor arguments ...``) to a file in
+    Ray's session log folder, while Python's ``sys.stderr`` (iqray's log lines, the progress
+    bar, tracebacks) stays on the console. The CLI's choice: a library caller's file
+    descriptors are left alone."""
+    _NATIVE_STDERR_OFF_CONSOLE[0] = enabled
+
+
+def _verbose() -> bool:
+    return os.environ.get("IQRAY_VERBOSE", "") not in ("", "0")
+
+
+def _quiet_ray_console() -> None:
+    """Ray's Python loggers keep their session files but leave the console to iqray, unless
+    ``--verbose``: iqray reports failures itself, in one line."""
+    if _verbose():
+        return
+    # Ray core's warnings (token authentication, ...) have no file handler: drop them
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    for name in ("ray", "ray.data", "ray.serve"):
+        for handler in logging.getLogger(name).handlers:
+            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__,
+                                                    sys.__stdout__):
+                handler.setLevel(logging.CRITICAL + 1)
+
+
+def _native_stderr_to_session_logs() -> None:
+    import io
+
+    if not _NATIVE_STDERR_OFF_CONSOLE[0] or getattr(sys.stderr, "_iqray_console", False):
+        return
+    logs = _session_logs_dir()
+    if logs is None:
+        return
+    sys.stderr.flush()
+    console = os.dup(2)
+    stream = io.TextIOWrapper(os.fdopen(console, "wb", buffering=0), encoding=(
+        sys.stderr.encoding or "utf-8"), errors="backslashreplace", line_buffering=True,
+        write_through=True)
+    stream._iqray_console = True  # type: ignore[attr-defined]
+    _REDIRECTED.append((sys.stderr, console))
+    sys.stderr = stream
+    target = os.open(os.path.join(logs, "iqray-driver-stderr.log"),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+
+
+_REDIRECTED: list = []  # (the sys.stderr before, the console's saved descriptor)
+
+
+def _native_stderr_back() -> None:
+    """Undo :func:`_native_stderr_to_session_logs` once Ray is gone."""
+    while _REDIRECTED:
+        previous, console = _REDIRECTED.pop()
+        sys.stderr.flush()
+        os.dup2(console, 2)
+        sys.stderr = previous
+
+
+def _session_logs_dir() -> str | None:
+    """Where this Ray session keeps its logs (None where Ray does not say)."""
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node.get_logs_dir_path()  # no public API
+    except Exception:  # noqa: BLE001 - a Ray upgrade moved it: keep the console as it is
+        return None
 
 
 def ensure_ray(config: ClusterOptions):
@@ -235,6 +308,7 @@ def ensure_ray(config: ClusterOptions):
 
     # Ray Data's per-operator INFO lines drown the summary a user reads.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _quiet_ray_console()
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
@@ -247,6 +321,10 @@ def ensure_ray(config: ClusterOptions):
             ray.init(address="local", num_cpus=config.ray_num_cpus,
                      object_store_memory=config.object_store_memory, **kwargs)
             _STARTED_LOCAL_RAY = True
+        _native_stderr_to_session_logs()
+        logs = _session_logs_dir()
+        if logs and _verbose():
+            logging.getLogger("iqray").info(f"Ray session logs: {logs}")
     return ray
 
 
@@ -261,6 +339,7 @@ def stop_local_ray() -> None:
 
     ray.shutdown()
     _STARTED_LOCAL_RAY = False
+    _native_stderr_back()
     deadline = time.monotonic() + 15
     while _descendants() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -292,8 +371,11 @@ def read_shards(batch: dict[str, np.ndarray], read: ReadConfig, storage: Storage
                  key_columns: list[str]):
     for raw in batch["shard"]:
         shard = Shard(**json.loads(raw))
-        for rows in read_shard(shard, read, storage, key_columns, on_failure="marker"):
-            yield {name: R.column(values) for name, values in rows.items()}
+        try:
+            for rows in read_shard(shard, read, storage, key_columns, on_failure="marker"):
+                yield {name: R.column(values) for name, values in rows.items()}
+        except Exception as exc:  # storage and bad bytes are handled inside: a bug
+            raise StageBug.of("read", f"shard {shard.url}", exc) from exc
 
 
 def configure_context(context, config: StageConfig, spec, plan: dict[str, Any],
@@ -368,6 +450,15 @@ def execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
     try:
         _execute(config, ray, spec, stage_cls, todo, key_columns, sink, summary,
                  stage_kwargs, keep_image_bytes)
+    except ErrorBudgetExceeded:
+        raise
+    except Exception as exc:  # a stage's bug arrives wrapped in Ray's task errors
+        if hasattr(sink, "committed_count"):  # commit actors' files count as this run's
+            note_written(max(0, sink.committed_count() - len(sink.writer.committed)))
+        bug = find_stage_bug(exc)
+        if bug is None:
+            raise
+        raise bug from None
     except KeyboardInterrupt as exc:
         if isinstance(exc, RunInterrupted):
             raise
@@ -388,6 +479,9 @@ def _execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
     context = ray.data.DataContext.get_current()
     _disable_ray_progress_bars(context)
     configure_context(context, config, spec, plan, references)
+    # A stage's StageBug reaches the driver as itself (RayTaskError.cause), not behind a
+    # UserCodeException whose cause pickling drops.
+    context.raise_original_map_exception = True
     items = [{"shard": json.dumps(dataclasses.asdict(s))} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_shards, batch_size=1, num_cpus=READ_TASK_CPUS,

@@ -222,6 +222,15 @@ class ModelStage:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._call(batch)
+        except Exception as exc:  # nothing here is about bad data: a bug stops the run
+            from iqray.pipeline.decode import batch_where
+            from iqray.pipeline.failures import StageBug
+
+            raise StageBug.of("model", batch_where(batch), exc) from exc
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         count = len(batch[R.PIXELS])
         self.decode_on_device(batch)

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from iqray.jobs.config import JobConfig
+from iqray.jobs.console import log
 
 REPO_SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"
 TARGETS = {"pipeline_over_limit": 0.9, "pipeline_over_dataloader": 2.0}
@@ -25,7 +26,9 @@ class BenchConfig(JobConfig):
                        description="model to time (default: full-size random-init towers)")
     images: int = Field(default=96, gt=0, description="images per measurement")
     images_per_prompt: int = Field(default=4, gt=0, description="images sharing a prompt")
-    source: str = Field(default=str(REPO_SAMPLE), description="folder of images to copy")
+    source: str | None = Field(
+        default=None, validate_default=True, description="folder of images to copy "
+        "(default: the source tree's examples/sample, which the installed package lacks)")
     batch_size: int = Field(default=32, gt=0, description="images per model call")
     loader_workers: int | None = Field(default=None, ge=0,
                                        description="DataLoader workers (default: CPUs - 1)")
@@ -74,6 +77,19 @@ class BenchConfig(JobConfig):
     overhead_commits: list[Literal["driver", "actors"]] = Field(
         default_factory=lambda: ["driver", "actors"],
         description="--commit modes the overhead run compares")
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, source: str | None) -> str:
+        if source is None:
+            if not REPO_SAMPLE.is_dir():
+                raise ValueError("no folder of images to time: the default, examples/sample, "
+                                 "ships with iqray's source tree, not the installed package; "
+                                 "pass --source FOLDER")
+            return str(REPO_SAMPLE)
+        if "://" not in source and not Path(source).is_dir():
+            raise ValueError(f"no folder {source}")
+        return source
+
     @field_validator("score_runs")
     @classmethod
     def _runs_parse(cls, runs: list[str]) -> list[str]:
@@ -102,7 +118,7 @@ class BenchConfig(JobConfig):
     tag: str | None = Field(default=None, description="name of this run in the outputs")
 
 
-def run_bench(config: BenchConfig, log=print) -> dict:
+def run_bench(config: BenchConfig, log=log) -> dict:
     import shutil
 
     import torch

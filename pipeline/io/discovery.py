@@ -17,11 +17,14 @@ from iqray.pipeline.io.shards import (
     column_roles,
 )
 from iqray.pipeline.io.storage import (
+    GLOB_CHARS,
     StorageConfig,
     StorageUnavailable,
     fingerprint,
+    glob_base,
     inside,
     location,
+    output_name_within,
     to_url,
 )
 from iqray.pipeline.io.tables import table_columns, table_num_rows
@@ -37,9 +40,9 @@ def discover_shards(input_url: str, read: ReadConfig, storage: StorageConfig,
     def listed(what: str, action):
         return storage.retry(action, what, input_url)
 
-    if any(ch in root for ch in "*?["):
+    if any(ch in root for ch in GLOB_CHARS):
         paths = sorted(listed("list", lambda: fs.glob(root)))
-        base = root.split("*")[0].rsplit("/", 1)[0] if "/" in root else ""
+        base = glob_base(root)
     elif listed("look up", lambda: fs.isdir(root)):
         paths = sorted(p for p in listed("list", lambda: fs.find(root))
                        if not _hidden(posixpath.relpath(p, root)))
@@ -99,8 +102,8 @@ def _detect_format(paths: list[str], input_url: str) -> str:
 def _file_shard(index: int, fs, path: str, base: str, input_url: str, fmt: str,
                 info: dict, storage: StorageConfig) -> Shard:
     relative = posixpath.relpath(path, base) if base else posixpath.basename(path)
-    output_name = posixpath.splitext(relative)[0] + ".parquet"
     url = to_url(fs, path, input_url)
+    output_name = output_name_within(posixpath.splitext(relative)[0] + ".parquet", url)
     estimated = None
     if fmt in TABLE_FORMATS:
         try:

@@ -20,7 +20,7 @@ from iqray.pipeline.io.shards import (
     pick_column,
     read_bytes,
 )
-from iqray.pipeline.io.storage import StorageConfig, fingerprint, to_url
+from iqray.pipeline.io.storage import ROW_READ_FAILURES, StorageConfig, fingerprint, to_url
 
 
 def folder_shards(fs, paths: list[str], base: str, input_url: str, infos: dict,
@@ -106,7 +106,7 @@ def folder_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
         prompt = (shard.prompts or {}).get(name)
         try:
             image = read_bytes(url, storage)
-        except Exception as exc:
+        except ROW_READ_FAILURES as exc:
             yield (url, row, None, prompt, keys,
                    f"{url}: cannot read: {type(exc).__name__}: {exc}", "read")
             continue

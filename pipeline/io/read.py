@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from iqray.pipeline import rows as R
+from iqray.pipeline.failures import StageBug
 from iqray.pipeline.io.folder import folder_rows
 from iqray.pipeline.io.shards import (
     ReadConfig,
@@ -37,7 +38,13 @@ from iqray.pipeline.io.shards import (
     resolve_ref,
     wants_references,
 )
-from iqray.pipeline.io.storage import StorageConfig, is_broken_bytes, is_transient
+from iqray.pipeline.io.storage import (
+    PERMANENT_OS_ERRORS,
+    ROW_READ_FAILURES,
+    StorageConfig,
+    is_broken_bytes,
+    is_transient,
+)
 from iqray.pipeline.io.tables import table_rows
 from iqray.pipeline.io.webdataset import tar_rows
 
@@ -142,6 +149,8 @@ def _resilient_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
         except Exception as exc:
             signature = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             broken = is_broken_bytes(exc)
+            if not (broken or is_transient(exc) or isinstance(exc, PERMANENT_OS_ERRORS)):
+                raise StageBug.of("read", f"shard {shard.url} row {start}", exc) from exc
             if broken:
                 if last_broken == (start, signature):  # the same damage twice: the file's
                     yield from _corrupt_rows(shard, start, signature, key_columns)
@@ -199,7 +208,7 @@ def with_reference(row: tuple, shard: Shard, read: ReadConfig, storage: StorageC
     if isinstance(ref, str):
         try:
             ref = read_bytes(resolve_ref(shard.url, ref, read.image_root), storage)
-        except Exception as exc:
+        except ROW_READ_FAILURES as exc:
             return (source_file, number, image, prompt, keys,
                     f"{where}: cannot read reference {ref}: {type(exc).__name__}: {exc}",
                     "read_reference")

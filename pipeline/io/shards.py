@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from iqray.pipeline.io.storage import StorageConfig
+from iqray.pipeline.io.storage import ROW_READ_FAILURES, StorageConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -166,7 +166,7 @@ def image_cell(value: Any, where: str, read_path: Callable[[str], bytes], paths:
     if value is None and ref:
         try:
             return read_path(ref), None, None
-        except Exception as exc:
+        except ROW_READ_FAILURES as exc:
             return None, f"{ref}: cannot read image: {type(exc).__name__}: {exc}", "read"
     if value is None or (isinstance(value, float) and value != value):  # NaN: Ray's None
         return None, f"{where}: no image", "missing_image"

@@ -7,15 +7,21 @@ moto, R2, ...). The config is plain data so Ray tasks rebuild the filesystem on 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
+import functools
+import http.client
+import importlib
 import os
 import posixpath
 import random
+import ssl
 import tarfile
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar
 
 import fsspec
@@ -161,6 +167,9 @@ class StorageUnavailable(OSError):
 # A file that is absent or refused: another attempt gets the same answer.
 PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError,
                        PermissionError)
+# One image a row names cannot be read (missing, refused, a bad URL, storage down past
+# every retry): that row is an error row. Anything else is a bug and propagates.
+ROW_READ_FAILURES = (OSError, ValueError)
 # What parsers raise on bad bytes (pyarrow's ArrowInvalid is a ValueError).
 BROKEN_BYTES_ERRORS = (ValueError, tarfile.TarError, EOFError, zlib.error)
 
@@ -176,13 +185,114 @@ def is_broken_bytes(exc: BaseException) -> bool:
     return isinstance(exc, BROKEN_BYTES_ERRORS) and not isinstance(exc, OSError)
 
 
+# Transport failures another attempt can cure. A whitelist: anything else (a missing
+# file, bad bytes, a TypeError in our own code) is passed on at once, never retried.
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+    "RequestLimitExceeded", "RequestThrottled", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "BandwidthLimitExceeded"})
+TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EIO", "EREMOTEIO", "EBUSY", "EAGAIN", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED",
+    "ECONNABORTED", "EPIPE", "ENETUNREACH", "ENETDOWN", "ENETRESET", "EHOSTUNREACH")
+    if hasattr(errno, name))
+
+
+@functools.cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes of the network stacks fsspec's file systems run on (those that
+    are installed): connection, timeout and cut-body errors."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError,
+                                        http.client.HTTPException, ssl.SSLEOFError]
+    optional = {
+        "fsspec.exceptions": ("FSTimeoutError",),
+        "aiohttp": ("ClientConnectionError", "ClientPayloadError", "ServerTimeoutError"),
+        "botocore.exceptions": ("ConnectionError", "HTTPClientError", "IncompleteReadError",
+                                "ResponseStreamingError", "ReadTimeoutError",
+                                "ConnectTimeoutError"),
+        "urllib3.exceptions": ("ProtocolError", "TimeoutError", "NewConnectionError"),
+        "requests.exceptions": ("ConnectionError", "Timeout", "ChunkedEncodingError"),
+    }
+    for module_name, names in optional.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found += [getattr(module, name) for name in names if hasattr(module, name)]
+    return tuple(found)
+
+
+def _http_answer(exc: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, error code) a client error carries: botocore's ClientError (s3fs
+    chains it as the cause of the OSError it raises), aiohttp's ClientResponseError,
+    gcsfs' HttpError."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status, response.get("Error", {}).get("Code")
+    for attribute in ("status", "code"):
+        value = getattr(exc, attribute, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value, None
+    return None, None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (explicit causes)."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__
+    return seen
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether another attempt could succeed: network and server errors (5xx, throttling,
-    resets, short bodies, timeouts), not a missing file, a refusal or bad bytes."""
-    return not isinstance(exc, PERMANENT_OS_ERRORS) and not is_broken_bytes(exc)
+    """Whether another attempt could succeed: transport errors only (connections reset or
+    refused, timeouts, bodies cut short, HTTP 5xx, 408 and 429, throttling codes). An HTTP
+    answer anywhere in the exception's causes decides; else its class or errno must be a
+    known transport failure. Everything else (a missing file, bad bytes, a bug) is not."""
+    if isinstance(exc, StorageUnavailable):
+        return False  # an inner retry already gave up
+    chain = _chain(exc)
+    for link in chain:
+        status, code = _http_answer(link)
+        if code in TRANSIENT_CODES:
+            return True
+        if status is not None:
+            return status in TRANSIENT_STATUS
+    for link in chain:
+        if isinstance(link, PERMANENT_OS_ERRORS):
+            return False
+        if isinstance(link, _transport_errors()):
+            return True
+        if isinstance(link, OSError) and link.errno in TRANSIENT_ERRNOS:
+            return True
+    return False
 
 
 GLOB_CHARS = "*?["
+
+
+def glob_base(path: str) -> str:
+    """The folder a glob's matches all lie under: everything before the last '/' ahead of
+    its first glob character ('' when the pattern starts in the first path part). Any of
+    ``*``, ``?`` and ``[`` starts a pattern, not only ``*``."""
+    glob_at = min((path.find(ch) for ch in GLOB_CHARS if ch in path), default=-1)
+    if glob_at < 0:
+        return path
+    cut = path.rfind("/", 0, glob_at)
+    return path[:cut] if cut >= 0 else ""
+
+
+def output_name_within(relative: str, source: str) -> str:
+    """``relative`` (an input file's path below the input's base) as an output file name that
+    stays inside the output folder; ValueError for one that would leave it ('..', absolute),
+    which only a base computed wrongly could produce."""
+    name = posixpath.normpath(relative)
+    if name.startswith("/") or name == ".." or name.startswith("../") or name == ".":
+        raise ValueError(f"{source}: its output name {relative!r} would lie outside the "
+                         "output folder; iqray never writes outside what it owns")
+    return name
 
 
 def location(url: str) -> tuple[str, str]:
@@ -191,11 +301,8 @@ def location(url: str) -> tuple[str, str]:
     after the last folder before its first glob character."""
     protocol = {"gcs": "gs", "s3a": "s3"}.get(protocol_of(url), protocol_of(url))
     path = url.split("://", 1)[1] if "://" in url else url
-    glob_at = min((path.find(ch) for ch in GLOB_CHARS if ch in path), default=-1)
-    base, pattern = path, ""
-    if glob_at >= 0:
-        cut = path.rfind("/", 0, glob_at)
-        base, pattern = (path[:cut], path[cut + 1:]) if cut >= 0 else ("", path)
+    base = glob_base(path)
+    pattern = path[len(base):].lstrip("/") if base != path else ""
     if protocol == "file":
         base = os.path.realpath(os.path.expanduser(base or "."))
     else:
@@ -227,8 +334,7 @@ def check_separate(input_url: str, output_url: str, output_name: str = "output")
     if source_protocol != target_protocol:
         return
     if any(ch in source for ch in GLOB_CHARS):
-        base = source[: min(source.find(ch) for ch in GLOB_CHARS if ch in source)]
-        base = base.rsplit("/", 1)[0]
+        base = glob_base(source)
         relation = ("contains the input" if inside(base, target) else
                     "lies inside the input" if _glob_reaches(source, target) else None)
     else:
@@ -266,12 +372,48 @@ def fingerprint(info: dict[str, Any]) -> str:
     return f"{size}:{tag}"
 
 
+_WRITTEN = [0]  # files this process (the driver) has committed: see files_written
+
+
+def files_written() -> int:
+    """How many files this process has written with :func:`write_atomic` (plus those commit
+    actors wrote for it, see :func:`note_written`): whether an error comes before or after
+    the run changed anything, which its exit code must tell (2: nothing written)."""
+    return _WRITTEN[0]
+
+
+def note_written(count: int) -> None:
+    """Count files another process committed for this one (``--commit actors``)."""
+    _WRITTEN[0] += count
+
+
+@contextlib.contextmanager
+def cache_fill() -> Iterator[None]:
+    """Writes inside are a cache being filled on the way to a job's output (``iqray train``
+    embedding its tables), not the output: :func:`files_written` does not count them, so a
+    mistake found afterwards still exits 2. A cache entry is correct whenever it exists."""
+    _FILLING_CACHE[0] += 1
+    try:
+        yield
+    finally:
+        _FILLING_CACHE[0] -= 1
+
+
+_FILLING_CACHE = [0]
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that readers see either no file or the whole file.
 
     Local: temp file in the same folder + rename. Object stores: one PUT (an object becomes
     visible only once its upload completes).
     """
+    _write_atomic(fs, path, data)
+    if not _FILLING_CACHE[0]:
+        _WRITTEN[0] += 1
+
+
+def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if protocol_of(_fs_protocol(fs)) == "file":
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)

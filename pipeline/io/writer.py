@@ -32,7 +32,14 @@ import pyarrow.parquet as pq
 
 from iqray.pipeline import rows as R
 from iqray.pipeline.io.shards import Shard
-from iqray.pipeline.io.storage import StorageConfig, StorageUnavailable, join_url, write_atomic
+from iqray.pipeline.io.storage import (
+    StorageConfig,
+    StorageUnavailable,
+    join_url,
+    note_written,
+    output_name_within,
+    write_atomic,
+)
 
 METADATA_KEY = b"iqray"
 SUCCESS_NAME = "_SUCCESS"
@@ -244,6 +251,7 @@ class ShardWriter:
         """Take over the outcome of another writer of some of these shards (a commit
         actor's :meth:`CommitActor.report`), as if this writer had written them."""
         self.committed += report["committed"]
+        note_written(len(report["committed"]))
         self.done.update(report["done"])
         self.unfinished.update(report["unfinished"])
         self.unfinished_seen.update(report["unfinished_seen"])
@@ -369,6 +377,7 @@ class ShardWriter:
             if self.shards[i].estimated_rows is None)
 
     def _path(self, name: str) -> str:
+        name = output_name_within(name, self.output)  # never a file outside the output
         return (posixpath.join(self.root, name) if "://" not in self.output
                 else self.root.rstrip("/") + "/" + name)
 

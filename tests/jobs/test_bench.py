@@ -208,3 +208,19 @@ def test_gpu_bench_script_smoke_runs_every_measurement_and_writes_its_files(tmp_
 def test_score_runs_are_checked_before_anything_runs():
     with pytest.raises(ValueError, match="BATCH:DECODE"):
         BenchConfig(measure=["score-runs"], score_runs=["256:gpu"])
+
+
+def test_bench_without_the_source_tree_asks_for_a_source_in_one_line(monkeypatch, tmp_path,
+                                                                     capsys):
+    import iqray.jobs.bench as bench_job
+    from iqray.jobs.cli import main
+
+    assert bench_job.BenchConfig().source == str(bench_job.REPO_SAMPLE)  # from a checkout
+    # installed from a wheel: the package's folder has no examples/ beside it
+    monkeypatch.setattr(bench_job, "REPO_SAMPLE", tmp_path / "site-packages" / "examples")
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--output", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert "pass --source FOLDER" in err
+    assert bench_job.BenchConfig(source=str(tmp_path)).source == str(tmp_path)

@@ -96,7 +96,7 @@ def test_nr_trains_from_the_cli(tmp_path, capsys):
                  "--model", MODEL, "--epochs", "2", "--no-progress",
                  "--output", str(tmp_path / "nr")])
     assert code == 0
-    assert "val SRCC (mean +- std over seeds): quality" in capsys.readouterr().out
+    assert "val SRCC (mean +- std over seeds): quality" in capsys.readouterr().err
     model = iqray.model.load(tmp_path / "nr")
     assert not model.full_reference and not model.zero_shot
     assert model.score([SAMPLE / "images" / next((SAMPLE / "images").iterdir()).name]

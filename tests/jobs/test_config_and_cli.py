@@ -209,3 +209,44 @@ def test_resume_hashes_are_those_of_outputs_committed_before_the_configs_were_co
         assert config.scoring_hash("identity-1") == expected, options
     embed = EmbedConfig(input="in", cache="c", image_root="r", dtype="float32")
     assert embed.index_hash("towers-1") == "37505ee00e0eeadd"
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--image-column", "jpg_0", "--image-column", "jpg_1"], "--image-column"),
+    (["--batch-size", "8", "--batch-size", "16"], "--batch-size"),
+    (["--progress", "--no-progress"], "--progress"),
+    (["--key-columns", "a", "--key-columns", "b"], "--key-columns"),
+    (["--model", "a", "--model", "b"], "--model"),
+])
+def test_single_valued_flags_given_twice_are_refused_in_one_line(capsys, args, flag):
+    with pytest.raises(SystemExit) as stop:
+        main(["score", "in/", "out/", *args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"iqray score: {flag} given twice"), err
+    assert "give it once" in err
+
+
+def test_a_config_file_and_a_flag_still_combine(tmp_path):
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_text("batch_size: 8\n")
+    config = parse(["--config", str(yaml_file), "--batch-size", "64"])
+    assert config.batch_size == 64  # a flag overriding the file is not a repetition
+    with pytest.raises(Exception, match="given twice"):
+        parse(["--config", str(yaml_file), "--config", str(yaml_file)])
+
+
+@pytest.mark.parametrize("job", ["info", "train", "eval"])
+def test_an_unknown_model_is_one_line_and_exit_2(capsys, tmp_path, job):
+    args = {"info": ["info", "--model", "mst-clipiqa-tiyn"],
+            "train": ["train", str(tmp_path / "labels.csv"), "--model", "mst-clipiqa-tiyn",
+                      "--val", str(tmp_path / "labels.csv"), "--output", str(tmp_path / "ckpt")],
+            "eval": ["eval", str(tmp_path / "labels.csv"), "--model", "mst-clipiqa-tiyn",
+                     "--output", str(tmp_path / "eval")]}[job]
+    (tmp_path / "labels.csv").write_text("name,prompt,mos_quality\na.jpg,x,1\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("iqray: error: model 'mst-clipiqa-tiyn' is neither a shipped model")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "eval").exists()

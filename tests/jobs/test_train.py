@@ -73,6 +73,41 @@ def test_training_lowers_the_loss_and_keeps_the_best_validation_epoch(sample):
     assert [h["train_loss"] for h in again.history] == losses
 
 
+def test_training_refuses_to_choose_without_a_defined_validation_metric(sample):
+    from iqray.model.training import ValidationUndefined
+
+    model = iqray.model.load(TEST_MODEL)
+    train = sample_head_data(model, sample, range(0, 24))
+    settings = TrainSettings(epochs=2, train_batch_size=8, lr=3e-3)
+    constant = sample_head_data(model, sample, range(24, 32))
+    constant.targets = {k: torch.full_like(v, 0.5) for k, v in constant.targets.items()}
+    with pytest.raises(ValidationUndefined, match="undefined in all 2 epochs"):
+        fit_heads(model, train, constant, settings, seed=0)  # SRCC of a constant: NaN
+    with pytest.raises(ValidationUndefined, match="2 validation rows"):
+        fit_heads(model, train, sample_head_data(model, sample, range(24, 26)), settings,
+                  seed=0)
+
+
+def test_train_job_with_undefined_validation_exits_2_and_writes_no_checkpoint(
+        ray_local, tmp_path, sample, capsys):
+    from iqray.jobs.cli import main
+
+    folder, _ = write_split_table(tmp_path, sample)
+    table = pa_csv.read_csv(folder / "all.csv")
+    is_val = pa.compute.equal(table["split"], "val")
+    constant = pa.compute.if_else(is_val, 3.0, table["mos_quality"])
+    pa_csv.write_csv(table.set_column(table.schema.get_field_index("mos_quality"),
+                                      "mos_quality", constant), folder / "all.csv")
+    code = main(["train", str(folder / "all.csv"), "--split-column", "split", "--model",
+                 TEST_MODEL, "--cache", str(tmp_path / "cache"), "--output",
+                 str(tmp_path / "run"), "--epochs", "2", "--no-progress",
+                 "--image-path-column", "name", "--key-columns", "name"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "every validation rating in 'mos_quality' is 3" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
 def test_the_auxiliary_group_loss_shapes_training_and_needs_train_groups_only(sample):
     model = iqray.model.load("mst-clipiqa-tiny-random")
     train = sample_head_data(model, sample, range(0, 24))

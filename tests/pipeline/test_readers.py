@@ -209,3 +209,51 @@ def test_discovery_never_takes_the_output_as_input(tmp_path, sample):
     shards = discover_shards(str(tmp_path / "in" / "*" ), ReadConfig(format="parquet"),
                              StorageConfig(), exclude=str(tmp_path / "in" / "scores"))
     assert [s.url for s in shards] == [str(tmp_path / "in" / "a.parquet")]
+
+
+@pytest.mark.parametrize("pattern", [
+    "data/run-?/x.parquet", "data/run-[12]/x.parquet", "data/run-*/x.parquet",
+    "data/**/x.parquet", "data/run-1/*.parquet", "data/run-?/*", "d?ta/run-1/x.parquet",
+    "[d]ata/run-1/x.parquet", "*/run-1/x.parquet"])
+def test_output_names_never_escape_the_output_for_any_glob(tmp_path, monkeypatch, sample,
+                                                           pattern):
+    monkeypatch.chdir(tmp_path)
+    for run in ("run-1", "run-2"):
+        write_parquet(None, str(tmp_path / "data" / run / "x.parquet"),
+                      img2dataset_table(sample, 0, 2))
+    shards = discover_shards(pattern, ReadConfig(format="parquet"), StorageConfig())
+    assert shards, pattern
+    for shard in shards:
+        assert not shard.output_name.startswith(("/", "..")), (pattern, shard.output_name)
+        assert "x.parquet" in shard.output_name
+    names = [s.output_name for s in shards]
+    assert len(set(names)) == len(names)  # two runs never share one output file
+    # where the writer puts them: inside the output folder, whatever the pattern
+    from iqray.pipeline.io.writer import ShardWriter
+
+    output = tmp_path / "out" / "scores"
+    writer = ShardWriter(shards, str(output), StorageConfig(), {}, complete=True,
+                         key_columns=["key"], keep_prompt=True, keep_image_bytes=False)
+    for shard in shards:
+        path = writer._path(shard.output_name)
+        assert path.startswith(str(output) + "/"), (pattern, path)
+
+
+def test_a_folder_glob_names_its_chunks_inside_the_output(tmp_path, monkeypatch, sample):
+    monkeypatch.chdir(tmp_path)
+    names, images, _ = sample
+    for run in ("run-1", "run-2"):
+        (tmp_path / "imgs" / run).mkdir(parents=True)
+        (tmp_path / "imgs" / run / names[0]).write_bytes(images[0])
+    shards = discover_shards("imgs/run-?/*", ReadConfig(format="folder"), StorageConfig())
+    assert [s.output_name for s in shards] == ["images-00000.parquet"]
+    assert sorted(shards[0].prompts) == [f"run-1/{names[0]}", f"run-2/{names[0]}"]
+
+
+def test_the_writer_refuses_a_name_that_would_leave_the_output(tmp_path):
+    from iqray.pipeline.io.storage import output_name_within
+
+    assert output_name_within("a/./b.parquet", "x") == "a/b.parquet"
+    for bad in ("../run-1/x.parquet", "/etc/x.parquet", "a/../../x.parquet"):
+        with pytest.raises(ValueError, match="outside the output folder"):
+            output_name_within(bad, "x")

@@ -93,7 +93,7 @@ def test_faults_past_every_retry_leave_shards_unfinished_until_a_plain_rerun(
     fault_proxy.set(Fault("500", "GET", key="in/002.parquet"),
                     Fault("reset", "GET", key="in/004.parquet"))
     assert main(args) == 4
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "2 unfinished" in printed and "rerun the same command to finish" in printed
     for shard in ("002", "004"):
         assert f"unfinished: s3://{bucket}/in/{shard}.parquet: cannot read" in printed
@@ -118,7 +118,7 @@ def test_faults_past_every_retry_leave_shards_unfinished_until_a_plain_rerun(
 
     fault_proxy.set()
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "5 already committed" in printed and "0 unfinished" in printed
     assert_same_output(outputs(fs, bucket, "out"), expected)
     assert fs.exists(f"{bucket}/out/_SUCCESS") and not fs.exists(f"{bucket}/out/_UNFINISHED")
