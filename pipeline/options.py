@@ -140,14 +140,64 @@ class PipelineJob:
     # not interchangeable, so resume must not reuse them.
     READ_OPTIONS: ClassVar[frozenset[str]] = frozenset({
         "format", "image_column", "image_path_column", "prompt_column", "key_columns",
-        "folder_chunk_size", "max_pixels", "reference_column", "reference_template"})
+        "folder_chunk_size", "max_pixels", "reference_column", "reference_template",
+        "image_root", "sidecar"})
+    # Added to READ_OPTIONS after outputs were committed: hashed only when set, so those
+    # outputs keep the hash they were written with.
+    LATER_READ_OPTIONS: ClassVar[tuple[str, ...]] = ("reference_column", "reference_template",
+                                                     "image_root", "sidecar")
+    # Every option that changes what a committed row holds; each enters the resume identity
+    # (options_hash; the model and --mode through the model's identity), so a rerun after
+    # changing one rescores the shards it affects.
+    ROW_OPTIONS: ClassVar[frozenset[str]] = READ_OPTIONS | {
+        "precision", "decode", "compile", "keep_prompt", "keep_image_bytes", "dtype",
+        "model", "mode"}
+    # Every other option of every option group, and why it changes no output row
+    # (tests/pipeline/test_options.py fails on a field in neither list).
+    NOT_ROW_OPTIONS: ClassVar[dict[str, str]] = {
+        "input": "each shard's URL and fingerprint (size + ETag/mtime) are its identity",
+        "output": "where rows go, not what they hold",
+        "read_batch_rows": "how many rows a reader hands on at once",
+        "sample": "previews are committed incomplete and never taken as done",
+        "seed": "previews are committed incomplete and never taken as done",
+        "limit": "previews are committed incomplete and never taken as done",
+        "dry_run": "a dry run commits nothing",
+        "dry_run_rows": "a dry run commits nothing",
+        "retry_failed": "which rows are scored again, under the same identity",
+        "cache": "where cached tower embeddings live; scores from them are the model's own",
+        "device": "CPU and GPU run the same fp32 model (they differ by float rounding, as "
+                  "batch sizes do)",
+        "batch_size": "rows are scored independently of their batch",
+        "decode_batch_size": "rows are decoded independently of their batch",
+        "num_actors": "scheduling", "actor_num_cpus": "scheduling",
+        "gpus_per_actor": "scheduling", "model_threads": "scheduling",
+        "actor_start_timeout_s": "scheduling", "max_in_flight_bytes": "scheduling",
+        "prompt_cache_size": "a cache of the prompts' embeddings, recomputed when evicted",
+        "decode_timeout_s": "a row that ran out of time is an error row of kind timeout; "
+                            "--retry-failed scores it again",
+        "precision_check": "a gate that refuses a run, never changes one",
+        "decode_check": "a gate that refuses a run, never changes one",
+        "commit": "who writes the files: the same rows either way",
+        "ray_address": "where the work runs", "ray_num_cpus": "where the work runs",
+        "object_store_memory": "where the work runs",
+        "s3_endpoint": "how storage is reached", "s3_anonymous": "how storage is reached",
+        "s3_max_attempts": "how storage is reached",
+        "storage_attempts": "how storage is reached",
+        "storage_backoff_s": "how storage is reached",
+        "max_error_fraction": "when a run aborts, not what a row holds",
+        "progress": "what the console shows",
+        "quality_column": "labels for train and eval, which commit no scored rows",
+        "alignment_column": "labels for train and eval, which commit no scored rows",
+        "group_column": "labels for train and eval, which commit no scored rows",
+        "group_pattern": "labels for train and eval, which commit no scored rows",
+    }
 
     def options_hash(self, identity: str, extra: set[str] = frozenset()) -> str:
         """Short hash of the reading options (plus ``extra`` fields) and an identity."""
         relevant = self.model_dump(include=set(self.READ_OPTIONS) | set(extra))
-        for unset in ("reference_column", "reference_template"):  # absent: older hashes hold
-            if relevant.get(unset) is None:
-                relevant.pop(unset, None)
+        for later in self.LATER_READ_OPTIONS:  # unset: older hashes hold
+            if later not in extra and relevant.get(later) is None:
+                relevant.pop(later, None)
         relevant["identity"] = identity
         precision = getattr(self, "precision", "fp32")
         if precision != "fp32":  # other scores; fp32 keeps the hashes it always had

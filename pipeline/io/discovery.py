@@ -15,6 +15,7 @@ from iqray.pipeline.io.shards import (
     Shard,
     check_columns,
     column_roles,
+    resolve_ref,
 )
 from iqray.pipeline.io.storage import (
     GLOB_CHARS,
@@ -133,7 +134,8 @@ def inspect_input(shards: list[Shard], read: ReadConfig, storage: StorageConfig,
         except Exception:  # broken bytes: that shard's read decides and records it
             continue
         check_columns(columns, read, shard.url)
-        column_roles(columns, read, shard.url)
+        _, path_col, _ = column_roles(columns, read, shard.url)
+        check_paths_resolve(shard, read, storage, path_col, columns)
         if read.key_columns is not None:
             return list(read.key_columns)
         keys = [c for c in AUTO_KEY_COLUMNS if c in columns]
@@ -143,3 +145,81 @@ def inspect_input(shards: list[Shard], read: ReadConfig, storage: StorageConfig,
                  "+ source_row only; name id columns with --key-columns")
         return keys
     return list(read.key_columns or [])
+
+
+PATHS_CHECKED = 8  # first rows whose image (and reference) paths the driver resolves
+
+
+def check_paths_resolve(shard: Shard, read: ReadConfig, storage: StorageConfig,
+                        path_col: str | None, columns: list[str]) -> None:
+    """Before Ray starts: of the first rows of a table naming its images (and references) by
+    path or URL, at least one must exist where iqray looks (relative to ``--image-root``,
+    else the table's folder). If none does, the root is wrong, not the images: ValueError in
+    one line naming the column, the root and an example tried, and nothing is written."""
+    template = read.reference_template
+    ref_col = read.reference_column if read.reference_column in columns else None
+    wanted = [c for c in dict.fromkeys([path_col, ref_col]) if c is not None]
+    if not wanted:
+        return
+    fs, path = storage.filesystem(shard.url)
+    try:
+        rows = storage.retry(lambda: _first_rows(fs, path, wanted, PATHS_CHECKED),
+                             "read the first rows of", shard.url)
+    except StorageUnavailable:
+        raise
+    except (OSError, ValueError):  # broken bytes: that shard's read decides and records it
+        return
+    root = read.image_root or f"the table's folder ({shard.url.rsplit('/', 1)[0]})"
+    checks = []
+    if path_col is not None:
+        checks.append((f"image path column {path_col!r}", [_ref(v) for v in rows[path_col]]))
+        if template is not None:
+            names = [_ref(v) for v in rows[path_col]]
+            checks.append((f"--reference-template {template!r}", [
+                template.format(name=posixpath.basename(n),
+                                stem=posixpath.splitext(posixpath.basename(n))[0], key=n)
+                if n else None for n in names]))
+    if ref_col is not None:
+        checks.append((f"reference column {ref_col!r}", [_ref(v) for v in rows[ref_col]]))
+    for what, refs in checks:
+        refs = [r for r in refs if r]
+        if not refs:
+            continue
+        tried = []
+        for ref in refs:
+            url = resolve_ref(shard.url, ref, read.image_root)
+            ref_fs, ref_path = storage.filesystem(url)
+            if storage.retry(lambda f=ref_fs, p=ref_path: f.exists(p), "look up", url):
+                break
+            tried.append((ref, url))
+        else:
+            ref, url = tried[0]
+            raise ValueError(
+                f"{shard.url}: none of the first {len(refs)} paths in its {what} exist "
+                f"relative to {root} (e.g. {ref!r} -> {url}); set --image-root to the "
+                "folder they are relative to")
+
+
+def _ref(value) -> str | None:
+    """A path a cell names: a string, or a Hugging Face Image struct's path when it carries
+    no bytes (None when the image is inline or absent)."""
+    if isinstance(value, dict):
+        return None if value.get("bytes") else value.get("path")
+    return value if isinstance(value, str) else None
+
+
+def _first_rows(fs, path: str, columns: list[str], count: int) -> dict[str, list]:
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as handle:
+        if path.endswith(".csv"):  # streamed: only the first block is parsed
+            reader = pa_csv.open_csv(handle, convert_options=pa_csv.ConvertOptions(
+                include_columns=columns))
+            batches = iter(reader)
+        else:
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=count, columns=columns)
+        batch = next(batches, None)
+        if batch is None:
+            return {c: [] for c in columns}
+        return {c: batch.column(c).to_pylist()[:count] for c in columns}

@@ -100,3 +100,56 @@ def test_a_missing_bucket_is_named_with_its_endpoint_before_ray_starts(dataset, 
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert f"input s3://{bucket}/nothing-here does not exist (bucket '{bucket}' at " \
         f"{s3_endpoint})" in missing.stderr
+
+
+def path_index(tmp_path, sample, present: int) -> tuple[Path, Path, Path]:
+    """An index CSV naming 4 images relative to a root; the right root holds all 4, the
+    wrong one only the first ``present``."""
+    names, images, prompts = sample
+    right, wrong = tmp_path / "images", tmp_path / "elsewhere"
+    right.mkdir()
+    wrong.mkdir()
+    lines = ["name,prompt"]
+    for i in range(4):
+        (right / names[i]).write_bytes(images[i])
+        if i < present:
+            (wrong / names[i]).write_bytes(images[i])
+        lines.append(f"{names[i]},{prompts[i]!r}".replace("'", '"'))
+    index = tmp_path / "index" / "idx.csv"
+    index.parent.mkdir()
+    index.write_text("\n".join(lines) + "\n")
+    return index, right, wrong
+
+
+def test_an_image_root_under_which_no_path_resolves_fails_before_ray(tmp_path, sample):
+    index, _, wrong = path_index(tmp_path, sample, present=0)
+    out = tmp_path / "out"
+    done = run_without_ray("score", str(index), str(out), "--model", TEST_MODEL,
+                           "--image-path-column", "name", "--image-root", str(wrong),
+                           cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "image path column 'name'" in done.stderr and f"relative to {wrong}" in \
+        done.stderr and f"-> {wrong}/" in done.stderr and "set --image-root" in done.stderr
+    assert not out.exists()
+    # without --image-root the table's own folder is tried, and named
+    done = run_without_ray("score", str(index), str(out), "--model", TEST_MODEL,
+                           "--image-path-column", "name", cwd=tmp_path)
+    assert done.returncode == 2 and f"the table's folder ({index.parent})" in done.stderr
+
+
+def test_a_corrected_image_root_rescores_the_rows_it_left_as_errors(ray_local, tmp_path,
+                                                                    sample, capsys):
+    index, right, wrong = path_index(tmp_path, sample, present=1)
+    out = tmp_path / "out"
+    args = ["score", str(index), str(out), "--model", TEST_MODEL, "--no-progress",
+            "--image-path-column", "name", "--max-error-fraction", "1"]
+    assert main([*args, "--image-root", str(wrong)]) == 0
+    import pyarrow.parquet as pq
+
+    first = pq.read_table(out / "idx.parquet")
+    assert first["status"].to_pylist() == ["ok", "error", "error", "error"]
+    assert main([*args, "--image-root", str(right)]) == 0
+    assert "0 already committed, 1 to score" in capsys.readouterr().err
+    assert pq.read_table(out / "idx.parquet")["status"].to_pylist() == ["ok"] * 4
+    assert main([*args, "--image-root", str(right)]) == 0  # and now it is done
+    assert "1 already committed, 0 to score" in capsys.readouterr().err
