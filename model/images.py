@@ -39,12 +39,15 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS,
         image = source
         where = "PIL image"
     elif isinstance(source, np.ndarray):
-        if source.ndim != 3 or source.shape[2] not in (3, 4) or source.dtype != np.uint8:
+        if source.ndim == 3 and source.shape[2] == 1:  # greyscale with a channel axis
+            source = source[:, :, 0]
+        if source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (3, 4)) \
+                or source.dtype != np.uint8:
             raise ImageDecodeError(
-                f"array images must be HxWx3 (or 4) uint8, got shape {source.shape} "
-                f"dtype {source.dtype}"
+                f"array images must be HxWx3 (or 4, or HxW greyscale) uint8, got shape "
+                f"{source.shape} dtype {source.dtype}"
             )
-        image = Image.fromarray(source)
+        image = Image.fromarray(np.ascontiguousarray(source))
         where = "array"
     elif isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:

@@ -30,7 +30,9 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
     ``error_kind`` appended, lazily (nothing runs until the dataset is consumed).
 
     ``image_column`` holds encoded image bytes, a path/URL (absolute, or relative to
-    ``image_root``; read through ``storage``), or a Hugging Face ``Image`` struct;
+    ``image_root``; read through ``storage``), a Hugging Face ``Image`` struct, or decoded
+    HxWx3 (or HxW) uint8 arrays, as ``ray.data.read_images`` gives them (scored as
+    ``model.score`` scores the same arrays);
     ``prompt_column`` the prompts (None: no prompts, alignment is NaN);
     ``reference_column`` the reference images of a full-reference model (``mode="fr"``).
     Every input row comes out: a row whose image cannot be read or decoded is an error row
@@ -63,6 +65,9 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
     if references and not spec.config.full_reference:
         raise ValueError("reference_column given, but the model is not full-reference "
                          "(mode='fr', bpclip only)")
+    for column, what in ((image_column, "image"), (reference_column, "reference")):
+        if column is not None:
+            check_image_column(ds, column, what)
     if not ray.is_initialized():
         ray.init()  # what Ray Data would do on first use; the pool is sized from it
     spec.put_files(ray.put)
@@ -81,3 +86,29 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
         decode_kwargs={"image_column": image_column, "reference_column": reference_column,
                        "storage": storage, "image_root": image_root, "taken": added})
 
+
+
+def check_image_column(ds, column: str, what: str) -> None:
+    """Refuse, before anything runs and in one line, an image column that cannot hold
+    images: absent, or of a type that is neither bytes, a path, a Hugging Face ``Image``
+    struct nor a uint8 tensor. Only where the schema is known without running the
+    dataset; otherwise each row is checked where it is decoded."""
+    import pyarrow as pa
+
+    schema = ds.schema(fetch_if_missing=False)
+    if schema is None:
+        return
+    names = list(schema.names)
+    if column not in names:
+        raise ValueError(f"no {what} column {column!r} in the dataset; columns: "
+                         f"{', '.join(names)}")
+    kind = schema.types[names.index(column)]
+    text = str(kind)
+    fits = (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+            or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or (pa.types.is_struct(kind) and {"bytes", "path"} & {f.name for f in kind})
+            or ("Tensor" in text and "uint8" in text))
+    if not fits:
+        raise ValueError(f"the {what} column {column!r} holds {text}; score_dataset takes "
+                         "encoded image bytes, paths/URLs, Hugging Face Image structs or "
+                         "HxWx3 uint8 arrays (ray.data.read_images)")

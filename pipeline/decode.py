@@ -176,10 +176,19 @@ def decode_batch(batch: dict[str, np.ndarray], **options: Any) -> dict[str, np.n
         raise StageBug.of("decode", batch_where(batch), exc) from exc
 
 
+def array_sha256(array: np.ndarray) -> str:
+    """Content hash of a decoded image (its shape, then its pixels): what the hash of the
+    encoded bytes is for other rows (duplicates, the embedding cache's key)."""
+    digest = hashlib.sha256(f"uint8 array {array.shape}\0".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def _decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int,
                   timeout_s: float | None, keep_image_bytes: bool,
                   fine_resize: int | None = None, references: bool = False,
-                  jpeg_on_device: bool = False, reduced: bool = False
+                  jpeg_on_device: bool = False, reduced: bool = False,
+                  arrays: list[np.ndarray | None] | None = None
                   ) -> dict[str, np.ndarray]:
     """Crops of every readable row; with ``references`` (full-reference models) each row's
     reference is cropped the same way and follows its image in the channel axis.
@@ -196,8 +205,13 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int
     pixels = np.zeros((count, channels, image_size, image_size), np.uint8)
     # Content hash of the encoded bytes: exact-duplicate detection and embedding-cache key.
     images = batch[R.IMAGE]
+    # Rows of a user's dataset may come decoded already (ray.data.read_images): HxWx3 uint8
+    # arrays, cropped here as model.score crops them, without an encode/decode round trip.
+    arrays = arrays if arrays is not None else [None] * count
     batch[R.IMAGE_SHA256] = np.array(
-        [hashlib.sha256(b).hexdigest() if isinstance(b, bytes) else None for b in images],
+        [hashlib.sha256(b).hexdigest() if isinstance(b, bytes) else
+         array_sha256(a) if a is not None else None for b, a in zip(images, arrays,
+                                                                     strict=True)],
         dtype=object)
     errors = [None if is_missing(e) else e for e in batch[R.ERROR]]
     kinds = [None if is_missing(k) else k for k in batch[R.ERROR_KIND]]
@@ -210,8 +224,9 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int
             continue
         try:
             with time_limit(timeout_s):
+                source = arrays[i] if arrays[i] is not None else images[i]
                 pixels[i, :crop.channels] = crop(
-                    open_image(images[i], max_pixels=max_pixels, min_short_side=least))
+                    open_image(source, max_pixels=max_pixels, min_short_side=least))
         except ImageDecodeError as exc:
             errors[i], kinds[i] = f"{row_label(batch, i)}: {exc}", "decode"
             continue
@@ -277,10 +292,15 @@ def decode_user_batch(batch: dict[str, np.ndarray], image_column: str,
         return read_bytes(resolve_ref("", ref, image_root), storage)
 
     def cells(column: str, what: str):
-        return [image_cell(value, f"{what} column {column!r}", read_path, paths=True)
+        return [(None, None, None) if isinstance(value, np.ndarray) else
+                image_cell(value, f"{what} column {column!r}", read_path, paths=True)
                 for value in batch[column]]
 
+    # decoded images (Ray's tensor columns: one HxWxC array per row) skip the decode
+    arrays = [value if isinstance(value, np.ndarray) else None
+              for value in batch[image_column]]
     images = cells(image_column, "image")
+    count = len(images)
     errors = [error for _, error, _ in images]
     kinds = [kind for _, _, kind in images]
     if reference_column is not None:
@@ -288,8 +308,12 @@ def decode_user_batch(batch: dict[str, np.ndarray], image_column: str,
         for i, (_, error, _) in enumerate(references):
             if errors[i] is None and error is not None:
                 errors[i], kinds[i] = f"reference: {error}", "read_reference"
-        batch[R.REFERENCE] = R.column([data for data, _, _ in references])
+        decoded_refs = np.empty(count, dtype=object)  # arrays stay arrays: open_image takes them
+        for i, (value, (data, _, _)) in enumerate(zip(batch[reference_column], references,
+                                                      strict=True)):
+            decoded_refs[i] = value if isinstance(value, np.ndarray) else data
+        batch[R.REFERENCE] = decoded_refs
     batch[R.IMAGE] = R.column([data for data, _, _ in images])
     batch[R.ERROR] = R.column(errors)
     batch[R.ERROR_KIND] = R.column(kinds)
-    return decode_batch(batch, **decode_kwargs)
+    return decode_batch(batch, arrays=arrays, **decode_kwargs)

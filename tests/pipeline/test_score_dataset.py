@@ -94,3 +94,60 @@ def test_score_dataset_reads_paths_and_refuses_mistakes_before_running(ray_local
         score_dataset(ds, TEST_MODEL, image_column="path", batch_sizes=3)
     with pytest.raises(ValueError, match="not full-reference"):
         score_dataset(ds, TEST_MODEL, image_column="path", reference_column="path")
+
+
+def test_decoded_images_score_as_model_score_scores_the_same_arrays(ray_local, sample,
+                                                                    reference_model):
+    """ray.data.read_images gives HxWx3 uint8 arrays: scored without a re-encode, equal to
+    model.score on those arrays; variable shapes (a ragged tensor column) too."""
+    import io
+
+    import ray
+    from PIL import Image
+    from pipeline_data import SAMPLE
+
+    from iqray.pipeline import score_dataset
+
+    names, images, prompts = sample
+    ds = ray.data.read_images(str(SAMPLE / "images"), include_paths=True)
+    table = pa.concat_tables(ray.get(score_dataset(ds, TEST_MODEL, batch_size=8)
+                                     .to_arrow_refs()))
+    assert table.num_rows == len(names)
+    assert set(table["status"].to_pylist()) == {"ok"}
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
+    expected = reference_model.score(arrays, [None] * len(arrays))
+    order = [names.index(p.rsplit("/", 1)[1]) for p in table["path"].to_pylist()]
+    np.testing.assert_allclose(table["quality"].to_numpy(),
+                               np.asarray(expected["quality"])[order], atol=1e-5)
+
+    # variable shapes (a ragged tensor column), and greyscale HxW images
+    for decoded, as_rgb in (([arrays[0], arrays[1][:300, :200]], None),
+                            ([arrays[2][:, :, 0], arrays[3][:, :, 1]],
+                             lambda a: np.repeat(a[:, :, None], 3, axis=2))):
+        ds = ray.data.from_items([{"image": a, "n": i} for i, a in enumerate(decoded)])
+        scored = score_dataset(ds, TEST_MODEL, batch_size=2).drop_columns(["image"])
+        table = pa.concat_tables(ray.get(scored.to_arrow_refs())).sort_by("n")
+        assert table["status"].to_pylist() == ["ok"] * 2, table["error"].to_pylist()
+        want = reference_model.score([as_rgb(a) if as_rgb else a for a in decoded],
+                                     [None] * 2)
+        np.testing.assert_allclose(table["quality"].to_numpy(),
+                                   np.asarray(want["quality"]), atol=1e-5)
+        sha = table["image_sha256"].to_pylist()
+        assert len(set(sha)) == 2 and all(len(s) == 64 for s in sha)
+
+
+def test_an_image_column_of_an_unsupported_type_is_refused_before_running(ray_local):
+    import ray
+
+    from iqray.pipeline import score_dataset
+
+    floats = ray.data.from_items([{"image": 0.5, "caption": "x"}])
+    with pytest.raises(ValueError, match="the image column 'image' holds double; "
+                       "score_dataset takes encoded image bytes"):
+        score_dataset(floats, TEST_MODEL)
+    with pytest.raises(ValueError, match="no image column 'jpg' in the dataset; columns: "
+                       "image, caption"):
+        score_dataset(floats, TEST_MODEL, image_column="jpg")
+    pixels = ray.data.from_items([{"image": np.zeros((8, 8, 3), np.float32)}])
+    with pytest.raises(ValueError, match="holds ArrowTensorTypeV2.*float"):
+        score_dataset(pixels, TEST_MODEL)
