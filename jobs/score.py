@@ -96,7 +96,8 @@ def run_score(config: ScoreConfig, log=log, model_stage: type | None = None) -> 
     storage.check_output(config.output)
     shards = discover_shards(config.input, read, storage, exclude=config.output,
                              warn=warn_to(log))
-    key_columns = inspect_input(shards, read, storage, warn=warn_to(log))
+    key_columns = inspect_input(shards, read, storage, warn=warn_to(log),
+                                check_paths=config.cache is None)
     summary.mark("inputs_listed")
     if config.dry_run:
         return _dry_run(config, shards, log)

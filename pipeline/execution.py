@@ -262,6 +262,8 @@ def _native_stderr_to_session_logs() -> None:
 
     if not _NATIVE_STDERR_OFF_CONSOLE[0] or getattr(sys.stderr, "_iqray_console", False):
         return
+    if sys.stderr is not sys.__stderr__:  # someone captures stderr (a test, a host app)
+        return
     logs = _session_logs_dir()
     if logs is None:
         return

@@ -116,7 +116,7 @@ def _file_shard(index: int, fs, path: str, base: str, input_url: str, fmt: str,
 
 
 def inspect_input(shards: list[Shard], read: ReadConfig, storage: StorageConfig,
-                  warn=None) -> list[str]:
+                  warn=None, check_paths: bool = True) -> list[str]:
     """Check the input against the configuration on the driver, before anything starts, and
     return the key columns to pass through (configured, or the usual names present).
 
@@ -135,7 +135,8 @@ def inspect_input(shards: list[Shard], read: ReadConfig, storage: StorageConfig,
             continue
         check_columns(columns, read, shard.url)
         _, path_col, _ = column_roles(columns, read, shard.url)
-        check_paths_resolve(shard, read, storage, path_col, columns)
+        if check_paths:  # off when images may never be read (--cache rescoring)
+            check_paths_resolve(shard, read, storage, path_col, columns)
         if read.key_columns is not None:
             return list(read.key_columns)
         keys = [c for c in AUTO_KEY_COLUMNS if c in columns]
