@@ -167,7 +167,7 @@ def bug_line(job: str, exc: BaseException, written: int) -> str:
     driver's file and line) and what; its full traceback goes to a file the line names."""
     import traceback
 
-    from iqray.pipeline.failures import find_stage_bug, write_traceback
+    from iqray.pipeline.failures import describe, find_stage_bug, write_traceback
 
     driver = "".join(traceback.format_exception(exc))
     bug = find_stage_bug(exc)
@@ -179,7 +179,7 @@ def bug_line(job: str, exc: BaseException, written: int) -> str:
         last = frames[-1] if frames else None
         where = (f"driver, {Path(last.filename).name}:{last.lineno} in {last.name}"
                  if last else "driver")
-        what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        what = describe(exc)
         text = driver
     path = write_traceback(job, text)
     kept = (f"; {written} file{'' if written == 1 else 's'} this run committed are kept"

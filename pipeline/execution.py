@@ -257,22 +257,17 @@ def _quiet_ray_console() -> None:
                 handler.setLevel(logging.CRITICAL + 1)
 
 
-def _native_stderr_to_session_logs() -> None:
+def _native_stderr_to_session_logs(logs: str | None) -> None:
     import io
 
-    if not _NATIVE_STDERR_OFF_CONSOLE[0] or getattr(sys.stderr, "_iqray_console", False):
-        return
-    if sys.stderr is not sys.__stderr__:  # someone captures stderr (a test, a host app)
-        return
-    logs = _session_logs_dir()
-    if logs is None:
+    # Not when sys.stderr is already moved, or captured (a test, a host application).
+    if not _NATIVE_STDERR_OFF_CONSOLE[0] or sys.stderr is not sys.__stderr__ or logs is None:
         return
     sys.stderr.flush()
     console = os.dup(2)
     stream = io.TextIOWrapper(os.fdopen(console, "wb", buffering=0), encoding=(
         sys.stderr.encoding or "utf-8"), errors="backslashreplace", line_buffering=True,
         write_through=True)
-    stream._iqray_console = True  # type: ignore[attr-defined]
     _REDIRECTED.append((sys.stderr, console))
     sys.stderr = stream
     target = os.open(os.path.join(logs, "iqray-driver-stderr.log"),
@@ -323,8 +318,8 @@ def ensure_ray(config: ClusterOptions):
             ray.init(address="local", num_cpus=config.ray_num_cpus,
                      object_store_memory=config.object_store_memory, **kwargs)
             _STARTED_LOCAL_RAY = True
-        _native_stderr_to_session_logs()
         logs = _session_logs_dir()
+        _native_stderr_to_session_logs(logs)
         if logs and _verbose():
             logging.getLogger("iqray").info(f"Ray session logs: {logs}")
     return ray

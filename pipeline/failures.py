@@ -16,6 +16,12 @@ import traceback
 from pathlib import Path
 
 
+def describe(exc: BaseException) -> str:
+    """An exception in one line: its type and message, whitespace folded, at most 300
+    characters of message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
 class StageBug(RuntimeError):
     """An exception no stage expects, with where it happened and its traceback. Plain
     arguments, so it crosses Ray's process boundary intact."""
@@ -32,8 +38,7 @@ class StageBug(RuntimeError):
     def of(cls, stage: str, where: str, exc: BaseException) -> StageBug:
         if isinstance(exc, StageBug):
             return exc
-        what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        return cls(stage, where, what, "".join(traceback.format_exception(exc)))
+        return cls(stage, where, describe(exc), "".join(traceback.format_exception(exc)))
 
 
 def find_stage_bug(exc: BaseException) -> StageBug | None:

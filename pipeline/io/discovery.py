@@ -15,6 +15,7 @@ from iqray.pipeline.io.shards import (
     Shard,
     check_columns,
     column_roles,
+    reference_path,
     resolve_ref,
 )
 from iqray.pipeline.io.storage import (
@@ -173,13 +174,11 @@ def check_paths_resolve(shard: Shard, read: ReadConfig, storage: StorageConfig,
     root = read.image_root or f"the table's folder ({shard.url.rsplit('/', 1)[0]})"
     checks = []
     if path_col is not None:
-        checks.append((f"image path column {path_col!r}", [_ref(v) for v in rows[path_col]]))
+        names = [_ref(v) for v in rows[path_col]]
+        checks.append((f"image path column {path_col!r}", names))
         if template is not None:
-            names = [_ref(v) for v in rows[path_col]]
-            checks.append((f"--reference-template {template!r}", [
-                template.format(name=posixpath.basename(n),
-                                stem=posixpath.splitext(posixpath.basename(n))[0], key=n)
-                if n else None for n in names]))
+            checks.append((f"--reference-template {template!r}",
+                           [reference_path(template, n, n) if n else None for n in names]))
     if ref_col is not None:
         checks.append((f"reference column {ref_col!r}", [_ref(v) for v in rows[ref_col]]))
     for what, refs in checks:

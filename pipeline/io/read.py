@@ -21,20 +21,20 @@ decode stage.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from iqray.pipeline import rows as R
-from iqray.pipeline.failures import StageBug
+from iqray.pipeline.failures import StageBug, describe
 from iqray.pipeline.io.folder import folder_rows
 from iqray.pipeline.io.shards import (
     ReadConfig,
     Shard,
     ShardSchemaError,
     read_bytes,
+    reference_path,
     resolve_ref,
     wants_references,
 )
@@ -147,7 +147,7 @@ def _resilient_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
         except ShardSchemaError as exc:
             reason = str(exc)
         except Exception as exc:
-            signature = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            signature = describe(exc)
             broken = is_broken_bytes(exc)
             if not (broken or is_transient(exc) or isinstance(exc, PERMANENT_OS_ERRORS)):
                 raise StageBug.of("read", f"shard {shard.url} row {start}", exc) from exc
@@ -198,9 +198,7 @@ def with_reference(row: tuple, shard: Shard, read: ReadConfig, storage: StorageC
     if isinstance(ref, dict):  # Hugging Face Image feature
         ref = ref.get("bytes") or ref.get("path")
     if ref is None and read.reference_template is not None and name is not None:
-        base = posixpath.basename(str(name))
-        ref = read.reference_template.format(name=base, stem=posixpath.splitext(base)[0],
-                                             key=keys.get("key", name))
+        ref = reference_path(read.reference_template, name, keys.get("key", name))
     where = f"{source_file} row {number}"
     if ref is None or ref == "":
         return (source_file, number, image, prompt, keys,

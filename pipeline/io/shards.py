@@ -141,6 +141,13 @@ def column_roles(columns: list[str], read: ReadConfig, where: str
     return image_col, path_col, prompt_col
 
 
+def reference_path(template: str, image_name: str, key: Any) -> str:
+    """The reference path ``--reference-template`` gives an image: ``{name}`` its file name,
+    ``{stem}`` without the extension, ``{key}`` its key."""
+    base = posixpath.basename(str(image_name))
+    return template.format(name=base, stem=posixpath.splitext(base)[0], key=key)
+
+
 def wants_references(read: ReadConfig) -> bool:
     return read.reference_column is not None or read.reference_template is not None
 
