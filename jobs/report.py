@@ -46,7 +46,7 @@ def run_report(config: ReportConfig, log=log) -> dict:
         raise ValueError(f"--per {config.per!r}: no such column; columns: "
                          f"{', '.join(table.column_names)}")
     groups = group_labels(table, FilterRules(per=config.per, per_pattern=config.per_pattern))
-    chosen = grid_choice(table, groups, config.grid_size, config.max_groups)
+    chosen = grid_choice(table, groups, config.grid_size, config.max_groups, metadata)
     needed = sorted({i for sides in chosen.values() for rows in sides.values() for i in rows})
     images = fetch_images(table, needed, config.source or metadata.get("input"), config.read,
                           storage)

@@ -1,11 +1,16 @@
 """A self-contained HTML report of a score run: one file, no network needed to view it.
 
 Plots are matplotlib figures embedded as PNG data URIs; image grids are JPEG thumbnails
-embedded the same way. Sections (element ids): ``summary`` (counts per group), ``histograms``
-(quality and alignment, overall and per group), ``scatter`` (quality vs alignment by group),
-``meaning`` (each score's range, direction and how it is made, from the run's footer),
-``grids`` (best and worst quality and worst aligned images per group, with prompts and
-scores), ``errors`` (counts by kind with examples).
+embedded the same way. The scores shown are the outputs the run's footer lists (any
+architecture: MST-CLIPIQA's quality and alignment, BPCLIP's quality and its dimensions); the
+first is the primary score. Sections (element ids): ``summary`` (counts and each score's mean
+per group), ``histograms`` (every score, overall and per group), ``scatter`` (the primary score
+against each other score, by group), ``meaning`` (each score's range, direction and how it is
+made, from the run's footer), ``grids`` (best and worst images by the primary score per group,
+and the worst aligned where there is an alignment score, captioned with every score),
+``errors`` (counts by kind with examples).
+
+Imports neither torch nor Ray (thumbnails decode through :mod:`iqray.model.images`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,26 @@ import pyarrow as pa
 
 from iqray.pipeline.tables.runs import score_values
 
-SCORES = ("quality", "alignment")
+# Runs written before the footer listed its outputs were all MST-CLIPIQA runs.
+LEGACY_SCORES = ("quality", "alignment")
+
+
+def score_names(table: pa.Table, metadata: dict) -> list[str]:
+    """The score columns of a run, in the order its footer lists them (the first is the
+    primary score): ``outputs``, else the keys of ``score_range``, else the legacy pair;
+    only those the table holds."""
+    listed = metadata.get("outputs") or list(metadata.get("score_range") or ()) or \
+        list(LEGACY_SCORES)
+    names = [name for name in listed if name in table.column_names]
+    if not names:
+        raise ValueError(f"no score columns in the run (looked for {', '.join(listed)}; "
+                         f"columns: {', '.join(table.column_names)})")
+    return names
+
+
+def _higher_better(metadata: dict, name: str) -> bool:
+    spec = (metadata.get("score_range") or {}).get(name) or {}
+    return bool(spec.get("higher_better", True))
 
 
 def _png(figure) -> str:
@@ -36,7 +60,7 @@ def _png(figure) -> str:
 def thumbnail(image: bytes, size: int = 160) -> str:
     from PIL import Image
 
-    from iqray.model.preprocess import open_image
+    from iqray.model.images import open_image
 
     picture = open_image(image)
     picture.thumbnail((size, size), Image.Resampling.LANCZOS)
@@ -45,15 +69,24 @@ def thumbnail(image: bytes, size: int = 160) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def histograms(table: pa.Table, groups: np.ndarray) -> str:
+def _axes(count: int, height: float):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    columns = min(count, 3)
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(14, height * rows), squeeze=False)
+    for axis in axes.flat[count:]:
+        axis.set_visible(False)
+    return plt, figure, list(axes.flat[:count])
+
+
+def histograms(table: pa.Table, groups: np.ndarray, scores: list[str]) -> str:
     names = sorted(set(groups))
-    figure, axes = plt.subplots(1, 2, figsize=(14, 3.8))
-    for axis, score in zip(axes, SCORES, strict=True):
+    plt, figure, axes = _axes(len(scores), 3.8)
+    for axis, score in zip(axes, scores, strict=True):
         values = score_values(table, score)
         finite = values[np.isfinite(values)]
         if finite.size == 0:
@@ -73,32 +106,34 @@ def histograms(table: pa.Table, groups: np.ndarray) -> str:
     return _png(figure)
 
 
-def scatter(table: pa.Table, groups: np.ndarray) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    quality, alignment = score_values(table, "quality"), score_values(table, "alignment")
-    figure, axis = plt.subplots(figsize=(14, 5))
-    for i, name in enumerate(sorted(set(groups))):
-        member = (groups == name) & np.isfinite(quality) & np.isfinite(alignment)
-        axis.scatter(quality[member], alignment[member], s=10, alpha=0.7,
-                     color=plt.cm.tab10(i % 10), label=name)
-    axis.set_xlabel("quality")
-    axis.set_ylabel("alignment")
-    axis.set_title("quality vs alignment")
+def scatter(table: pa.Table, groups: np.ndarray, scores: list[str]) -> str | None:
+    """The primary score against each other score, coloured by group; None with one score."""
+    primary, others = scores[0], scores[1:]
+    if not others:
+        return None
+    plt, figure, axes = _axes(len(others), 5.0 if len(others) == 1 else 4.0)
+    x = score_values(table, primary)
+    for axis, other in zip(axes, others, strict=True):
+        y = score_values(table, other)
+        for i, name in enumerate(sorted(set(groups))):
+            member = (groups == name) & np.isfinite(x) & np.isfinite(y)
+            axis.scatter(x[member], y[member], s=10, alpha=0.7,
+                         color=plt.cm.tab10(i % 10), label=name)
+        axis.set_xlabel(primary)
+        axis.set_ylabel(other)
+        axis.set_title(f"{primary} vs {other}")
     if len(set(groups)) > 1:
-        axis.legend(fontsize=7, frameon=False, markerscale=2)
+        axes[0].legend(fontsize=7, frameon=False, markerscale=2)
     return _png(figure)
 
 
 def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
                  grid_rows: dict[str, dict[str, list[int]]], metadata: dict,
                  title: str) -> str:
-    """The HTML document. ``grid_rows[group]['best'|'worst']`` are row indices to show;
-    ``images`` holds their bytes."""
-    quality, alignment = score_values(table, "quality"), score_values(table, "alignment")
+    """The HTML document. ``grid_rows[group][side]`` are row indices to show; ``images``
+    holds their bytes."""
+    scores = score_names(table, metadata)
+    values = {name: score_values(table, name) for name in scores}
     status = np.array(table["status"].to_pylist())
     prompts = table["prompt"].to_pylist() if "prompt" in table.column_names else \
         [None] * table.num_rows
@@ -109,28 +144,31 @@ def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by iqray report</p>"]
 
     rows = []
-    for name in sorted(set(groups)):
-        member = groups == name
+    for name, member in [(n, groups == n) for n in sorted(set(groups))] + \
+            [("all", np.ones(table.num_rows, bool))]:
         rows.append((name, int(member.sum()), int((status[member] == "ok").sum()),
-                     int((status[member] != "ok").sum()), _mean(quality[member]),
-                     _mean(alignment[member])))
-    rows.append(("all", table.num_rows, int((status == "ok").sum()),
-                 int((status != "ok").sum()), _mean(quality), _mean(alignment)))
+                     int((status[member] != "ok").sum()),
+                     [_mean(values[score][member]) for score in scores]))
+    header = "".join(f"<th>mean {html.escape(score)}</th>" for score in scores)
     parts.append("<section id=summary><h2>Counts</h2><table><tr><th>group</th><th>rows</th>"
-                 "<th>scored</th><th>errors</th><th>mean quality</th><th>mean alignment</th>"
-                 "</tr>" + "".join(
+                 f"<th>scored</th><th>errors</th>{header}</tr>" + "".join(
                      f"<tr><td>{html.escape(n)}</td><td>{r}</td><td>{ok}</td><td>{e}</td>"
-                     f"<td>{q}</td><td>{a}</td></tr>" for n, r, ok, e, q, a in rows)
+                     + "".join(f"<td>{m}</td>" for m in means) + "</tr>"
+                     for n, r, ok, e, means in rows)
                  + "</table></section>")
     parts.append(_meaning(metadata))
     parts.append(f"<section id=histograms><h2>Score distributions</h2>"
-                 f"<img alt='histograms' src='{histograms(table, groups)}'></section>")
-    parts.append(f"<section id=scatter><h2>Quality vs alignment</h2>"
-                 f"<img alt='scatter' src='{scatter(table, groups)}'></section>")
+                 f"<img alt='histograms' src='{histograms(table, groups, scores)}'></section>")
+    pairs = scatter(table, groups, scores)
+    parts.append("<section id=scatter><h2>" + html.escape(
+        f"{scores[0]} against the other scores") + "</h2>" + (
+        f"<img alt='scatter' src='{pairs}'>" if pairs else
+        f"<p>The run has one score ({html.escape(scores[0])}).</p>") + "</section>")
 
     grids = ["<section id=grids><h2>Best and worst images</h2>"
-             "<p>Per group: the highest and lowest quality, and the images that match their "
-             "prompt least.</p>"]
+             f"<p>Per group: the best and worst by {html.escape(scores[0])}"
+             + (", and the images that match their prompt least" if "alignment" in scores
+                else "") + ".</p>"]
     for name, sides in grid_rows.items():
         grids.append(f"<h3>{html.escape(name)}</h3>")
         for side, indices in sides.items():
@@ -138,12 +176,12 @@ def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
                 continue
             cells = "".join(
                 f"<figure><img alt='{html.escape(keys[i])}' src='{thumbnail(images[i])}'>"
-                f"<figcaption><b>q {quality[i]:.2f}</b> · a {_fmt(alignment[i])}<br>"
+                f"<figcaption>{_caption(scores, values, i)}<br>"
                 f"{html.escape((prompts[i] or '')[:120])}<br><small>"
                 f"{html.escape(keys[i])}</small></figcaption></figure>"
                 for i in indices if i in images)
-            grids.append(f"<div class=side><h4>{side}</h4><div class=grid>{cells}"
-                         "</div></div>")
+            grids.append(f"<div class=side><h4>{html.escape(side)}</h4><div class=grid>"
+                         f"{cells}</div></div>")
     grids.append("</section>")
     parts.append("".join(grids))
 
@@ -204,22 +242,33 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}" if np.isfinite(value) else "–"
 
 
-def grid_choice(table: pa.Table, groups: np.ndarray, per_side: int, max_groups: int
-                ) -> dict[str, dict[str, list[int]]]:
-    """Row indices of the best and worst ``per_side`` scored images of each group by
-    quality, and its worst aligned ones (where there are prompts), for the largest
-    ``max_groups`` groups."""
-    quality = score_values(table, "quality")
+def _caption(scores: list[str], values: dict[str, np.ndarray], row: int) -> str:
+    """Every score of one image, the primary in bold."""
+    shown = [f"{html.escape(name)} {_fmt(values[name][row])}" for name in scores]
+    return " · ".join([f"<b>{shown[0]}</b>", *shown[1:]])
+
+
+def grid_choice(table: pa.Table, groups: np.ndarray, per_side: int, max_groups: int,
+                metadata: dict | None = None) -> dict[str, dict[str, list[int]]]:
+    """Row indices of the best and worst ``per_side`` scored images of each group by the
+    primary score (in its own direction), and the worst aligned (where the run has an
+    alignment score and prompts), for the largest ``max_groups`` groups."""
+    metadata = metadata or {}
+    names = score_names(table, metadata)
+    primary = names[0]
+    sign = 1.0 if _higher_better(metadata, primary) else -1.0
+    goodness = sign * score_values(table, primary)
     alignment = score_values(table, "alignment")
-    sizes = Counter(groups[np.isfinite(quality)])
+    sizes = Counter(groups[np.isfinite(goodness)])
     chosen: dict[str, dict[str, list[int]]] = {}
     for name, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:max_groups]:
-        member = np.flatnonzero((groups == name) & np.isfinite(quality))
-        ordered = member[np.argsort(-quality[member], kind="stable")]
+        member = np.flatnonzero((groups == name) & np.isfinite(goodness))
+        ordered = member[np.argsort(-goodness[member], kind="stable")]
         best = ordered[:per_side].tolist()
         worst = [i for i in ordered[::-1][:per_side].tolist() if i not in best]
-        aligned = np.flatnonzero((groups == name) & np.isfinite(alignment))
-        least = aligned[np.argsort(alignment[aligned], kind="stable")][:per_side].tolist()
-        chosen[name] = {"best quality": best, "worst quality": worst,
-                        "worst aligned": least}
+        chosen[name] = {f"best {primary}": best, f"worst {primary}": worst}
+        if "alignment" in names:
+            aligned = np.flatnonzero((groups == name) & np.isfinite(alignment))
+            chosen[name]["worst aligned"] = \
+                aligned[np.argsort(alignment[aligned], kind="stable")][:per_side].tolist()
     return chosen

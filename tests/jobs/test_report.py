@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 from pipeline_data import SAMPLE, TEST_MODEL, img2dataset_table, write_parquet
@@ -72,3 +73,51 @@ def test_report_reads_s3_scores_and_shows_errors(ray_local, sample, s3_bucket, s
     assert "<title>nightly run</title>" in dom
     errors = dom[dom.index('id="errors"'):]
     assert "<td>decode</td><td>1</td>" in errors
+
+
+BPCLIP_OUTPUTS = ["quality", "aesthetics", "color", "exposure", "noise_free", "sharpness",
+                  "structure"]
+
+
+def test_report_of_a_bpclip_run_shows_every_output_its_footer_lists(ray_local, tmp_path):
+    run_score(ScoreConfig(input=str(SAMPLE), output=str(tmp_path / "scores"),
+                          model="bpclip-tiny-random", progress=False), log=lambda *a: None)
+    page = tmp_path / "report.html"
+    assert main(["report", str(tmp_path / "scores"), str(page), "--grid-size", "2"]) == 0
+    dom, console = render(page)
+    assert console == []
+    summary = dom[dom.index('id="summary"'):dom.index('id="meaning"')]
+    assert re.findall(r"<th>mean ([a-z_]+)</th>", summary) == BPCLIP_OUTPUTS
+    meaning = dom[dom.index('id="meaning"'):dom.index('id="histograms"')]
+    assert re.findall(r"<tr><td>([a-z_]+)</td><td>", meaning) == BPCLIP_OUTPUTS
+    grids = dom[dom.index('id="grids"'):dom.index('id="errors"')]
+    # no prompts, no alignment: best and worst by quality, every score in each caption
+    assert grids.count("<h4>best quality</h4>") == 1 and "worst aligned" not in grids
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", grids)
+    assert len(captions) == 4
+    for caption in captions:
+        assert re.findall(r"([a-z_]+) -?\d+\.\d\d", caption) == BPCLIP_OUTPUTS
+    assert "quality against the other scores" in dom
+
+
+def test_the_report_imports_neither_torch_nor_ray(ray_local, tmp_path):
+    """The rule for ``pipeline/tables``, held over a whole report (thumbnails included) in a
+    fresh interpreter."""
+    run_score(ScoreConfig(input=str(SAMPLE), output=str(tmp_path / "scores"), model=TEST_MODEL,
+                          progress=False), log=lambda *a: None)
+    program = f"""
+import sys
+import iqray.pipeline.tables.filtering, iqray.pipeline.tables.joining
+import iqray.pipeline.tables.preferences, iqray.pipeline.tables.report
+import iqray.pipeline.tables.runs
+from iqray.jobs.report import ReportConfig, run_report
+done = run_report(ReportConfig(input={str(tmp_path / "scores")!r},
+                               output={str(tmp_path / "page.html")!r}, grid_size=2),
+                  log=lambda *a: None)
+assert done["thumbnails"] > 0, done
+print(sorted(m for m in ("torch", "ray", "open_clip") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
