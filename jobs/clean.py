@@ -158,7 +158,7 @@ def _write_record(fs, storage, config: CleanConfig, when: dt.datetime, started: 
 
 def _state(files: dict[str, list[str]], config: CleanConfig, storage) -> str:
     """What the manifests depend on: every score file's footer, the rules, the model."""
-    from iqray.pipeline.io.writer import read_output_metadata
+    from iqray.pipeline.io.writer import footer_scoring_hash, read_output_metadata
 
     digest = hashlib.sha256(json.dumps(
         {"rules": config.rules.model_dump(), "model": config.model}, sort_keys=True).encode())
@@ -167,7 +167,7 @@ def _state(files: dict[str, list[str]], config: CleanConfig, storage) -> str:
             fs, path = storage.filesystem(url)
             meta = read_output_metadata(fs, path) or {}
             digest.update(f"{source}\n{url}\n{meta.get('written')}\n{meta.get('rows')}\n"
-                          f"{meta.get('scoring_hash')}\n".encode())
+                          f"{footer_scoring_hash(meta)}\n".encode())
     return digest.hexdigest()
 
 

@@ -21,7 +21,7 @@ from iqray.model.config import ModelConfig, load_preset, parse_model_config
 from iqray.model.files import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
 from iqray.model.registry import resolve_name, unknown_model
 from iqray.model.weights import looks_like_path, resolve_tower_weights
-from iqray.pipeline.io.storage import StorageConfig
+from iqray.pipeline.io.storage import StorageConfig, to_url
 
 
 @dataclass
@@ -81,13 +81,17 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
         location = resolved.location  # shipped models live in the package
         fs, path = storage.filesystem(location)
         config_path = path if path.endswith(".json") else path.rstrip("/") + "/" + CONFIG_NAME
-        if not fs.exists(config_path):
+        # Every read retries transport errors like the pipeline's own storage calls do.
+        def read(path: str, what: str, action=fs.cat_file):
+            return storage.retry(lambda: action(path), what, to_url(fs, path, location))
+
+        if not read(config_path, "look up model config", fs.exists):
             raise FileNotFoundError(unknown_model(name))
-        raw = json.loads(fs.cat_file(config_path))
+        raw = json.loads(read(config_path, "read model config"))
         config = parse_model_config(raw.get("model", raw))
         weights_path = config_path.rsplit("/", 1)[0] + "/" + WEIGHTS_NAME
-        if fs.exists(weights_path):
-            files[WEIGHTS_NAME] = fs.cat_file(weights_path)
+        if read(weights_path, "look up model weights", fs.exists):
+            files[WEIGHTS_NAME] = read(weights_path, "read model weights")
         base_dir = config_path.rsplit("/", 1)[0] if "://" not in location else None
         remote_dir = config_path.rsplit("/", 1)[0] if "://" in location else None
     config = iqray.model.with_mode(config, mode)
@@ -100,7 +104,7 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
         if base_dir is None and remote_dir and tower.pretrained and looks_like_path(
                 tower.pretrained) and not tower.pretrained.startswith(("/", "~")):
             # Towers shipped inside a checkpoint on object storage: fetch them beside it.
-            files[staged_name] = fs.cat_file(remote_dir + "/" + tower.pretrained)
+            files[staged_name] = read(remote_dir + "/" + tower.pretrained, "read tower weights")
             tower = tower.model_copy(update={"pretrained": staged_name})
         else:
             path = resolve_tower_weights(tower, cache_dir=cache_dir, base_dir=base_dir)

@@ -116,6 +116,12 @@ def _foreign(url: str, why: str) -> ValueError:
                       "write; move it away or choose another output")
 
 
+def footer_scoring_hash(meta: dict) -> str | None:
+    """The scoring hash a shard was written under. Earlier runs wrote the same value twice,
+    as ``scoring_hash`` and ``config_hash``; a footer with either is read."""
+    return meta.get("scoring_hash") or meta.get("config_hash")
+
+
 def plan_resume(shards: list[Shard], output: str, storage: StorageConfig, scoring_hash: str,
                 retry_failed: bool) -> tuple[list[Shard], list[Shard], dict[int, pa.Table]]:
     """Split shards into (to score, already done) and, for --retry-failed, the old tables
@@ -149,7 +155,7 @@ def plan_resume(shards: list[Shard], output: str, storage: StorageConfig, scorin
         if path in existing and meta is None:
             raise _foreign(url, "has no iqray footer")
         committed = (meta is not None and meta.get("input_fingerprint") == shard.fingerprint
-                     and meta.get("scoring_hash") == scoring_hash and meta.get("complete"))
+                     and footer_scoring_hash(meta) == scoring_hash and meta.get("complete"))
         if not committed:
             todo.append(shard)
             continue

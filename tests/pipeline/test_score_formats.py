@@ -95,7 +95,8 @@ def test_img2dataset_parquet_shards_on_s3(ray_local, s3_bucket, s3_endpoint, sam
         meta = json.loads(pq.read_schema(handle).metadata[b"iqray"])
     assert meta["model"] == "mst-clipiqa-tiny-random" and meta["rows"] == 12
     assert meta["input_url"].endswith("00000.parquet") and meta["iqray_version"]
-    assert {"checkpoint_sha256", "config_hash", "written", "score_mode"} <= set(meta)
+    assert {"checkpoint_sha256", "scoring_hash", "written", "score_mode"} <= set(meta)
+    assert "config_hash" not in meta  # one hash, written once
 
 
 def test_limit_and_sample_give_a_quick_preview_that_a_full_run_replaces(

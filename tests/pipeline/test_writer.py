@@ -177,3 +177,18 @@ def test_commit_actors_split_the_shards_and_the_driver_writer_reports_as_if_it_w
     part = batch(2, range(3), end=3).append_column("_model_s", pa.array([0.5, 0.25, 0.25]))
     tally = _tally_rows(part, 2)
     assert list(tally["_tally_rows"]) == [3] and list(tally["_model_s"]) == [1.0]
+
+
+@pytest.mark.parametrize("footer_hash", ["scoring_hash", "config_hash"])
+def test_a_shard_written_under_either_footer_hash_name_is_recognised(tmp_path, footer_hash):
+    """Earlier runs wrote the hash as ``config_hash`` too; their shards stay committed."""
+    todo = shards(1)
+    out = ShardWriter(todo, str(tmp_path / "out"), StorageConfig(), {footer_hash: "h"},
+                      complete=True, key_columns=["key"], keep_prompt=False,
+                      keep_image_bytes=False)
+    out.add(batch(0, range(3), end=3))
+    out.finish()
+    left, done, _ = plan_resume(todo, str(tmp_path / "out"), StorageConfig(), "h", False)
+    assert (left, len(done)) == ([], 1)
+    left, _, _ = plan_resume(todo, str(tmp_path / "out"), StorageConfig(), "other", False)
+    assert left == todo
