@@ -17,6 +17,7 @@ import os
 import posixpath
 import random
 import ssl
+import sys
 import tarfile
 import time
 import uuid
@@ -225,7 +226,10 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 def _http_answer(exc: BaseException) -> tuple[int | None, str | None]:
     """(HTTP status, error code) a client error carries: botocore's ClientError (s3fs
     chains it as the cause of the OSError it raises), aiohttp's ClientResponseError,
-    gcsfs' HttpError."""
+    gcsfs' HttpError. aiohttp's parse errors (a body cut short) carry a ``code`` too, the
+    answer a server would give to what was received; nothing came back, so they are none."""
+    if _is_parse_error(exc):
+        return None, None
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -235,6 +239,11 @@ def _http_answer(exc: BaseException) -> tuple[int | None, str | None]:
         if isinstance(value, int) and 100 <= value < 600:
             return value, None
     return None, None
+
+
+def _is_parse_error(exc: BaseException) -> bool:
+    module = sys.modules.get("aiohttp.http_exceptions")
+    return module is not None and isinstance(exc, module.HttpProcessingError)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

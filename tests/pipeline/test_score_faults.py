@@ -68,8 +68,8 @@ def test_moderate_faults_on_get_put_and_list_leave_the_output_unchanged(dataset,
         Fault("500", "GET", rate=0.1), Fault("503", "GET", rate=0.1),
         Fault("reset", "GET", rate=0.1), Fault("truncate", "GET", rate=0.1),
         Fault("latency", "GET", rate=0.1, delay_s=0.2),
-        # Every other write and listing fails once (the retry is the next request).
-        Fault("500", "PUT", every=2), Fault("503", "LIST", every=2),
+        # Every write and listing fails once (its retry is the next try).
+        Fault("500", "PUT", first=1), Fault("503", "LIST", first=1),
         Fault("500", "HEAD", rate=0.1), seed=7)
     summary = score(fault_proxy, bucket, "faulty")
     injected = Counter()

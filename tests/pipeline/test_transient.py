@@ -15,6 +15,18 @@ from s3fs.errors import translate_boto_error
 from iqray.pipeline.io.storage import StorageConfig, StorageUnavailable, is_transient
 
 
+def cut_body() -> aiohttp.ClientPayloadError:
+    """A body cut short under its Content-Length, as aiohttp raises it: the parser's
+    ContentLengthError (which carries code 400, the answer a server would give to such a
+    request, not one that came back) chained as the cause."""
+    parse_error = aiohttp.http_exceptions.ContentLengthError(
+        "Not enough data to satisfy content length header")
+    try:
+        raise aiohttp.ClientPayloadError("Response payload is not completed") from parse_error
+    except aiohttp.ClientPayloadError as exc:
+        return exc
+
+
 def s3_error(status: int, code: str) -> OSError:
     error = botocore.exceptions.ClientError(
         {"Error": {"Code": code, "Message": code},
@@ -27,6 +39,7 @@ def s3_error(status: int, code: str) -> OSError:
     ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
     TimeoutError("timed out"),
     aiohttp.ClientPayloadError("Response payload is not completed"),
+    cut_body(),
     aiohttp.ServerDisconnectedError(),
     botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
     botocore.exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),

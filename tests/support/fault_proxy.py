@@ -1,17 +1,24 @@
 """A fault-injecting HTTP proxy for the S3 test server: real sockets, real failures.
 
 It listens on 127.0.0.1 and forwards every request to the upstream server (moto), except
-that a seeded random draw per request may instead answer 500 InternalError or 503 SlowDown
-(S3's XML error bodies), reset the connection before replying, send a body cut short
-under the full Content-Length, or add latency. Faults are chosen per operation: GET
-(object reads), PUT (object writes), LIST (bucket listings) and HEAD, and optionally only
-for keys containing a substring, so a test can fail one shard past every retry.
+that a fault may instead answer 500 InternalError or 503 SlowDown (S3's XML error bodies),
+reset the connection before replying, send a body cut short under the full Content-Length,
+or add latency. Faults are chosen per operation: GET (object reads), PUT (object writes),
+LIST (bucket listings) and HEAD, and optionally only for keys containing a substring, so a
+test can fail one shard past every retry.
+
+Whether a request is hit depends on that request alone, never on the order in which
+concurrent clients' requests arrive: the draw is a hash of the seed, the fault, the request's
+identity (method, path and query, Range) and how many times that same request was seen
+before (so a retry draws again). Random parts of names (the writer's temporary files, upload
+ids) are left out of the identity, so a run draws the same faults every time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
-import random
+import re
 import socket
 import struct
 import threading
@@ -20,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 FaultKind = Literal["500", "503", "reset", "truncate", "latency"]
 Operation = Literal["GET", "PUT", "LIST", "HEAD", "DELETE", "ANY"]
@@ -40,7 +47,7 @@ class Fault:
     rate: float = 1.0  # chance per matching request
     key: str | None = None  # only requests whose path contains this
     delay_s: float = 0.5  # for "latency"
-    every: int = 0  # > 0: exactly every n-th matching request instead of by chance
+    first: int = 0  # > 0: instead of by chance, the first n tries of each distinct request
 
 
 def operation_of(method: str, path: str) -> str:
@@ -52,13 +59,35 @@ def operation_of(method: str, path: str) -> str:
     return method
 
 
+# Parts of a request that differ from run to run: uuid-like hex in names, upload ids.
+_RANDOM_HEX = re.compile(r"[0-9a-f]{32}")
+_VOLATILE_QUERY = {"uploadId"}
+
+
+def request_identity(method: str, path: str, byte_range: str | None) -> str:
+    """What makes two requests the same request, across runs: method, path (random hex
+    masked), the query without upload ids, and the Range asked for."""
+    parts = urlsplit(path)
+    query = sorted((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                   if k not in _VOLATILE_QUERY)
+    return "|".join((method, _RANDOM_HEX.sub("#", parts.path),
+                     _RANDOM_HEX.sub("#", urlencode(query)), byte_range or ""))
+
+
+def uniform(*parts: object) -> float:
+    """A number in [0, 1) fixed by ``parts``: the same request always draws the same."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 class FaultProxy:
     def __init__(self, upstream: str):
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
         self.faults: list[Fault] = []
-        self.rng = random.Random(0)
+        self.seed = 0
         self.lock = threading.Lock()
+        self.seen: Counter = Counter()  # request identity -> times seen
         self.injected: Counter = Counter()  # (kind, operation) -> count
         self.matched: Counter = Counter()  # fault index -> matching requests seen
         self.requests: Counter = Counter()  # operation -> count
@@ -88,25 +117,29 @@ class FaultProxy:
         self.server.server_close()
 
     def set(self, *faults: Fault, seed: int = 0) -> None:
-        """Replace the faults (none: a transparent proxy) and reseed; counters restart."""
+        """Replace the faults (none: a transparent proxy) and the seed; counters restart."""
         with self.lock:
             self.faults = list(faults)
-            self.rng = random.Random(seed)
+            self.seed = seed
+            self.seen.clear()
             self.injected.clear()
             self.requests.clear()
             self.matched.clear()
 
-    def _draw(self, operation: str, path: str) -> Fault | None:
+    def _draw(self, operation: str, identity: str, path: str) -> Fault | None:
         with self.lock:
             self.requests[operation] += 1
+            self.seen[identity] += 1
+            tries = self.seen[identity]
             for index, fault in enumerate(self.faults):
                 if fault.operation not in ("ANY", operation):
                     continue
                 if fault.key is not None and fault.key not in path:
                     continue
                 self.matched[index] += 1
-                if (self.matched[index] % fault.every == 0 if fault.every
-                        else self.rng.random() < fault.rate):
+                hit = (tries <= fault.first if fault.first
+                       else uniform(self.seed, index, identity, tries) < fault.rate)
+                if hit:
                     self.injected[(fault.kind, operation)] += 1
                     return fault
         return None
@@ -116,7 +149,9 @@ class FaultProxy:
     def handle(self, request: BaseHTTPRequestHandler) -> None:
         body = _read_body(request)
         operation = operation_of(request.command, request.path)
-        fault = self._draw(operation, request.path)
+        identity = request_identity(request.command, request.path,
+                                    request.headers.get("Range"))
+        fault = self._draw(operation, identity, request.path)
         if fault is not None and fault.kind in ERROR_BODIES:
             return _send_error(request, *ERROR_BODIES[fault.kind])
         if fault is not None and fault.kind == "reset":
