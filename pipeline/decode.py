@@ -1,8 +1,9 @@
 """Decode stage (CPU tasks): encoded bytes -> uint8 crops at the towers' input size.
 
 Work per image is bounded: a pixel-count limit stops decompression bombs before decoding,
-and a wall-clock limit (where the task runs on its process's main thread, as Ray tasks do)
-stops a pathological file from stalling the stage. Failures become error rows.
+and a wall-clock limit stops a pathological file from stalling the stage: images decode in a
+child process that is killed past the limit, wherever the decoder is stuck (C included; see
+:mod:`iqray.pipeline.decode_process`). Failures become error rows.
 
 Decode tasks never import torch (about 6 s and 800 MB per worker process): the crops come
 from :mod:`iqray.model.images` (PIL + numpy); torch is imported only by the helpers the
@@ -11,11 +12,8 @@ model actors and in-process training use.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -25,6 +23,7 @@ from PIL import Image
 
 from iqray.model.images import CropViews, ImageDecodeError, open_image
 from iqray.pipeline import rows as R
+from iqray.pipeline.decode_process import DecodeProcessDied, DecodeTimeout, decode_process
 
 if TYPE_CHECKING:
     from iqray.model.preprocess import ImageTransform
@@ -46,26 +45,13 @@ def restore_nulls(batch: dict[str, np.ndarray], skip: set[str]) -> None:
             batch[name] = nulls
 
 
-class DecodeTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise DecodeTimeout(f"decode took longer than {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def crop_image(source: Any, crop: CropViews, max_pixels: int, min_short_side: int | None,
+               timeout_s: float | None) -> np.ndarray:
+    """``crop(open_image(source))``; with a time limit, done in this thread's decode child,
+    which is killed past the limit (:mod:`iqray.pipeline.decode_process`)."""
+    if timeout_s and isinstance(source, bytes | bytearray | memoryview | np.ndarray):
+        return decode_process().crop(source, crop, max_pixels, min_short_side, timeout_s)
+    return crop(open_image(source, max_pixels=max_pixels, min_short_side=min_short_side))
 
 
 def row_label(batch: dict[str, Any], i: int) -> str:
@@ -223,11 +209,9 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int
             encoded[i] = images[i]
             continue
         try:
-            with time_limit(timeout_s):
-                source = arrays[i] if arrays[i] is not None else images[i]
-                pixels[i, :crop.channels] = crop(
-                    open_image(source, max_pixels=max_pixels, min_short_side=least))
-        except ImageDecodeError as exc:
+            source = arrays[i] if arrays[i] is not None else images[i]
+            pixels[i, :crop.channels] = crop_image(source, crop, max_pixels, least, timeout_s)
+        except (ImageDecodeError, DecodeProcessDied) as exc:
             errors[i], kinds[i] = f"{row_label(batch, i)}: {exc}", "decode"
             continue
         except DecodeTimeout as exc:
@@ -235,11 +219,9 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int
             continue
         if references:
             try:
-                with time_limit(timeout_s):
-                    pixels[i, crop.channels:] = crop(
-                        open_image(batch[R.REFERENCE][i], max_pixels=max_pixels,
-                                   min_short_side=least))
-            except ImageDecodeError as exc:
+                pixels[i, crop.channels:] = crop_image(batch[R.REFERENCE][i], crop, max_pixels,
+                                                       least, timeout_s)
+            except (ImageDecodeError, DecodeProcessDied) as exc:
                 errors[i] = f"{row_label(batch, i)}: reference: {exc}"
                 kinds[i] = "reference_decode"
             except DecodeTimeout as exc:

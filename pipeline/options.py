@@ -84,7 +84,9 @@ class StageConfig(OptionGroup):
                                       description="torch threads per CPU actor")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0,
                             description="refuse images with more pixels than this")
-    decode_timeout_s: float = Field(default=10.0, gt=0, description="per-image decode limit")
+    decode_timeout_s: float = Field(
+        default=10.0, gt=0, description="seconds one image may take to decode and crop; past "
+        "it the decoder process is killed and the row is a timeout error row")
     prompt_cache_size: int = Field(default=4096, gt=0, description="prompts cached per actor")
     actor_start_timeout_s: float = Field(
         default=600.0, ge=0, description="wait until every model actor has loaded its model "

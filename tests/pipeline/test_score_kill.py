@@ -67,11 +67,32 @@ def running(command: list[str], log: Path) -> Iterator[subprocess.Popen]:
         proc.wait()
 
 
-def wait_for_commits(proc: subprocess.Popen, output: Path, count: int) -> None:
-    deadline = time.monotonic() + 240
-    while len(committed(output)) < count and proc.poll() is None and \
-            time.monotonic() < deadline:
-        time.sleep(0.02)
+def wait_for_commits(proc: subprocess.Popen, output: Path, count: int, log: Path,
+                     timeout_s: float = 240) -> None:
+    """Until `count` shards are committed under `output`; fails, saying what it waited for
+    and what the run logged, if the run ends first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while len(committed(output)) < count:
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) with {len(committed(output))} of "
+                        f"the {count} commits waited for in {output}; its log ends:\n"
+                        f"{log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{count} commits in {output} not seen within {timeout_s:.0f} s "
+                        f"({len(committed(output))} seen); the run's log ends:\n"
+                        f"{log.read_text()[-2000:]}")
+        time.sleep(0.02)  # polling interval of the file check, not a synchronisation
+
+
+def test_waiting_for_commits_fails_loudly_when_they_never_come(tmp_path):
+    log = tmp_path / "run.log"
+    with running([sys.executable, "-c", "print('gave up early')"], log) as proc:
+        with pytest.raises(pytest.fail.Exception, match=r"exited \(0\) with 0 of the 3 "
+                                                         r"commits(.|\n)*gave up early"):
+            wait_for_commits(proc, tmp_path, 3, log)
+    with running([sys.executable, "-c", "import signal; signal.pause()"], log) as proc:
+        with pytest.raises(pytest.fail.Exception, match=r"3 commits in .* not seen within"):
+            wait_for_commits(proc, tmp_path, 3, log, timeout_s=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +124,7 @@ def test_kill_9_mid_run_then_rerun_matches_a_clean_run(tmp_path, clean_run):
     inputs = clean_run[0]
     killed = tmp_path / "killed"
     with running(cli(inputs, killed), tmp_path / "killed.log") as proc:
-        wait_for_commits(proc, killed, 3)
+        wait_for_commits(proc, killed, 3, tmp_path / "killed.log")
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
     before = committed(killed)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
@@ -128,7 +149,7 @@ def test_kill_9_of_the_model_actor_is_survived_and_no_process_outlives_the_run(t
     inputs = clean_run[0]
     output = tmp_path / "out"
     with running(cli(inputs, output), tmp_path / "run.log") as proc:
-        wait_for_commits(proc, output, 3)
+        wait_for_commits(proc, output, 3, tmp_path / "run.log")
         actors = [p for p in session_processes(proc.pid) if "MapBatches(Scorer)" in p]
         assert actors, session_processes(proc.pid)
         for actor in actors:
@@ -146,7 +167,7 @@ def test_kill_9_of_the_model_actor_is_survived_and_no_process_outlives_the_run(t
 def test_ctrl_c_says_so_in_one_line_and_exits_130(tmp_path, clean_run):
     output = tmp_path / "out"
     with running(cli(clean_run[0], output), tmp_path / "run.log") as proc:
-        wait_for_commits(proc, output, 1)
+        wait_for_commits(proc, output, 1, tmp_path / "run.log")
         os.kill(proc.pid, signal.SIGINT)  # the driver only, as a terminal's Ctrl-C reaches it
         proc.wait(timeout=120)
     log = (tmp_path / "run.log").read_text()
