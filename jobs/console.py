@@ -46,3 +46,10 @@ def setup(verbose: bool = False) -> None:
     LOG.addHandler(handler)
     LOG.setLevel(logging.DEBUG if verbose else logging.INFO)
     LOG.propagate = False
+
+
+def bars(progress: bool) -> bool:
+    """Whether to draw progress bars: asked for, and stderr is a terminal. In a log file
+    (cron, Kubernetes, CI) a bar's carriage returns make one endless line; jobs log a line
+    per step there instead."""
+    return progress and sys.stderr.isatty()

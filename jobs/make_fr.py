@@ -18,7 +18,7 @@ import json
 
 from pydantic import Field
 
-from iqray.jobs.console import log
+from iqray.jobs.console import bars, log
 from iqray.pipeline import rows as R
 from iqray.pipeline.io.shards import ReadConfig
 from iqray.pipeline.io.storage import StorageConfig
@@ -86,7 +86,7 @@ def run_make_fr(config: MakeFRConfig, log=log) -> dict:
         fs.pipe_file(root.rstrip("/") + "/" + relative, buffer.getvalue())
 
     bar = None
-    if config.progress:
+    if bars(config.progress):
         from tqdm import tqdm
 
         bar = tqdm(total=len(chosen), desc="make-fr", unit="source", dynamic_ncols=True)

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 from pydantic import Field, model_validator
 
-from iqray.jobs.console import log
+from iqray.jobs.console import bars, log
 from iqray.jobs.labelled import (
     Labelled,
     LabelledDataConfig,
@@ -203,7 +203,7 @@ def run_train(config: TrainConfig, log=log) -> dict:
                                                 high=scales["alignment"][1])
     model.config = model.config.model_copy(update=updates)
     if levels:
-        train, val = (level_rows(model, splits[s], scales, config.progress, s)
+        train, val = (level_rows(model, splits[s], scales, bars(config.progress), s)
                       for s in ("train", "val"))
     elif finetune:
         train, val = (pixel_data(splits[s], scales) for s in ("train", "val"))
@@ -220,14 +220,14 @@ def run_train(config: TrainConfig, log=log) -> dict:
     for repeat in range(config.repeats):
         seed = config.seed + repeat
         # --pretrain-distortions implies --towers finetune (the config refuses anything else)
-        bar = _EpochBar(config.epochs, f"seed {seed}", config.progress, _mos_postfix,
+        bar = _EpochBar(config.epochs, f"seed {seed}", bars(config.progress), _mos_postfix,
                         start=not config.pretrain_distortions, log=log)
         if levels:
             result = fit_bpclip(model, train, val, settings, seed=seed,
                                 on_epoch=bar.update_epoch)
         elif finetune:
             pretrain_bar = _EpochBar(config.pretrain_distortions,
-                                     f"seed {seed} distortion pretraining", config.progress,
+                                     f"seed {seed} distortion pretraining", bars(config.progress),
                                      _pretrain_postfix, then=bar, log=log)
             result = fit_end_to_end(model, train, val, settings, seed=seed,
                                     tower_lr=config.tower_lr, on_epoch=bar.update_epoch,
@@ -287,8 +287,8 @@ class _EpochBar:
     """One seed's epochs as a progress bar. ``start=False`` shows it only when ``open()`` is
     called or the first epoch ends; ``then`` is opened when this bar's last epoch ends (the
     MOS bar after the pretraining bar, so only one bar moves at a time). With bars off
-    (``--no-progress``: batch jobs, cluster logs) each epoch is one ``log`` line instead, so
-    an hour-long run still shows where it is."""
+    (``--no-progress``, or stderr not a terminal: batch jobs, cluster logs) each epoch is one
+    ``log`` line instead, so an hour-long run still shows where it is."""
 
     def __init__(self, total: int, desc: str, enabled: bool,
                  postfix: Callable[[dict], dict[str, str]], start: bool = True,

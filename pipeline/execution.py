@@ -19,6 +19,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -589,9 +590,49 @@ class _NoProgress:
         pass
 
 
+class LoggedProgress:
+    """Progress as a log line every ``every_s`` seconds: what a log file (cron, Kubernetes,
+    CI) can show, where a bar's carriage returns make one endless line."""
+
+    def __init__(self, total: int | None, every_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.every_s, self.clock = total, every_s, clock
+        self.started = self.last = clock()
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        line = f"scored {self.done:,}"
+        if self.total:
+            line += f" of {self.total:,} images ({100 * self.done / self.total:.1f}%)"
+        else:
+            line += " images"
+        line += f", {rate:.1f} img/s"
+        if self.total and rate > 0 and self.done < self.total:
+            line += f", about {_duration((self.total - self.done) / rate)} to go"
+        logging.getLogger("iqray").info(line)
+
+    def close(self) -> None:
+        pass  # the run's summary follows
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def _progress(total: int | None, enabled: bool):
+    """A bar on a terminal; log lines where stderr is a file or a pipe."""
     if not enabled:
         return _NoProgress()
+    if not sys.stderr.isatty():
+        return LoggedProgress(total)
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", desc="scoring", file=sys.stderr, dynamic_ncols=True)

@@ -125,7 +125,8 @@ class RunOptions(OptionGroup):
 
     max_error_fraction: float = Field(default=0.05, ge=0, le=1,
                                       description="abort when more rows than this fail")
-    progress: bool = Field(default=True, description="show a progress bar")
+    progress: bool = Field(default=True, description="show progress: a bar on a terminal, a "
+                           "log line every 30 s where stderr is a file")
 
 
 class PreviewOptions(OptionGroup):
