@@ -129,8 +129,18 @@ def test_a_row_past_the_time_limit_is_a_timeout_row_and_the_rest_decode():
              "_image": np.array(images, dtype=object),
              "_error": np.array([None] * 3, dtype=object),
              "_error_kind": np.array([None] * 3, dtype=object)}
+    fr_batch = {name: values.copy() for name, values in batch.items()}
     out = decode_batch(batch, image_size=32, max_pixels=10**8, timeout_s=0.3,
                        keep_image_bytes=False, fine_resize=48)
     assert list(out["_error_kind"]) == [None, "timeout", None]
     assert "x row 1" in out["_error"][1] and "longer than 0.3 s" in out["_error"][1]
     np.testing.assert_array_equal(out["pixels"][2], CROP(open_image(images[2])))
+
+    # Full-reference rows: a reference past the limit is a timeout too, not a bad reference.
+    fr_batch["_image"] = np.array([images[0]] * 3, dtype=object)
+    fr_batch["_reference"] = np.array(images, dtype=object)
+    out = decode_batch(fr_batch, image_size=32, max_pixels=10**8, timeout_s=0.3,
+                       keep_image_bytes=False, fine_resize=48, references=True)
+    assert list(out["_error_kind"]) == [None, "timeout", None]
+    assert "reference: decode took longer than 0.3 s" in out["_error"][1]
+    np.testing.assert_array_equal(out["pixels"][2][6:], CROP(open_image(images[2])))
