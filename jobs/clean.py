@@ -78,7 +78,12 @@ def run_clean(config: CleanConfig, log=log) -> dict:
     from iqray.pipeline.exit_codes import EXIT_OK, EXIT_UNFINISHED
     from iqray.pipeline.io.storage import check_separate
     from iqray.pipeline.tables.filtering import add_relative_columns, apply_rules, cache_embeddings
-    from iqray.pipeline.tables.runs import read_scores, score_files, score_metadata
+    from iqray.pipeline.tables.runs import (
+        read_scores,
+        score_files,
+        score_metadata,
+        table_outputs,
+    )
 
     storage = config.storage_config()
     for source in config.sources:  # before anything is read or written
@@ -125,9 +130,10 @@ def run_clean(config: CleanConfig, log=log) -> dict:
                                                                  pa.string())))
         table = pa.concat_tables(tables, promote_options="default")
         metadata = score_metadata(record["sources"][config.sources[0]]["output"], storage)
-        table = add_relative_columns(table, metadata.get("score_reference"))
+        outputs = table_outputs(table, metadata)
+        table = add_relative_columns(table, metadata.get("score_reference"), outputs)
         result, counts = apply_rules(table, config.rules,
-                                     cache_embeddings(config.rules, storage))
+                                     cache_embeddings(config.rules, storage), outputs)
         for name, rows in (("kept", result.filter(result["keep"])),
                            ("rejected", result.filter(pa.compute.invert(result["keep"])))):
             sink = io.BytesIO()

@@ -67,14 +67,15 @@ def run_info(config: InfoConfig) -> int:
             seeds = max((v.get("n", 1) for v in heads.values()), default=1)
             print(f"  val SRCC, mean of {seeds} seeds (chosen on val: held-out data scores "
                   "lower): " + ", ".join(f"{h} {v['mean']:.3f}" for h, v in heads.items()))
-    elif model.config.description:
+    elif getattr(model.config, "description", None):
         print(f"  {model.config.description}")
     for role in model.config.tower_roles:
         tower = getattr(model.config, role)
         source = tower.pretrained or f"random init (seed {tower.init_seed})"
         print(f"  {role} tower: {tower.model_name}, weights: {source}")
-    print(f"  image size: {model.config.image_size} px; prompt context: "
-          f"{model.context_length} tokens")
+    context = getattr(model, "context_length", None)  # models that read prompts
+    print(f"  image size: {model.config.image_size} px"
+          + (f"; prompt context: {context} tokens" if context else "; no prompt"))
     counts = model.parameter_counts()
     towers_trained = training.get("towers") == "finetune"
     print(f"  parameters: {counts['trainable']:,} in the heads, {counts['frozen']:,} in the "

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from iqray.jobs.config import JobConfig
 from iqray.jobs.console import log
+from iqray.model.outputs import RunOutputs
 from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
 from iqray.pipeline.tables.filtering import (
     FilterRules,
@@ -40,24 +41,26 @@ class FilterConfig(JobConfig, FilterRules, StorageConfig):
         return FilterRules.model_validate(self.model_dump(include=set(FilterRules.model_fields)))
 
 
-def score_columns(table: pa.Table) -> list[str]:
-    """Columns the filter adds or carries that belong on a joined copy."""
+def score_columns(table: pa.Table, outputs: RunOutputs) -> list[str]:
+    """Columns the filter adds or carries that belong on a joined copy: the run's outputs,
+    their relative columns, and the rule columns."""
     return [c for c in table.column_names
-            if c.startswith(("quality", "alignment")) or c in PASS_THROUGH]
+            if c.startswith(tuple(outputs.names)) or c in PASS_THROUGH]
 
 
 def run_filter(config: FilterConfig, log=log) -> dict:
-    from iqray.pipeline.tables.runs import read_scores, score_metadata
+    from iqray.pipeline.tables.runs import read_scores, score_metadata, table_outputs
 
     started = time.perf_counter()
     storage, rules = config.storage_config(), config.rules()
     metadata = score_metadata(config.input, storage)
     table = read_scores(config.input, storage)
     reference = metadata.get("score_reference")
+    outputs = table_outputs(table, metadata)
     if config.relative_columns:
-        table = add_relative_columns(table, reference)
+        table = add_relative_columns(table, reference, outputs)
     # apply_rules checks every rule against the columns first: nothing is written before.
-    result, counts = apply_rules(table, rules, cache_embeddings(rules, storage))
+    result, counts = apply_rules(table, rules, cache_embeddings(rules, storage), outputs)
     chosen = result if config.all_rows else result.filter(result["keep"])
     fs, _ = storage.filesystem(config.output)
     sink = io.BytesIO()
@@ -70,7 +73,7 @@ def run_filter(config: FilterConfig, log=log) -> dict:
 
         kept = result.filter(result["keep"])
         joined = join_to_source(kept, config.join.rstrip("/"), join_url(config.output, "data"),
-                                storage, score_columns(kept))
+                                storage, score_columns(kept, outputs))
     summary = {"input": config.input, "model": metadata.get("model"),
                "model_identity": metadata.get("model_identity"),
                "rules": rules.model_dump(exclude_defaults=True), **counts,

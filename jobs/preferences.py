@@ -18,6 +18,7 @@ from iqray.pipeline.io.shards import ReadConfig
 from iqray.pipeline.io.storage import StorageConfig, join_url, write_atomic
 from iqray.pipeline.tables.preferences import (
     FORMATS,
+    MIX,
     VALIDATION,
     PairRules,
     make_pairs,
@@ -25,6 +26,7 @@ from iqray.pipeline.tables.preferences import (
     pointwise_table,
     prompt_split,
     ranking_score,
+    resolve_rank_by,
 )
 
 SPLITS = ("train", VALIDATION)
@@ -48,7 +50,12 @@ class PreferencesConfig(JobConfig, PairRules, StorageConfig):
 
 
 def run_preferences(config: PreferencesConfig, log=log) -> dict:
-    from iqray.pipeline.tables.runs import fetch_images, read_scores, score_metadata
+    from iqray.pipeline.tables.runs import (
+        fetch_images,
+        read_scores,
+        score_metadata,
+        table_outputs,
+    )
 
     started = time.perf_counter()
     unknown = sorted(set(config.formats) - set(FORMATS))
@@ -57,8 +64,10 @@ def run_preferences(config: PreferencesConfig, log=log) -> dict:
     storage, rules = config.storage_config(), config.rules()
     metadata = score_metadata(config.input, storage)
     table = read_scores(config.input, storage)
-    score = ranking_score(table, rules)
-    pairs = make_pairs(table, rules)
+    outputs = table_outputs(table, metadata)
+    ranked_by = "+".join(resolve_rank_by(rules, outputs))
+    score = ranking_score(table, rules, outputs)
+    pairs = make_pairs(table, rules, outputs)
     prompts = table["prompt"].to_pylist()
     pointwise = [i for i, p in enumerate(prompts) if p and np.isfinite(score[i])]
     needed = sorted({i for p in pairs for i in (p.chosen, p.rejected)}
@@ -83,7 +92,7 @@ def run_preferences(config: PreferencesConfig, log=log) -> dict:
             counts[fmt][split] = part.num_rows
             _write_split(part, join_url(config.output, fmt), split, config.rows_per_file,
                          fs, storage)
-    card = dataset_card(config, metadata, counts, len(table), len(pairs))
+    card = dataset_card(config, metadata, counts, len(table), len(pairs), ranked_by)
     write_atomic(fs, storage.filesystem(join_url(config.output, "README.md"))[1], card.encode())
     summary = {"input": config.input, "model": metadata.get("model"), "pairs": len(pairs),
                "counts": counts, "rules": rules.model_dump(),
@@ -91,7 +100,7 @@ def run_preferences(config: PreferencesConfig, log=log) -> dict:
     write_atomic(fs, storage.filesystem(join_url(config.output, "summary.json"))[1],
                  (json.dumps(summary, indent=2) + "\n").encode())
     log(f"{len(pairs)} pairs from {len(table)} scored rows ({rules.strategy}, by "
-        f"{rules.rank_by}, margin {rules.margin:g}, max uses {rules.max_uses})")
+        f"{ranked_by}, margin {rules.margin:g}, max uses {rules.max_uses})")
     for fmt, by_split in counts.items():
         log(f"  {fmt}: train {by_split['train']}, validation {by_split[VALIDATION]} rows -> "
             f"{join_url(config.output, fmt)}")
@@ -115,7 +124,7 @@ def _write_split(table: pa.Table, directory: str, split: str, rows_per_file: int
 
 
 def dataset_card(config: PreferencesConfig, metadata: dict, counts: dict, rows: int,
-                 pairs: int) -> str:
+                 pairs: int, ranked_by: str) -> str:
     """README.md with a `datasets` configs header, so `load_dataset(OUTPUT, FORMAT)` works."""
     header = ["---", "configs:"]
     for fmt in counts:
@@ -138,9 +147,9 @@ def dataset_card(config: PreferencesConfig, metadata: dict, counts: dict, rows: 
               for fmt, c in counts.items()]
     lines += [
         "", "## How it was built", "",
-        f"- {pairs} pairs, strategy `{rules.strategy}`, ranked by `{rules.rank_by}`"
-        + (f" (quality weight {rules.quality_weight:g} on dataset percentiles)"
-           if rules.rank_by == "mix" else "") + ".",
+        f"- {pairs} pairs, strategy `{rules.strategy}`, ranked by `{ranked_by}`"
+        + (f" (weight {rules.quality_weight:g} on the first's dataset percentile)"
+           if rules.rank_by == MIX else "") + ".",
         f"- Pairs whose score gap is below {rules.margin:g} are dropped (ties carry no "
         f"preference); no image is in more than {rules.max_uses} pairs; strongest gaps first.",
         f"- Train/validation split by prompt ({rules.val_fraction:.0%} of prompts in "

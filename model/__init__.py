@@ -29,6 +29,7 @@ _EXPORTS = {
                "TowerConfig", "load_preset", "preset_names", "shipped_models"),
     "mst_clipiqa": ("MSTClipIQA", "PromptBatch"),
     "outputs": ("ScoreSpec",),
+    "scoring_model": ("ScoringModel", "ScoringModule"),
     "images": ("CropViews", "ImageDecodeError", "open_image"),
     "preprocess": ("ImageTransform",),
     "weights": ("UnsafeCheckpointError", "WeightsNotFoundError", "resolve_tower_weights"),
@@ -38,9 +39,8 @@ _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 if TYPE_CHECKING:
     import torch
 
-    from iqray.model.bpclip import BPCLIP
     from iqray.model.config import ModelConfig
-    from iqray.model.mst_clipiqa import MSTClipIQA
+    from iqray.model.scoring_model import ScoringModel
 
 # Derived, so a name added to _EXPORTS is public without a second list to keep in step.
 __all__ = ["DEFAULT_MODEL", "load", "resolve_device", *_HOME]
@@ -83,7 +83,7 @@ def with_mode(config: ModelConfig, mode: str | None) -> ModelConfig:
     return config.model_copy(update={"mode": mode})
 
 
-def build(config: ModelConfig, **kwargs) -> MSTClipIQA | BPCLIP:
+def build(config: ModelConfig, **kwargs) -> ScoringModel:
     """The module a config describes (towers resolved as in :mod:`iqray.model.weights`)."""
     from iqray.model.registry import architecture
 
@@ -92,7 +92,7 @@ def build(config: ModelConfig, **kwargs) -> MSTClipIQA | BPCLIP:
 
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "cpu",
          cache_dir: str | os.PathLike | None = None, allow_download: bool | None = None,
-         prompt_cache_size: int = 2048, mode: str | None = None) -> MSTClipIQA | BPCLIP:
+         prompt_cache_size: int = 2048, mode: str | None = None) -> ScoringModel:
     """Build a scoring model from a preset name or a checkpoint (directory, weights or config).
 
     Tower weights resolve as documented in :mod:`iqray.model.weights`; trained head weights
@@ -106,7 +106,6 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
         read_checkpoint_config,
     )
     from iqray.model.config import load_preset
-    from iqray.model.mst_clipiqa import MSTClipIQA
     from iqray.model.registry import (
         UnknownModel,
         looks_like_a_name,
@@ -131,6 +130,6 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.de
                       base_dir=config_path.parent, allow_download=allow_download)
         if weights_path is not None:
             load_trainable(model, weights_path, raw.get("trainable_parameters"))
-    if isinstance(model, MSTClipIQA):
+    if hasattr(model, "prompt_cache_size"):  # models that cache prompt features
         model.prompt_cache_size = prompt_cache_size
     return model.to(resolve_device(device)).eval()

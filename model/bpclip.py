@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from iqray.model.config import BPCLIPConfig
-from iqray.model.mst_clipiqa import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoringModel
 from iqray.model.outputs import ScoreSpec, bpclip_outputs
 from iqray.model.preprocess import ImageSource, ImageTransform, image_batch, prompt_list
+from iqray.model.scoring_model import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoringModule
 from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
 
 
@@ -198,7 +198,7 @@ class BottomUpBlock(nn.Module):
         return running + self.mlp(self.mlp_norm(running))
 
 
-class BPCLIP(ScoringModel):
+class BPCLIP(ScoringModule):
     """Frozen multi-depth tower + trainable gated pooling, bottom-up fusion and quality layer.
 
     Build with :func:`iqray.model.load` (``"bpclip"`` or a checkpoint). ``score(images,

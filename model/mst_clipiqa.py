@@ -39,10 +39,8 @@ from torch import nn
 from iqray.model.config import MSTConfig
 from iqray.model.outputs import ScoreSpec, mst_clipiqa_outputs
 from iqray.model.preprocess import ImageSource, ImageTransform, image_batch, prompt_list
+from iqray.model.scoring_model import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoringModule
 from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
-
-MAX_LOGIT_SCALE = 100.0  # CLIP's own clamp
-HEAD_INIT_SEED = 0  # seeds the trainable heads a model is built with (training reseeds per repeat)
 
 
 @dataclass
@@ -57,23 +55,6 @@ class PromptBatch:
     has_prompt: torch.Tensor  # (B,) False where the row has no prompt
     truncated: torch.Tensor  # (B,) True where the prompt was cut to the context length
     index: torch.Tensor  # (B,) row -> distinct prompt (rows without one share an empty entry)
-
-
-class ScoringModel(nn.Module):
-    """What every iqray model shares: mode from its config, parameter counts."""
-
-    @property
-    def zero_shot(self) -> bool:
-        return not self.config.trained
-
-    @property
-    def mode(self) -> str:
-        return "zero-shot" if self.zero_shot else "trained"
-
-    def parameter_counts(self) -> dict[str, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        return {"trainable": trainable, "frozen": frozen}
 
 
 class GatedFusion(nn.Module):
@@ -167,7 +148,7 @@ class AlignmentHead(nn.Module):
         return torch.sigmoid(self.mlp(torch.cat([h * t, h], dim=-1)).squeeze(-1))
 
 
-class MSTClipIQA(ScoringModel):
+class MSTClipIQA(ScoringModule):
     """Two frozen towers (coarse ViT-B-32, fine ViT-B-16) + trainable fusion and heads.
 
     Build with :func:`iqray.model.load`. Call :meth:`score` for numbers; training code calls

@@ -1,30 +1,35 @@
 """The architecture registry: each model architecture declares what it supports and how it
 trains, and the jobs ask here instead of testing names; model names resolve here, once.
 
-A third architecture is one entry in :data:`ARCHITECTURES` (its config class, its module,
-its capabilities): `iqray score`, `embed`, `train`, `eval`, `bench` and `info` follow.
-Imports neither torch nor Ray (the classes are named, imported on first use).
+A new architecture is one entry in :data:`ARCHITECTURES` (its config class, its model
+class, what its outputs mean, its capabilities), or, outside this package, one call to
+:func:`register` in a module named by the ``IQRAY_ARCHITECTURES`` environment variable
+(comma-separated module names, imported on first lookup in every process, Ray workers
+included): `iqray score`, `embed`, `train`, `eval`, `info` and the dataset jobs follow.
+Imports neither torch nor Ray (classes are named as ``"module:Class"``, imported on first use).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 Training = Literal["heads-on-cached-embeddings", "heads-on-level-features"]
+PLUGINS_ENV = "IQRAY_ARCHITECTURES"  # modules that register() further architectures
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str  # the config's ``architecture`` field
     paper: str
-    config_class: str  # "module:Class" under iqray.model
+    config_class: str  # "package.module:Class"
     model_class: str
-    score_range: str  # function(config) -> {output: ScoreSpec}: what the outputs mean
+    score_range: str  # "package.module:function", config -> {output: ScoreSpec}
     heads: tuple[str, ...]  # what it learns from human ratings, in order
-    training: Training  # how `iqray train` fits it with the towers frozen
+    training: Training | None  # how `iqray train` fits it with the towers frozen (None: no)
     embedding_cache: bool  # `iqray embed`, `score --cache`, train/eval from the cache
     full_reference: bool  # has a full-reference mode (--mode fr)
     finetune: bool  # `iqray train --towers finetune` (towers trained end to end)
@@ -48,21 +53,26 @@ class Architecture:
     def require(self, capability: str, what: str) -> None:
         """ValueError in one line when this architecture lacks ``capability``."""
         if not getattr(self, capability):
-            able = [a.name for a in ARCHITECTURES.values() if getattr(a, capability)]
+            able = [a.name for a in architectures().values() if getattr(a, capability)]
             raise ValueError(f"{what} is not offered by {self.name} models (only "
                              f"{', '.join(able) or 'none'})")
 
 
-def _resolve(path: str) -> type:
+def resolve_function(path: str) -> Any:
+    """The object a ``"package.module:name"`` path names (imported on first use)."""
     module, name = path.split(":")
-    return getattr(importlib.import_module(f"iqray.model.{module}"), name)
+    return getattr(importlib.import_module(module), name)
+
+
+_resolve = resolve_function
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture(
         name="mst-clipiqa", paper="arXiv 2606.16799",
-        config_class="config:MSTConfig", model_class="mst_clipiqa:MSTClipIQA",
-        score_range="outputs:mst_clipiqa_outputs",
+        config_class="iqray.model.config:MSTConfig",
+        model_class="iqray.model.mst_clipiqa:MSTClipIQA",
+        score_range="iqray.model.outputs:mst_clipiqa_outputs",
         heads=("quality", "alignment"), training="heads-on-cached-embeddings",
         embedding_cache=True, full_reference=False, finetune=True, int8=True, compile=True),
     Architecture(
@@ -70,12 +80,37 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
         # them, end-to-end tuning would move the levels the fusion was fitted on, and the
         # level features are kept in memory for training rather than cached.
         name="bpclip", paper="arXiv 2506.17969",
-        config_class="config:BPCLIPConfig", model_class="bpclip:BPCLIP",
-        score_range="outputs:bpclip_outputs",
+        config_class="iqray.model.config:BPCLIPConfig",
+        model_class="iqray.model.bpclip:BPCLIP",
+        score_range="iqray.model.outputs:bpclip_outputs",
         heads=("quality",), training="heads-on-level-features",
         embedding_cache=False, full_reference=True, finetune=False, int8=True, compile=False),
 )}
 DEFAULT_ARCHITECTURE = "mst-clipiqa"  # config files from before BPCLIP name none
+_plugins_loaded: set[str] = set()
+
+
+def register(entry: Architecture) -> Architecture:
+    """Add an architecture (a plugin module calls this at import); the name must be new."""
+    known = ARCHITECTURES.get(entry.name)
+    if known is not None and known != entry:
+        raise ValueError(f"architecture {entry.name!r} is already registered")
+    ARCHITECTURES[entry.name] = entry
+    return entry
+
+
+def load_plugins() -> None:
+    """Import the modules ``IQRAY_ARCHITECTURES`` names (once each, in this process)."""
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if module not in _plugins_loaded:
+            _plugins_loaded.add(module)
+            importlib.import_module(module)
+
+
+def architectures() -> dict[str, Architecture]:
+    """Every known architecture, plugins included."""
+    load_plugins()
+    return ARCHITECTURES
 
 
 def architecture(of: Any) -> Architecture:
@@ -86,10 +121,10 @@ def architecture(of: Any) -> Architecture:
         name = of.get("architecture", DEFAULT_ARCHITECTURE)
     else:
         name = getattr(of, "config", of).architecture
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model architecture {name!r}; known: "
-                         f"{', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
+    known = architectures()
+    if name not in known:
+        raise ValueError(f"unknown model architecture {name!r}; known: {', '.join(known)}")
+    return known[name]
 
 
 # -- names ----------------------------------------------------------------------------------

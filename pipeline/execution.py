@@ -312,6 +312,10 @@ def ensure_ray(config: ClusterOptions):
                                   "configure_logging": False}
         address = config.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
+            from iqray.model.registry import PLUGINS_ENV
+
+            if os.environ.get(PLUGINS_ENV):  # a local Ray's workers inherit it; a cluster's not
+                kwargs["runtime_env"] = {"env_vars": {PLUGINS_ENV: os.environ[PLUGINS_ENV]}}
             ray.init(address=address, **kwargs)
         else:
             # "local" starts a fresh Ray even when another one on this machine left its

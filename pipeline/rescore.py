@@ -46,22 +46,27 @@ def rescore_from_cache(shards: list[Shard], cache_url: str, storage: StorageConf
             index = pq.read_table(handle)
         ok = pc.equal(index["status"], "ok").to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(ok)
-        quality = np.full(index.num_rows, np.nan, np.float32)
-        alignment = np.full(index.num_rows, np.nan, np.float32)
+        config = spec.config
+        outputs = {name: np.full(index.num_rows, np.nan, np.float32)
+                   for name in config.output_names}
         truncated = np.zeros(index.num_rows, bool)
         if rows.size:
             take = pa.array(rows)
             shas = index["image_sha256"].take(take).to_pylist()
             prompts = index["prompt"].take(take).to_pylist()
-            model.prime_prompt_cache(cache.load_prompts({p for p in prompts if p}))
-            coarse, fine = cache.load_images(shas)
-            scores = model.score_embeddings(coarse, fine, prompts)
-            quality[rows] = scores["quality"]
-            alignment[rows] = scores["alignment"]
-            truncated[rows] = scores["prompt_truncated"]
-        table = index.append_column("quality", pa.array(quality)) \
-            .append_column("alignment", pa.array(alignment)) \
-            .append_column("prompt_truncated", pa.array(truncated)) \
+            if config.prompt_aware:
+                model.prime_prompt_cache(cache.load_prompts({p for p in prompts if p}))
+            scores = model.score_embeddings(*cache.load_images(shas), prompts)
+            for name, column in outputs.items():
+                column[rows] = scores[name]
+            if config.prompt_aware:
+                truncated[rows] = scores["prompt_truncated"]
+        table = index
+        for name, column in outputs.items():
+            table = table.append_column(name, pa.array(column))
+        if config.prompt_aware:
+            table = table.append_column("prompt_truncated", pa.array(truncated))
+        table = table \
             .append_column(R.SHARD, pa.array([shard.index] * index.num_rows, pa.int64())) \
             .append_column(R.SHARD_END, pa.array([index.num_rows] * index.num_rows, pa.int64()))
         writer.add(table)

@@ -127,8 +127,9 @@ def split_on_oom(score: Callable[[torch.Tensor, list], dict[str, np.ndarray]],
         return {k: np.concatenate([first[k], second[k]]) for k in first}
 
 
-# Columns restore_nulls leaves alone: numbers whose NaN means NaN, not an all-None column.
-SCORE_NUMBERS = {"quality", "alignment", R.READ_S, R.DECODE_S, R.MODEL_S, R.COARSE, R.FINE,
+# Columns restore_nulls leaves alone: numbers whose NaN means NaN, not an all-None column
+# (with the model's own outputs).
+SCORE_NUMBERS = {R.READ_S, R.DECODE_S, R.MODEL_S, R.COARSE, R.FINE,
                  R.EMBED_ERROR, R.DECODE_NODE, R.MODEL_NODE}
 
 

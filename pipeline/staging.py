@@ -89,6 +89,8 @@ def stage_model(name: str, storage: StorageConfig, put: Callable[[bytes], Any] |
             raise FileNotFoundError(unknown_model(name))
         raw = json.loads(read(config_path, "read model config"))
         config = parse_model_config(raw.get("model", raw))
+        if "format" not in raw:  # a bare model config: staged as a checkpoint of one
+            raw = {"format": FORMAT, "format_version": FORMAT_VERSION}
         weights_path = config_path.rsplit("/", 1)[0] + "/" + WEIGHTS_NAME
         if read(weights_path, "look up model weights", fs.exists):
             files[WEIGHTS_NAME] = read(weights_path, "read model weights")

@@ -46,33 +46,28 @@ SUCCESS_NAME = "_SUCCESS"
 UNFINISHED_NAME = "_UNFINISHED"
 # Error kinds of old outputs whose whole file has to be read again by --retry-failed.
 WHOLE_FILE_ERRORS = ("shard_read", R.SHARD_CORRUPT)
-SCORE_COLUMNS = {
+# The columns of every score file, around the model's own outputs (from the registry).
+ROW_COLUMNS = {
     "source_file": pa.string(),
     "source_row": pa.int64(),
     "prompt": pa.string(),
     "image_sha256": pa.string(),
-    "quality": pa.float32(),
-    "alignment": pa.float32(),
-    "prompt_truncated": pa.bool_(),
+}
+PROMPT_COLUMNS = {"prompt_truncated": pa.bool_()}  # models whose scores read the prompt
+STATUS_COLUMNS = {
     "status": pa.string(),
     "error": pa.string(),
     "error_kind": pa.string(),
 }
 
 
-def score_schema(output_names: list[str], prompt_truncated: bool = True
+def score_schema(output_names: list[str], prompt_aware: bool = True
                  ) -> dict[str, pa.DataType]:
-    """SCORE_COLUMNS with the model's own outputs in place of quality/alignment (BPCLIP:
-    quality and one column per quality dimension, no prompt columns of its own)."""
-    schema = {}
-    for name, kind in SCORE_COLUMNS.items():
-        if name == "quality":
-            schema.update({o: pa.float32() for o in output_names})
-        elif name == "alignment" or (name == "prompt_truncated" and not prompt_truncated):
-            continue
-        else:
-            schema[name] = kind
-    return schema
+    """A score file's columns: the row's identity, one float32 column per model output (in
+    the order the architecture declares them), ``prompt_truncated`` for models that read
+    the prompt, then the row's status."""
+    return {**ROW_COLUMNS, **{name: pa.float32() for name in output_names},
+            **(PROMPT_COLUMNS if prompt_aware else {}), **STATUS_COLUMNS}
 
 
 def shard_parts(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
@@ -183,8 +178,8 @@ class ShardWriter:
     def __init__(self, shards: list[Shard], output: str, storage: StorageConfig,
                  metadata: dict[str, Any], complete: bool, key_columns: list[str],
                  keep_prompt: bool, keep_image_bytes: bool,
-                 previous: dict[int, pa.Table] | None = None,
-                 schema: dict[str, pa.DataType] | None = None,
+                 previous: dict[int, pa.Table] | None = None, *,
+                 schema: dict[str, pa.DataType],
                  before_commit: Callable[[], None] | None = None):
         self.shards = {s.index: s for s in shards}
         self._kwargs = {"output": output, "storage": storage, "metadata": metadata,
@@ -197,7 +192,7 @@ class ShardWriter:
         self.metadata = metadata
         self.complete = complete
         self.previous = previous or {}
-        self.schema = schema or SCORE_COLUMNS
+        self.schema = schema
         self.before_commit = before_commit  # e.g. flush side outputs the shard depends on
         self.columns = [*dict.fromkeys([*key_columns, *self.schema])]
         if not keep_prompt and "prompt" in self.columns:

@@ -28,8 +28,8 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from iqray.model.outputs import RunOutputs, run_outputs
 from iqray.pipeline.tables.runs import (
-    SCORE_COLUMNS,
     ExpressionError,
     compile_where,
     score_values,
@@ -42,9 +42,10 @@ class FilterRules(BaseModel):
     where: str | None = Field(default=None, description="row condition, e.g. "
                               "\"quality >= 3.5 and alignment >= 0.6\"")
     keep_top: float | None = Field(default=None, gt=0, le=1,
-                                   description="keep this top fraction by --by (per group)")
-    by: str = Field(default="quality", description="score column that ranks rows (quantiles, "
-                    "which duplicate survives)")
+                                   description="keep this best fraction by --by (per group)")
+    by: str | None = Field(default=None, description="score column that ranks rows "
+                           "(quantiles, which duplicate survives); default: the run's primary "
+                           "score, in its own direction")
     per: str | None = Field(default=None, description="group column for --keep-top and "
                             "--dedupe-scope group (e.g. prompt, or a key column like model)")
     per_pattern: str | None = Field(default=None, description="regex on the key whose first "
@@ -87,16 +88,38 @@ def cache_embeddings(rules: FilterRules, storage):
     return lambda shas: cache.load_images(shas)[0]
 
 
-def check_rules(rules: FilterRules, schema: pa.Schema) -> None:
+# Relative columns (add_relative_columns) and which way each ranks; 1 = best for ranks.
+RELATIVE_SUFFIXES = {"_prompt_rank": "lower", "_prompt_percentile": "higher",
+                     "_percentile": "higher", "_z": "output"}
+
+
+def ranking_column(rules: FilterRules, outputs: RunOutputs) -> tuple[str, bool]:
+    """The column that ranks rows (``--by``, else the run's primary score) and whether higher
+    is better there: an output's declared direction; a relative column's own (a prompt rank
+    is best at 1, percentiles at 1, a z-score follows its output); other numeric columns
+    rank higher first."""
+    column = rules.by or outputs.primary
+    if column in outputs.names:
+        return column, outputs.higher_better(column)
+    for suffix, way in RELATIVE_SUFFIXES.items():
+        base = column.removesuffix(suffix)
+        if column.endswith(suffix) and base in outputs.names:
+            return column, outputs.higher_better(base) if way == "output" else way == "higher"
+    return column, True
+
+
+def check_rules(rules: FilterRules, schema: pa.Schema, outputs: RunOutputs | None = None
+                ) -> None:
     """Every column a rule names exists and the expression is a condition: before any work."""
     columns = schema.names
-    for flag, column in (("--by", rules.by), ("--per", rules.per)):
+    by = rules.by or (outputs or run_outputs(None).within(columns)).primary
+    for flag, column in (("--by", by), ("--per", rules.per)):
         if column is not None and column not in columns:
             raise ExpressionError(f"{flag} {column!r}: no such column; columns: "
                                   f"{', '.join(columns)}")
-    by_type = schema.field(rules.by).type
+    by_type = schema.field(by).type
     if not (pa.types.is_floating(by_type) or pa.types.is_integer(by_type)):
-        raise ExpressionError(f"--by {rules.by!r} is not numeric")
+        raise ExpressionError(f"--by {by!r} is not numeric")
     if rules.where:
         expression = compile_where(rules.where, columns)
         try:
@@ -125,16 +148,18 @@ def group_labels(table: pa.Table, rules: FilterRules) -> np.ndarray:
     return np.full(table.num_rows, "all", dtype=object)
 
 
-def add_relative_columns(table: pa.Table, reference: dict | None = None) -> pa.Table:
-    """Per score column: prompt rank (1 = best) and percentile, dataset percentile, and the
-    z-score against the model's reference set. Percentiles are mid-rank fractions in [0, 1]
-    (1 = best) over rows with a score; error rows get nulls."""
+def add_relative_columns(table: pa.Table, reference: dict | None = None,
+                         outputs: RunOutputs | None = None) -> pa.Table:
+    """Per output of the run: prompt rank (1 = best) and percentile, dataset percentile, and
+    the z-score against the model's reference set. Percentiles are mid-rank fractions in
+    [0, 1] (1 = best, in the output's own direction) over rows with a score; error rows get
+    nulls; z-scores stay in the output's units."""
     frame = pd.DataFrame({"prompt": table["prompt"].to_pandas() if "prompt" in
                           table.column_names else pd.Series([None] * table.num_rows)})
-    for column in SCORE_COLUMNS:
-        if column not in table.column_names:
-            continue
-        values = pd.Series(score_values(table, column))
+    outputs = (outputs or run_outputs(None)).within(table.column_names)
+    for column in outputs.names:
+        raw = pd.Series(score_values(table, column))
+        values = raw if outputs.higher_better(column) else -raw
         frame[column] = values
         by_prompt = frame.groupby("prompt", dropna=True)[column]
         prompt_rank = by_prompt.rank(method="min", ascending=False)
@@ -148,7 +173,7 @@ def add_relative_columns(table: pa.Table, reference: dict | None = None) -> pa.T
         }
         stats = (reference or {}).get(column)
         if stats and stats.get("std"):
-            extra[f"{column}_z"] = pa.array((values - stats["mean"]) / stats["std"],
+            extra[f"{column}_z"] = pa.array((raw - stats["mean"]) / stats["std"],
                                             pa.float64(), from_pandas=True)
         for name, array in extra.items():
             if name in table.column_names:
@@ -168,19 +193,25 @@ def _fraction(mid_rank: pd.Series, count: pd.Series) -> pa.Array:
     return pa.array(fraction, pa.float64(), from_pandas=True)
 
 
-def apply_rules(table: pa.Table, rules: FilterRules, embeddings=None) -> tuple[pa.Table, dict]:
+def apply_rules(table: pa.Table, rules: FilterRules, embeddings=None,
+                outputs: RunOutputs | None = None) -> tuple[pa.Table, dict]:
     """``table`` plus ``keep``, ``reason`` and ``duplicate_of`` columns, and counts.
 
-    ``embeddings(shas) -> (n, d) array`` supplies image embeddings for near duplicates.
+    ``embeddings(shas) -> (n, d) array`` supplies image embeddings for near duplicates;
+    ``outputs`` (the run's, from its footer) give the default ranking score and its direction.
     """
-    check_rules(rules, table.schema)
+    outputs = (outputs or run_outputs(None)).within(table.column_names)
+    check_rules(rules, table.schema, outputs)
+    by, higher_better = ranking_column(rules, outputs)
     n = table.num_rows
     reason = np.full(n, None, dtype=object)
     duplicate_of = np.full(n, None, dtype=object)
     groups = group_labels(table, rules)
     keys = np.array([str(k) for k in table["key"].to_pylist()], dtype=object) \
         if "key" in table.column_names else np.arange(n).astype(str).astype(object)
-    score = table[rules.by].to_numpy(zero_copy_only=False).astype(float)
+    score = table[by].to_numpy(zero_copy_only=False).astype(float)
+    if not higher_better:
+        score = -score
     ok = np.array(table["status"].to_pylist()) == "ok" if "status" in table.column_names \
         else np.ones(n, bool)
 

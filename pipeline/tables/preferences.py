@@ -12,8 +12,11 @@ preference). Candidates are taken strongest gap first, and an image joins at mos
 The train/validation split is by prompt (a seeded hash), so no prompt is on both sides; the
 splits are named as Hugging Face datasets name them (``train``, ``validation``).
 
-The score to rank by is quality, alignment, or ``mix``: a weighted mean of the two dataset
-percentiles (the raw scales differ, percentiles do not).
+The score to rank by is any output of the run (default: its primary score, e.g. quality), or
+``mix``: a weighted mean of the dataset percentiles of the primary score and the first score
+that reads the prompt (MST-CLIPIQA: quality and alignment; the raw scales differ,
+percentiles do not). A score whose lower values are better is ranked negated, so the ranking
+score is always higher-is-better.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from iqray.model.outputs import RunOutputs, run_outputs
 from iqray.pipeline.tables.runs import score_values
 
 Strategy = Literal["best_vs_worst", "margin", "top_bottom"]
 
 
 VALIDATION = "validation"  # the held-out split, by its Hugging Face datasets name
+MIX = "mix"
 
 
 class PairRules(BaseModel):
@@ -41,10 +46,12 @@ class PairRules(BaseModel):
 
     strategy: Strategy = Field(default="best_vs_worst", description="how images of a prompt "
                                "are paired")
-    rank_by: Literal["quality", "alignment", "mix"] = Field(
-        default="quality", description="score that decides the winner")
+    rank_by: str | None = Field(
+        default=None, description="score that decides the winner: an output of the run "
+        "(default: its primary score) or 'mix'")
     quality_weight: float = Field(default=0.5, ge=0, le=1, description="--rank-by mix: weight "
-                                  "of the quality percentile (alignment gets the rest)")
+                                  "of the primary score's percentile (the prompt score, e.g. "
+                                  "alignment, gets the rest)")
     margin: float = Field(default=0.1, ge=0, description="smallest score gap of a pair "
                           "(in --rank-by units; near-ties below it are dropped)")
     top_k: int = Field(default=2, gt=0, description="--strategy top_bottom: images per side")
@@ -55,7 +62,7 @@ class PairRules(BaseModel):
 
     @model_validator(mode="after")
     def _mix(self) -> PairRules:
-        if self.rank_by == "mix" and self.margin > 1:
+        if self.rank_by == MIX and self.margin > 1:
             raise ValueError("--rank-by mix ranks by percentiles in [0, 1]: --margin must "
                              "be at most 1")
         return self
@@ -69,14 +76,39 @@ class Pair:
     gap: float
 
 
-def ranking_score(table: pa.Table, rules: PairRules) -> np.ndarray:
-    """The score pairs are ranked by; NaN for rows without one."""
-    if rules.rank_by != "mix":
-        return score_values(table, rules.rank_by)
+def resolve_rank_by(rules: PairRules, outputs: RunOutputs) -> list[str]:
+    """The outputs the ranking reads: ``[name]``, or for ``mix`` the primary score and the
+    first prompt score (else the second output). ValueError in one line for a name the run
+    does not have."""
+    if rules.rank_by == MIX:
+        others = [n for n in outputs.prompt_scores if n != outputs.primary] or \
+            outputs.names[1:]
+        if not others:
+            raise ValueError(f"--rank-by mix needs two scores; the run has only "
+                             f"{outputs.primary}")
+        return [outputs.primary, others[0]]
+    name = rules.rank_by or outputs.primary
+    if name not in outputs.names:
+        raise ValueError(f"--rank-by {name!r}: the run has no such score; it has "
+                         f"{', '.join(outputs.names)} (or mix)")
+    return [name]
+
+
+def ranking_score(table: pa.Table, rules: PairRules, outputs: RunOutputs | None = None
+                  ) -> np.ndarray:
+    """The score pairs are ranked by, higher is better; NaN for rows without one."""
+    outputs = (outputs or run_outputs(None)).within(table.column_names)
+    names = resolve_rank_by(rules, outputs)
+
+    def directed(name: str) -> np.ndarray:
+        return (1.0 if outputs.higher_better(name) else -1.0) * score_values(table, name)
+
+    if rules.rank_by != MIX:
+        return directed(names[0])
     mixed = np.zeros(table.num_rows)
-    for name, weight in (("quality", rules.quality_weight),
-                         ("alignment", 1 - rules.quality_weight)):
-        values = score_values(table, name)
+    for name, weight in zip(names, (rules.quality_weight, 1 - rules.quality_weight),
+                            strict=True):
+        values = directed(name)
         finite = np.isfinite(values)
         ranks = np.full(table.num_rows, np.nan)
         order = values[finite].argsort(kind="stable").argsort(kind="stable")
@@ -91,9 +123,10 @@ def prompt_split(prompt: str, rules: PairRules) -> str:
     return VALIDATION if held_out else "train"
 
 
-def make_pairs(table: pa.Table, rules: PairRules) -> list[Pair]:
+def make_pairs(table: pa.Table, rules: PairRules, outputs: RunOutputs | None = None
+               ) -> list[Pair]:
     """Pairs that satisfy the strategy, the margin and ``max_uses``, strongest first."""
-    score = ranking_score(table, rules)
+    score = ranking_score(table, rules, outputs)
     by_prompt: dict[str, list[int]] = defaultdict(list)
     for i, prompt in enumerate(table["prompt"].to_pylist()):
         if prompt and np.isfinite(score[i]):

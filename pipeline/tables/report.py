@@ -7,7 +7,7 @@ first is the primary score. Sections (element ids): ``summary`` (counts and each
 per group), ``histograms`` (every score, overall and per group), ``scatter`` (the primary score
 against each other score, by group), ``meaning`` (each score's range, direction and how it is
 made, from the run's footer), ``grids`` (best and worst images by the primary score per group,
-and the worst aligned where there is an alignment score, captioned with every score),
+and the worst by each score that reads the prompt, captioned with every score),
 ``errors`` (counts by kind with examples).
 
 Imports neither torch nor Ray (thumbnails decode through :mod:`iqray.model.images`).
@@ -24,28 +24,13 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from iqray.pipeline.tables.runs import score_values
-
-# Runs written before the footer listed its outputs were all MST-CLIPIQA runs.
-LEGACY_SCORES = ("quality", "alignment")
+from iqray.pipeline.tables.runs import score_values, table_outputs
 
 
 def score_names(table: pa.Table, metadata: dict) -> list[str]:
     """The score columns of a run, in the order its footer lists them (the first is the
-    primary score): ``outputs``, else the keys of ``score_range``, else the legacy pair;
-    only those the table holds."""
-    listed = metadata.get("outputs") or list(metadata.get("score_range") or ()) or \
-        list(LEGACY_SCORES)
-    names = [name for name in listed if name in table.column_names]
-    if not names:
-        raise ValueError(f"no score columns in the run (looked for {', '.join(listed)}; "
-                         f"columns: {', '.join(table.column_names)})")
-    return names
-
-
-def _higher_better(metadata: dict, name: str) -> bool:
-    spec = (metadata.get("score_range") or {}).get(name) or {}
-    return bool(spec.get("higher_better", True))
+    primary score); only those the table holds."""
+    return table_outputs(table, metadata).names
 
 
 def _png(figure) -> str:
@@ -167,8 +152,9 @@ def build_report(table: pa.Table, groups: np.ndarray, images: dict[int, bytes],
 
     grids = ["<section id=grids><h2>Best and worst images</h2>"
              f"<p>Per group: the best and worst by {html.escape(scores[0])}"
-             + (", and the images that match their prompt least" if "alignment" in scores
-                else "") + ".</p>"]
+             + "".join(f", and the worst by {html.escape(name)}"
+                       for name in table_outputs(table, metadata).prompt_scores
+                       if name != scores[0]) + ".</p>"]
     for name, sides in grid_rows.items():
         grids.append(f"<h3>{html.escape(name)}</h3>")
         for side, indices in sides.items():
@@ -251,14 +237,15 @@ def _caption(scores: list[str], values: dict[str, np.ndarray], row: int) -> str:
 def grid_choice(table: pa.Table, groups: np.ndarray, per_side: int, max_groups: int,
                 metadata: dict | None = None) -> dict[str, dict[str, list[int]]]:
     """Row indices of the best and worst ``per_side`` scored images of each group by the
-    primary score (in its own direction), and the worst aligned (where the run has an
-    alignment score and prompts), for the largest ``max_groups`` groups."""
-    metadata = metadata or {}
-    names = score_names(table, metadata)
-    primary = names[0]
-    sign = 1.0 if _higher_better(metadata, primary) else -1.0
-    goodness = sign * score_values(table, primary)
-    alignment = score_values(table, "alignment")
+    primary score (in its own direction), and the worst by each score that compares the
+    image with its prompt (e.g. alignment), for the largest ``max_groups`` groups."""
+    outputs = table_outputs(table, metadata or {})
+    primary = outputs.primary
+
+    def goodness_of(name: str) -> np.ndarray:
+        return (1.0 if outputs.higher_better(name) else -1.0) * score_values(table, name)
+
+    goodness = goodness_of(primary)
     sizes = Counter(groups[np.isfinite(goodness)])
     chosen: dict[str, dict[str, list[int]]] = {}
     for name, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:max_groups]:
@@ -267,8 +254,11 @@ def grid_choice(table: pa.Table, groups: np.ndarray, per_side: int, max_groups: 
         best = ordered[:per_side].tolist()
         worst = [i for i in ordered[::-1][:per_side].tolist() if i not in best]
         chosen[name] = {f"best {primary}": best, f"worst {primary}": worst}
-        if "alignment" in names:
-            aligned = np.flatnonzero((groups == name) & np.isfinite(alignment))
-            chosen[name]["worst aligned"] = \
-                aligned[np.argsort(alignment[aligned], kind="stable")][:per_side].tolist()
+        for prompt_score in outputs.prompt_scores:
+            if prompt_score == primary:
+                continue
+            values = goodness_of(prompt_score)
+            scored = np.flatnonzero((groups == name) & np.isfinite(values))
+            chosen[name][f"worst {prompt_score}"] = \
+                scored[np.argsort(values[scored], kind="stable")][:per_side].tolist()
     return chosen

@@ -19,14 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from iqray.model.outputs import RunOutputs, run_outputs
 from iqray.pipeline import rows as R
 from iqray.pipeline.io.discovery import discover_shards
 from iqray.pipeline.io.read import read_shard
 from iqray.pipeline.io.shards import ReadConfig, read_bytes, source_file_kind
 from iqray.pipeline.io.storage import StorageConfig, to_url
 from iqray.pipeline.io.writer import read_output_metadata
-
-SCORE_COLUMNS = ("quality", "alignment")
 
 
 class ExpressionError(ValueError):
@@ -48,6 +47,17 @@ def score_files(url: str, storage: StorageConfig) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"{url}: no Parquet files (is this an `iqray score` output?)")
     return [to_url(fs, p, url) for p in paths]
+
+
+def table_outputs(table: pa.Table, metadata: dict | None) -> RunOutputs:
+    """The outputs a run's footer lists (the first is the primary score) that ``table``
+    holds; ValueError in one line when it holds none."""
+    listed = run_outputs(metadata)
+    outputs = listed.within(table.column_names)
+    if not outputs.names:
+        raise ValueError(f"no score columns in the run (looked for {', '.join(listed.names)}; "
+                         f"columns: {', '.join(table.column_names)})")
+    return outputs
 
 
 def score_values(table: pa.Table, name: str) -> np.ndarray:

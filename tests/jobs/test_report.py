@@ -38,7 +38,7 @@ def test_report_of_the_sample_renders_every_section_offline(ray_local, tmp_path)
     text = page.read_text()
     # Self-contained: every image is inline, nothing is fetched.
     assert not re.search(r"""(src|href)=['"]?(https?:|//|file:)""", text)
-    # 5 groups x (2 best, 2 worst quality, 2 worst aligned); glide has 2 images: 2 + 0 + 2
+    # 5 groups x (2 best, 2 worst quality, 2 worst alignment); glide has 2 images: 2 + 0 + 2
     assert len(re.findall(r"src='data:image/jpeg;base64,", text)) == 5 * 2 * 3 + 4
     dom, console = render(page)
     assert console == []
@@ -46,7 +46,7 @@ def test_report_of_the_sample_renders_every_section_offline(ray_local, tmp_path)
         assert f'id="{section}"' in dom
     for group in ("AttnGAN", "DALLE2", "glide", "midjourney", "sd1.5", "xl2.2"):
         assert f"<h3>{group}</h3>" in dom
-    assert dom.count("<h4>worst aligned</h4>") == 6
+    assert dom.count("<h4>worst alignment</h4>") == 6
     # each score's range and direction, as the run's footer recorded them (zero-shot model)
     meaning = dom[dom.index('id="meaning"'):dom.index('id="histograms"')]
     assert "<td>quality</td><td>1 – 5</td><td>higher is better</td>" in meaning
@@ -92,7 +92,7 @@ def test_report_of_a_bpclip_run_shows_every_output_its_footer_lists(ray_local, t
     assert re.findall(r"<tr><td>([a-z_]+)</td><td>", meaning) == BPCLIP_OUTPUTS
     grids = dom[dom.index('id="grids"'):dom.index('id="errors"')]
     # no prompts, no alignment: best and worst by quality, every score in each caption
-    assert grids.count("<h4>best quality</h4>") == 1 and "worst aligned" not in grids
+    assert grids.count("<h4>best quality</h4>") == 1 and "worst alignment" not in grids
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", grids)
     assert len(captions) == 4
     for caption in captions:

@@ -136,3 +136,23 @@ def test_relative_columns_rank_within_prompts_and_against_the_reference():
     assert rows["sd/c3"]["quality_percentile"] == 0.0
     assert rows["sd/a1"]["quality_z"] == pytest.approx(2.0)
     assert "alignment_z" not in table.column_names  # no reference for it: no z-score
+
+
+def test_the_default_ranking_is_the_primary_output_in_its_own_direction():
+    """Outputs from the run's footer: without --by, the primary score ranks; a lower-is-better
+    primary keeps its lowest rows, and its percentiles put the lowest at 1 (best)."""
+    from iqray.model.outputs import RunOutputs
+
+    spec = {"low": 0, "high": 5, "zero_shot": True, "description": "", "needs_prompt": False}
+    table = score_table().rename_columns(
+        ["key", "prompt", "image_sha256", "noise", "alignment", "status"])
+    outputs = RunOutputs({"noise": {**spec, "higher_better": False}})
+    result, _ = apply_rules(table, FilterRules(keep_top=0.5), outputs=outputs)
+    kept_keys = [k for k, keep in zip(result["key"].to_pylist(), result["keep"].to_pylist(),
+                                      strict=True) if keep]
+    assert kept_keys == ["sd/a2", "mj/b2", "sd/c3"]  # the 3 least noisy of 6 scored
+    relative = add_relative_columns(table, None, outputs)
+    percentile = dict(zip(relative["key"].to_pylist(),
+                          relative["noise_percentile"].to_pylist(), strict=True))
+    assert percentile["sd/c3"] == 1.0 and percentile["mj/c1"] == 0.0
+    assert "alignment_percentile" not in relative.column_names  # not an output of this run

@@ -100,3 +100,25 @@ def test_the_split_is_by_prompt():
     splits = {p: prompt_split(p, rules) for p in prompts}
     assert 0.2 < sum(s == "validation" for s in splits.values()) / 400 < 0.4
     assert all(prompt_split(p, rules) == s for p, s in splits.items())
+
+
+def test_rank_by_follows_the_runs_outputs_and_their_direction():
+    """Another architecture's outputs: the primary is the default, a lower-is-better score
+    ranks negated (the winner has the least), mix takes the primary and the prompt score,
+    and a name the run lacks is refused in one line."""
+    from iqray.model.outputs import RunOutputs
+
+    spec = {"low": 0, "high": 9, "zero_shot": True, "description": ""}
+    outputs = RunOutputs({"blur": {**spec, "higher_better": False, "needs_prompt": False},
+                          "match": {**spec, "higher_better": True, "needs_prompt": True}})
+    table = score_table(per_prompt=4, prompts=1).rename_columns(
+        ["key", "prompt", "blur", "match", "status"])
+    assert named(table, make_pairs(table, PairRules(), outputs)) == [("p0-0", "p0-3")]
+    assert named(table, make_pairs(table, PairRules(rank_by="match"), outputs)) == \
+        [("p0-0", "p0-3")]
+    # blur (negated) and match agree here: the mix ranks as each does
+    mixed = ranking_score(table, PairRules(rank_by="mix"), outputs)
+    assert np.argmax(mixed[:4]) == 0 and np.argmin(mixed[:4]) == 3
+    with pytest.raises(ValueError, match=r"^--rank-by 'quality': the run has no such score; "
+                                         r"it has blur, match \(or mix\)$"):
+        make_pairs(table, PairRules(rank_by="quality"), outputs)

@@ -229,11 +229,12 @@ def test_output_names_never_escape_the_output_for_any_glob(tmp_path, monkeypatch
     names = [s.output_name for s in shards]
     assert len(set(names)) == len(names)  # two runs never share one output file
     # where the writer puts them: inside the output folder, whatever the pattern
-    from iqray.pipeline.io.writer import ShardWriter
+    from iqray.pipeline.io.writer import ShardWriter, score_schema
 
     output = tmp_path / "out" / "scores"
     writer = ShardWriter(shards, str(output), StorageConfig(), {}, complete=True,
-                         key_columns=["key"], keep_prompt=True, keep_image_bytes=False)
+                         key_columns=["key"], keep_prompt=True, keep_image_bytes=False,
+                         schema=score_schema(["quality", "alignment"]))
     for shard in shards:
         path = writer._path(shard.output_name)
         assert path.startswith(str(output) + "/"), (pattern, path)

@@ -46,3 +46,22 @@ def test_staging_gives_up_in_one_line_naming_the_file(checkpoint_on_s3, fault_pr
     assert "\n" not in message
     assert message.startswith(f"cannot read model weights {checkpoint_on_s3}/model.safetensors")
     assert "after 4 attempts" in message
+
+
+def test_a_bare_model_config_stages_and_loads_like_a_checkpoint(tmp_path):
+    """A config.json holding only a model config (no "format", no weights) is a checkpoint
+    of untrained heads: the staged copy loads where the model actors load it."""
+    import json
+
+    import iqray.model
+    from iqray.model.config import load_preset
+
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    config = load_preset(TEST_MODEL).model_dump(mode="json")
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = stage_model(str(folder), StorageConfig())
+    assert spec.raw_config["format"] == "iqray-checkpoint"
+    staged = spec.load()
+    direct = iqray.model.load(str(folder / "config.json"))
+    assert staged.config == direct.config

@@ -20,9 +20,12 @@ from iqray.pipeline.io.writer import (
     ShardWriter,
     plan_resume,
     read_output_metadata,
+    score_schema,
     shard_parts,
 )
 from iqray.pipeline.rows import SHARD_UNFINISHED
+
+SCHEMA = score_schema(["quality", "alignment"])
 
 
 def shards(count: int, rows: int | None = 3) -> list[Shard]:
@@ -43,7 +46,7 @@ def batch(shard: int, rows: range, end: int = -1, kinds: list | None = None) -> 
 def writer(todo, output, storage=None) -> ShardWriter:
     return ShardWriter(todo, output, storage or StorageConfig(), {"scoring_hash": "h"},
                        complete=True, key_columns=["key"], keep_prompt=False,
-                       keep_image_bytes=False)
+                       keep_image_bytes=False, schema=SCHEMA)
 
 
 def test_a_shard_is_committed_once_whole_and_an_unfinished_one_never(tmp_path):
@@ -185,7 +188,7 @@ def test_a_shard_written_under_either_footer_hash_name_is_recognised(tmp_path, f
     todo = shards(1)
     out = ShardWriter(todo, str(tmp_path / "out"), StorageConfig(), {footer_hash: "h"},
                       complete=True, key_columns=["key"], keep_prompt=False,
-                      keep_image_bytes=False)
+                      keep_image_bytes=False, schema=SCHEMA)
     out.add(batch(0, range(3), end=3))
     out.finish()
     left, done, _ = plan_resume(todo, str(tmp_path / "out"), StorageConfig(), "h", False)
