@@ -68,8 +68,8 @@ def run_embed(config: EmbedConfig, log=log) -> RunSummary:
         raise ValueError("an embedding cache is shared by every later run of its towers, so it "
                          "is written from fully decoded images (drop --decode fast)")
     cache = EmbeddingCache(config.cache, storage)
-    dim = spec.config.heads.embed_dim
-    cache.bind(spec.tower_identity, spec.towers, dim, config.dtype)
+    dim = spec.config.embedding_dim
+    cache.bind(spec.tower_identity, spec.towers, dim, config.dtype, spec.config.tower_roles)
     index_hash = config.index_hash(spec.tower_identity)
     todo, done, _ = plan_resume(shards, cache.index_url(), storage, index_hash, False)
     summary = RunSummary(shards_total=len(shards), shards_skipped=len(done))
@@ -92,9 +92,11 @@ def run_embed(config: EmbedConfig, log=log) -> RunSummary:
     summary.shards_scored = len(todo)
     summary.account(writer)
     summary.outputs = sorted(writer.committed)  # commit order depends on timing
-    index = index_table(cache, [s.output_name for s in shards])
-    prompts = {p for p in index["prompt"].to_pylist() if p}
-    new_prompts = embed_prompts(cache, spec, prompts)
+    new_prompts = 0
+    if spec.config.prompt_aware:  # prompt token features, for models whose heads read them
+        index = index_table(cache, [s.output_name for s in shards])
+        prompts = {p for p in index["prompt"].to_pylist() if p}
+        new_prompts = embed_prompts(cache, spec, prompts)
     cache.record_error(sink.max_error)
     summary.wall_s = time.perf_counter() - started
     summary.extra = {"images_embedded": sink.embedded,

@@ -22,7 +22,7 @@ from iqray.jobs.labelled import (
     labelled_rows,
 )
 from iqray.model.registry import architecture
-from iqray.model.training import HEADS
+from iqray.model.training import model_heads
 from iqray.pipeline import rows as R
 
 
@@ -64,7 +64,8 @@ def baseline_scores(config: EvalConfig, rows: list[int]) -> dict[str, np.ndarray
             "file_size": np.array([size.get(r, np.nan) for r in rows])}
 
 
-def group_prior_scores(config: EvalConfig, groups: np.ndarray) -> dict[str, np.ndarray]:
+def group_prior_scores(config: EvalConfig, groups: np.ndarray, heads: tuple[str, ...]
+                       ) -> dict[str, np.ndarray]:
     """Per head, each row's group mean MOS in ``config.prior_table``."""
     from iqray.pipeline.io.tables import read_table
 
@@ -74,8 +75,7 @@ def group_prior_scores(config: EvalConfig, groups: np.ndarray) -> dict[str, np.n
     prior_groups = np.array(groups_for(config, config.prior_table, list(range(prior.num_rows)),
                                        table=prior))
     out = {}
-    for head, column in (("quality", config.quality_column),
-                         ("alignment", config.alignment_column)):
+    for head, column in config.label_columns(heads).items():
         if column is None:
             continue
         if column not in prior.column_names:
@@ -116,25 +116,26 @@ def run_eval(config: EvalConfig, log=log) -> dict:
     image_root = config.image_root or (config.input.rsplit("/", 1)[0]
                                        if "/" in config.input else ".")
     model = iqray.model.load(config.model, device="cpu", allow_download=False, mode=config.mode)
+    heads = model_heads(model)
     if not architecture(model).embedding_cache:  # scores from images
-        config = config.model_copy(update={"alignment_column": None})
         labelled = image_rows(config, config.input, image_root, model)
         scores = model.score(labelled.pixels, batch_size=64)
     else:
         cache = embed_table(config, config.input, image_root, log=lambda *a: None)
         labelled = labelled_rows(config.model_copy(update={"image_root": image_root}),
-                                 config.input, cache)
-        model.prime_prompt_cache(cache.load_prompts({p for p in labelled.prompts if p}))
-        data = head_data(cache, labelled, {h: (0.0, 1.0) for h in HEADS})
-        scores = model.score_embeddings(data.coarse, data.fine, labelled.prompts)
+                                 config.input, cache, heads)
+        if model.config.prompt_aware:
+            model.prime_prompt_cache(cache.load_prompts({p for p in labelled.prompts if p}))
+        data = head_data(cache, labelled, {h: (0.0, 1.0) for h in heads})
+        scores = model.score_embeddings(*data.embeddings, labelled.prompts)
     rows = labelled.rows
     groups = np.array(groups_for(config, config.input, rows))
     report: dict = {"model": config.model, "data": config.input, "rows": len(rows),
                     "mode": model.mode, "heads": {}}
     baselines = baseline_scores(config.model_copy(update={"image_root": image_root}), rows) \
         if config.baselines else {}
-    prior = group_prior_scores(config, groups) if config.prior_table else {}
-    for head in HEADS:
+    prior = group_prior_scores(config, groups, heads) if config.prior_table else {}
+    for head in heads:
         mos = labelled.mos[head]
         if head not in scores or np.isfinite(mos).sum() < 3:
             continue

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from iqray.jobs.embed import CacheOptions, EmbedConfig, run_embed
-from iqray.model.training import HEADS, HeadData
+from iqray.model.training import HeadData, model_heads
 from iqray.pipeline.io.discovery import discover_shards
 from iqray.pipeline.io.embed_cache import EmbeddingCache, shard_index
 from iqray.pipeline.io.shards import InputColumns
@@ -46,6 +46,12 @@ class LabelColumns(OptionGroup):
         default=None, description="regex on the image name whose first group is the group "
         "(e.g. '^([^_]+)_' for AGIQA-3K's generator); eval breaks results down by it, train "
         "uses it for the auxiliary loss (--group-weight)")
+
+    def label_columns(self, heads: tuple[str, ...]) -> dict[str, str | None]:
+        """The rating column of each head the model learns, by position: the first head
+        (quality) is rated in --quality-column, the second (alignment) in
+        --alignment-column; a model with one head ignores the second column."""
+        return dict(zip(heads, (self.quality_column, self.alignment_column), strict=False))
 
 
 class LabelledDataConfig(PipelineJob, InputURL, InputColumns, LabelColumns, CacheOptions,
@@ -108,9 +114,8 @@ def check_validation_ratings(config: LabelledDataConfig, url: str, heads: tuple[
     from iqray.model.training import MIN_VALIDATION_ROWS, ValidationUndefined
 
     source = read_table(url, config.storage_config())
-    for head, column in (("quality", config.quality_column),
-                         ("alignment", config.alignment_column)):
-        if head not in heads or column is None or column not in source.column_names:
+    for column in config.label_columns(heads).values():
+        if column is None or column not in source.column_names:
             continue
         values = source[column].to_numpy(zero_copy_only=False).astype(float)
         values = values[np.isfinite(values)]
@@ -126,7 +131,8 @@ def check_validation_ratings(config: LabelledDataConfig, url: str, heads: tuple[
                 "rows with differing ratings")
 
 
-def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache) -> Labelled:
+def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache,
+                  heads: tuple[str, ...]) -> Labelled:
     storage = config.storage_config()
     (shard,) = discover_shards(url, config.read_config(), storage)
     index = shard_index(cache, shard)
@@ -134,8 +140,7 @@ def labelled_rows(config: LabelledDataConfig, url: str, cache: EmbeddingCache) -
     ok = index.filter(pc.equal(index["status"], "ok"))
     rows = ok["source_row"].to_pylist()
     mos = {}
-    for head, column in (("quality", config.quality_column),
-                         ("alignment", config.alignment_column)):
+    for head, column in config.label_columns(heads).items():
         if column is None:
             mos[head] = np.full(len(rows), np.nan)
             continue
@@ -172,8 +177,7 @@ def image_rows(config: LabelledDataConfig, url: str, image_root: str, model,
         prompts.append(prompt)
         shas.append(hashlib.sha256(image).hexdigest())
     mos = {}
-    for head, column in (("quality", config.quality_column),
-                         ("alignment", config.alignment_column)):
+    for head, column in config.label_columns(model_heads(model)).items():
         values = (source[column].to_numpy(zero_copy_only=False).astype(float)
                   if column else np.full(source.num_rows, np.nan))
         mos[head] = values[rows]
@@ -183,12 +187,15 @@ def image_rows(config: LabelledDataConfig, url: str, image_root: str, model,
     return labelled
 
 
+def normalised_targets(rows: Labelled, scales: dict[str, tuple[float, float]]
+                       ) -> dict[str, torch.Tensor]:
+    """Each head's ratings mapped to [0, 1] by its scale (NaN stays: no rating)."""
+    return {head: torch.as_tensor((rows.mos[head] - low) / (high - low), dtype=torch.float32)
+            for head, (low, high) in scales.items()}
+
+
 def head_data(cache: EmbeddingCache, rows: Labelled, scales: dict[str, tuple[float, float]]
               ) -> HeadData:
-    coarse, fine = cache.load_images(rows.shas)
-    targets = {}
-    for head in HEADS:
-        low, high = scales[head]
-        targets[head] = torch.as_tensor((rows.mos[head] - low) / (high - low),
-                                        dtype=torch.float32)
-    return HeadData(torch.from_numpy(coarse), torch.from_numpy(fine), rows.prompts, targets)
+    """Cached rows for the heads: one embedding per tower role, prompts, targets."""
+    embeddings = tuple(torch.from_numpy(v) for v in cache.load_images(rows.shas))
+    return HeadData(embeddings, rows.prompts, normalised_targets(rows, scales))

@@ -19,9 +19,13 @@ import json
 from pydantic import Field
 
 from iqray.jobs.console import bars, log
+from iqray.model.registry import architecture
 from iqray.pipeline import rows as R
 from iqray.pipeline.io.shards import ReadConfig
 from iqray.pipeline.io.storage import StorageConfig
+
+# The rating column the set is made for: the full-reference model's (first) head.
+TARGET = architecture("bpclip").heads[0]
 
 
 class MakeFRConfig(ReadConfig, StorageConfig):
@@ -103,7 +107,7 @@ def run_make_fr(config: MakeFRConfig, log=log) -> dict:
         reference = f"refs/{name}.png"
         put(reference, clean)
         rows[split].append({"image_path": reference, "reference": reference, "source": name,
-                            "distortion": "none", "level": 0, "quality": float(LEVELS)})
+                            "distortion": "none", "level": 0, TARGET: float(LEVELS)})
         for kind_index, kind in enumerate(config.kinds):
             for level in range(1, LEVELS + 1):
                 path = f"images/{name}_{kind}_{level}.png"
@@ -111,7 +115,7 @@ def run_make_fr(config: MakeFRConfig, log=log) -> dict:
                                   + kind_index))
                 rows[split].append({"image_path": path, "reference": reference,
                                     "source": name, "distortion": kind, "level": level,
-                                    "quality": float(LEVELS - level)})
+                                    TARGET: float(LEVELS - level)})
         if grid_source is None:
             grid_source = clean
         if bar is not None:
@@ -121,7 +125,7 @@ def run_make_fr(config: MakeFRConfig, log=log) -> dict:
     for split, split_rows in rows.items():
         text = io.StringIO()
         writer = csv.DictWriter(text, ["image_path", "reference", "source", "distortion",
-                                       "level", "quality"])
+                                       "level", TARGET])
         writer.writeheader()
         writer.writerows(split_rows)
         fs.pipe_file(root.rstrip("/") + f"/{split}.csv", text.getvalue().encode())

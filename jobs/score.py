@@ -105,6 +105,7 @@ def run_score(config: ScoreConfig, log=log, model_stage: type | None = None) -> 
     from iqray.pipeline.staging import stage_model  # no torch: a rerun with nothing to do
 
     spec = stage_model(config.model, storage, mode=config.mode)
+    architecture(spec.config).check_can_score(spec.config)
     summary.mark("model_staged")
     fr = spec.config.full_reference
     if fr != wants_references(read):

@@ -29,9 +29,10 @@ from iqray.jobs.labelled import (
     head_data,
     image_rows,
     labelled_rows,
+    normalised_targets,
 )
 from iqray.model.registry import architecture
-from iqray.model.training import DISTORTION_CLASSES, HEADS, TrainSettings
+from iqray.model.training import DISTORTION_CLASSES, TrainSettings
 from iqray.pipeline.io.storage import StorageConfig
 from iqray.pipeline.io.tables import read_table
 
@@ -61,6 +62,15 @@ class TrainConfig(LabelledDataConfig, TrainSettings):
         default=None, description="MOS scale of quality (default: min/max of train)")
     alignment_range: tuple[float, float] | None = Field(
         default=None, description="MOS scale of alignment (default: min/max of train)")
+
+    def label_ranges(self, heads: tuple[str, ...]
+                     ) -> dict[str, tuple[tuple[float, float] | None, str]]:
+        """Each head's given MOS scale and the flag that gives it, by position (as
+        :meth:`label_columns`): --quality-range for the first head, --alignment-range the
+        second."""
+        given = ((self.quality_range, "--quality-range"),
+                 (self.alignment_range, "--alignment-range"))
+        return dict(zip(heads, given, strict=False))
 
     @model_validator(mode="after")
     def _splits(self) -> TrainConfig:
@@ -98,10 +108,8 @@ def split_tables(config: TrainConfig, storage: StorageConfig, workdir: Path
 def pixel_data(rows: Labelled, scales: dict[str, tuple[float, float]]):
     from iqray.model.training import ImageRows
 
-    targets = {head: torch.as_tensor((rows.mos[head] - scales[head][0])
-                                     / (scales[head][1] - scales[head][0]), dtype=torch.float32)
-               for head in HEADS}
-    return ImageRows(rows.pixels, rows.prompts, targets, fine_areas=rows.fine_areas)
+    return ImageRows(rows.pixels, rows.prompts, normalised_targets(rows, scales),
+                     fine_areas=rows.fine_areas)
 
 
 def level_rows(model, rows: Labelled, scales: dict[str, tuple[float, float]],
@@ -118,31 +126,28 @@ def level_rows(model, rows: Labelled, scales: dict[str, tuple[float, float]],
     features = level_features(model, rows.pixels, on_batch=bar.update if bar else None)
     if bar is not None:
         bar.close()
-    low, high = scales["quality"]
-    targets = {"quality": torch.as_tensor((rows.mos["quality"] - low) / (high - low),
-                                          dtype=torch.float32),
-               "alignment": torch.full((len(rows.shas),), float("nan"))}
-    return LevelRows(features, targets)
+    return LevelRows(features, normalised_targets(rows, scales))
 
 
-def data_hash(*splits: Labelled) -> str:
+def data_hash(heads: tuple[str, ...], *splits: Labelled) -> str:
+    """What the model was trained on: every row's image and ratings, head by head."""
     digest = hashlib.sha256()
     for rows in splits:
-        for sha, q, a in zip(rows.shas, rows.mos["quality"], rows.mos["alignment"],
-                             strict=True):
-            digest.update(f"{sha}:{q:.6f}:{a:.6f}\n".encode())
+        for i, sha in enumerate(rows.shas):
+            ratings = ":".join(f"{rows.mos[head][i]:.6f}" for head in heads)
+            digest.update(f"{sha}:{ratings}\n".encode())
     return digest.hexdigest()
 
 
-def default_scale(values: np.ndarray, given: tuple[float, float] | None, head: str
-                  ) -> tuple[float, float]:
+def default_scale(values: np.ndarray, given: tuple[float, float] | None, head: str,
+                  flag: str) -> tuple[float, float]:
     if given is not None:
         return float(given[0]), float(given[1])
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return 0.0, 1.0  # no targets for this head: its scale is unused
     if np.ptp(finite) == 0:
-        raise ValueError(f"all {head} MOS values are equal; set --{head}-range")
+        raise ValueError(f"all {head} MOS values are equal; set {flag}")
     return float(finite.min()), float(finite.max())
 
 
@@ -163,6 +168,8 @@ def run_train(config: TrainConfig, log=log) -> dict:
     image_root = config.image_root or _default_root(config.input)
     model = iqray.model.load(config.model, device="cpu", allow_download=False, mode=config.mode)
     arch = architecture(model)
+    if arch.training is None:
+        raise ValueError(f"{arch.name} models have nothing `iqray train` fits")
     if config.towers == "finetune":
         arch.require("finetune", "--towers finetune")
     # Architectures whose frozen features are level taps keep them in memory (no cache).
@@ -172,8 +179,6 @@ def run_train(config: TrainConfig, log=log) -> dict:
             and config.reference_template is None:
         raise ValueError("--mode fr trains on (image, reference) rows: give "
                          "--reference-column or --reference-template")
-    if "alignment" not in arch.heads:
-        config = config.model_copy(update={"alignment_column": None})
     settings = TrainSettings.model_validate(config.model_dump(
         include=set(TrainSettings.model_fields)))
     with tempfile.TemporaryDirectory(prefix="iqray-train-") as workdir:
@@ -188,20 +193,17 @@ def run_train(config: TrainConfig, log=log) -> dict:
             splits = {}
             for split, url in tables.items():
                 cache = embed_table(config, url, image_root, log=lambda *a: None)
-                splits[split] = labelled_rows(config, url, cache)
+                splits[split] = labelled_rows(config, url, cache, arch.heads)
         for split, rows in splits.items():
             log(f"{split}: {len(rows.shas)} rows"
                 + (f", {rows.dropped} dropped (unreadable)" if rows.dropped else ""))
         train_groups = (groups_for(config, tables["train"], splits["train"].rows)
                         if config.group_weight > 0 else None)
-    scales = {head: default_scale(splits["train"].mos[head],
-                                  getattr(config, f"{head}_range"), head) for head in HEADS}
-    updates = {"trained": True,
-               "quality_scale": ScoreScale(low=scales["quality"][0], high=scales["quality"][1])}
-    if "alignment" in arch.heads:
-        updates["alignment_scale"] = ScoreScale(low=scales["alignment"][0],
-                                                high=scales["alignment"][1])
-    model.config = model.config.model_copy(update=updates)
+    scales = {head: default_scale(splits["train"].mos[head], given, head, flag)
+              for head, (given, flag) in config.label_ranges(arch.heads).items()}
+    # Each head's scale is its config's `<head>_scale` (MST-CLIPIQA: quality_scale, ...).
+    model.config = model.config.model_copy(update={"trained": True, **{
+        f"{head}_scale": ScoreScale(low=low, high=high) for head, (low, high) in scales.items()}})
     if levels:
         train, val = (level_rows(model, splits[s], scales, bars(config.progress), s)
                       for s in ("train", "val"))
@@ -210,8 +212,9 @@ def run_train(config: TrainConfig, log=log) -> dict:
     else:
         train = head_data(cache, splits["train"], scales)
         val = head_data(cache, splits["val"], scales)
-        model.prime_prompt_cache(cache.load_prompts(
-            {p for p in train.prompts + val.prompts if p}))
+        if model.config.prompt_aware:
+            model.prime_prompt_cache(cache.load_prompts(
+                {p for p in train.prompts + val.prompts if p}))
     if train_groups is not None:  # auxiliary labels come from the training rows only
         group_names = sorted(set(train_groups))
         train.groups = torch.as_tensor([group_names.index(n) for n in train_groups])
@@ -255,7 +258,7 @@ def run_train(config: TrainConfig, log=log) -> dict:
                                 name=f"train rows of {config.input}")
     model.config = model.config.model_copy(update={"score_reference": reference})
     summary = {head: mean_std([r.best_val[head] for r in results])
-               for head in (*HEADS, "mean") if head in best.best_val}
+               for head in (*arch.heads, "mean") if head in best.best_val}
     metrics = {"val_srcc": summary, "repeats": [
         {"seed": r.seed, "best_epoch": r.best_epoch, "val_srcc": r.best_val} for r in results],
         "selected_seed": best.seed, "rows": {k: len(v.shas) for k, v in splits.items()},
@@ -263,7 +266,7 @@ def run_train(config: TrainConfig, log=log) -> dict:
     output = Path(config.output)
     save_checkpoint(model, output, metrics=metrics, include_towers=finetune,
                     weights_dtype=config.weights_dtype,
-                    data_hash=data_hash(splits["train"], splits["val"]),
+                    data_hash=data_hash(arch.heads, splits["train"], splits["val"]),
                     extra={"training": {"train": tables["train"] if config.val else config.input,
                                         "val": config.val, "split_column": config.split_column,
                                         "cache": config.cache, "towers": config.towers}})
@@ -324,9 +327,15 @@ class _EpochBar:
             self.enabled = False  # a closed bar stays closed
 
 
+def _val_srcc_heads(record: dict) -> list[str]:
+    """The heads an epoch record has a validation SRCC of, in order."""
+    return [key.removeprefix("val_srcc_") for key in record
+            if key.startswith("val_srcc_") and key != "val_srcc_mean"]
+
+
 def _mos_postfix(record: dict) -> dict[str, str]:
-    heads = {h[0]: record[f"val_srcc_{h}"] for h in HEADS
-             if f"val_srcc_{h}" in record}  # q=..., a=...: each head's val SRCC
+    heads = {h[0]: record[f"val_srcc_{h}"]
+             for h in _val_srcc_heads(record)}  # q=..., a=...: each head's val SRCC
     return {"loss": f"{record['train_loss']:.4f}",
             "val_srcc": "/".join(f"{k} {v:.3f}" for k, v in heads.items())}
 
@@ -358,11 +367,10 @@ def plot_training_curves(results, path: Path) -> None:
     for result in results:
         epochs = [h["epoch"] for h in result.history]
         loss_ax.plot(epochs, [h["train_loss"] for h in result.history], label=f"seed {result.seed}")
-        for head, style in (("quality", "-"), ("alignment", "--")):
-            key = f"val_srcc_{head}"
-            if key in result.history[0]:
-                srcc_ax.plot(epochs, [h[key] for h in result.history], style,
-                             label=f"{head}, seed {result.seed}")
+        for head, style in zip(_val_srcc_heads(result.history[0]), ("-", "--", ":", "-."),
+                               strict=False):
+            srcc_ax.plot(epochs, [h[f"val_srcc_{head}"] for h in result.history], style,
+                         label=f"{head}, seed {result.seed}")
         srcc_ax.axvline(result.best_epoch, color="grey", alpha=0.3)
     loss_ax.set(title="train loss", xlabel="epoch")
     srcc_ax.set(title="validation SRCC (grey: selected epoch)", xlabel="epoch")

@@ -97,6 +97,10 @@ class MSTConfig(_Strict):
         return ("coarse", "fine")
 
     @property
+    def embedding_dim(self) -> int:  # of each tower's embedding, as the cache stores it
+        return self.heads.embed_dim
+
+    @property
     def output_names(self) -> list[str]:
         return ["quality", "alignment"]
 

@@ -35,6 +35,15 @@ class Architecture:
     finetune: bool  # `iqray train --towers finetune` (towers trained end to end)
     int8: bool  # `--precision int8` (dynamic quantisation of the image towers)
     compile: bool  # `--compile` (torch.compile of the image towers)
+    zero_shot: bool = True  # scores before `iqray train` has fitted anything
+
+    def check_can_score(self, config) -> None:
+        """ValueError in one line for an untrained model of an architecture that has no
+        zero-shot scores (its untrained head would only produce noise)."""
+        if not config.trained and not self.zero_shot:
+            raise ValueError(f"{self.name} has no zero-shot scores: give a trained checkpoint "
+                             "(`iqray train`, or published weights converted as the README "
+                             "shows), not the untrained preset")
 
     def config_type(self) -> type:
         return _resolve(self.config_class)

@@ -107,6 +107,9 @@ class ScoringModule(nn.Module):
         tensor; a list of them; or an NCHW batch at the model's crop shape (uint8 crops, or
         floats already normalised). One float32 array per output (``output_names``); scores
         do not depend on batch size or on the other rows of a batch."""
+        from iqray.model.registry import architecture
+
+        architecture(self.config).check_can_score(self.config)
         images = image_batch(images, self.transform.channels, self.transform.size)
         count = len(images)
         prompts = prompt_list(prompts, count)

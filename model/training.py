@@ -47,7 +47,20 @@ from iqray.model.distortions import KINDS, LEVELS, distort
 from iqray.model.metrics import srcc
 from iqray.model.mst_clipiqa import MSTClipIQA
 
-HEADS = ("quality", "alignment")
+HEADS = ("quality", "alignment")  # MST-CLIPIQA's; other models: model_heads(model)
+
+
+def model_heads(model) -> tuple[str, ...]:
+    """What ``model`` learns from ratings, in its architecture's order (the first is what
+    --quality-column rates, the second what --alignment-column rates)."""
+    from iqray.model.registry import architecture
+
+    return architecture(model).heads
+
+
+def head_weights(settings: TrainSettings, heads: tuple[str, ...]) -> dict[str, float]:
+    """Loss weight per head: --quality-weight for the first, --alignment-weight the second."""
+    return dict(zip(heads, (settings.quality_weight, settings.alignment_weight), strict=False))
 Item = TypeVar("Item")
 
 
@@ -61,9 +74,10 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay")
     rank_weight: float = Field(default=1.0, ge=0, description="lambda of the ranking hinge")
     margin: float = Field(default=0.1, ge=0, description="hinge margin, normalised MOS units")
-    quality_weight: float = Field(default=1.0, ge=0, description="weight of the quality head")
-    alignment_weight: float = Field(default=1.0, ge=0,
-                                    description="weight of the alignment head")
+    quality_weight: float = Field(default=1.0, ge=0, description="weight of the quality head "
+                                  "(another model's first head)")
+    alignment_weight: float = Field(default=1.0, ge=0, description="weight of the alignment "
+                                    "head (another model's second head)")
     seed: int = Field(default=0, description="seed of the first repeat")
     group_weight: float = Field(
         default=0.0, ge=0, description="weight of the auxiliary group-classification loss "
@@ -84,10 +98,10 @@ class TrainSettings(BaseModel):
 
 @dataclass
 class HeadData:
-    """Rows for the heads: tower embeddings, prompts, normalised targets (NaN = none)."""
+    """Rows for the heads: tower embeddings (one tensor per tower role: MST-CLIPIQA's coarse
+    and fine), prompts, normalised targets (NaN = none)."""
 
-    coarse: torch.Tensor
-    fine: torch.Tensor
+    embeddings: tuple[torch.Tensor, ...]
     prompts: list[str | None]
     targets: dict[str, torch.Tensor]
     groups: torch.Tensor | None = None  # int64 class per row (auxiliary loss), -1 = none
@@ -97,7 +111,7 @@ class HeadData:
 
     def subset(self, index: torch.Tensor) -> HeadData:
         rows = index.tolist()
-        return HeadData(self.coarse[index], self.fine[index], [self.prompts[i] for i in rows],
+        return HeadData(tuple(e[index] for e in self.embeddings), [self.prompts[i] for i in rows],
                         {k: v[index] for k, v in self.targets.items()},
                         None if self.groups is None else self.groups[index])
 
@@ -174,6 +188,15 @@ def level_features(model: BPCLIP, pixels: torch.Tensor, batch_size: int = 64,
     return LevelFeatures.cat(parts)
 
 
+def forward_cached(model, embeddings: tuple[torch.Tensor, ...], prompts: list[str | None],
+                   group_classifier: torch.nn.Module | None = None, grad: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """The heads on cached embeddings (normalised predictions); prompts are encoded only for
+    models whose heads read them."""
+    encoded = model.encode_prompts(prompts, grad=grad) if model.config.prompt_aware else None
+    return model.forward_heads(*embeddings, encoded, group_classifier=group_classifier)
+
+
 def predict(model: MSTClipIQA | BPCLIP, data: HeadData | LevelRows, batch_size: int = 256
             ) -> dict[str, np.ndarray]:
     """Normalised predictions of the model's heads for every row."""
@@ -187,13 +210,14 @@ def predict(model: MSTClipIQA | BPCLIP, data: HeadData | LevelRows, batch_size: 
                              .cpu().numpy())
         return {"quality": np.concatenate(parts) if parts else np.zeros(0)}
     model.eval()
-    out: dict[str, list[np.ndarray]] = {h: [] for h in HEADS}
+    heads = model_heads(model)
+    out: dict[str, list[np.ndarray]] = {h: [] for h in heads}
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
             rows = slice(start, start + batch_size)
-            prompts = model.encode_prompts(data.prompts[rows])
-            pred = model.forward_heads(data.coarse[rows], data.fine[rows], prompts)
-            for head in HEADS:
+            pred = forward_cached(model, tuple(e[rows] for e in data.embeddings),
+                                  data.prompts[rows])
+            for head in heads:
                 out[head].append(pred[head].cpu().numpy())
     return {h: np.concatenate(v) if v else np.zeros(0) for h, v in out.items()}
 
@@ -201,14 +225,15 @@ def predict(model: MSTClipIQA | BPCLIP, data: HeadData | LevelRows, batch_size: 
 def validation_srcc(model: MSTClipIQA | BPCLIP, data: HeadData | LevelRows
                     ) -> dict[str, float]:
     pred = predict(model, data)
+    heads = model_heads(model)
     scores = {}
-    for head in HEADS:
+    for head in heads:
         if head not in pred:
             continue
         target = data.targets[head].numpy()
         if np.isfinite(target).sum() >= 3:
             scores[head] = srcc(pred[head], target)
-    scores["mean"] = float(np.mean([scores[h] for h in HEADS if h in scores]))
+    scores["mean"] = float(np.mean([scores[h] for h in heads if h in scores]))
     return scores
 
 
@@ -236,14 +261,13 @@ class ImageRows:
 def embed_rows(model: MSTClipIQA, rows: ImageRows, batch_size: int = 128) -> HeadData:
     """Tower embeddings of image rows (eval mode, centre views), as cached rows are."""
     model.eval()
-    coarse, fine = [], []
+    parts: list[tuple[torch.Tensor, ...]] = []
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
-            c, f = model.encode_images(model.transform.normalize(
-                rows.pixels[start : start + batch_size]))
-            coarse.append(c)
-            fine.append(f)
-    return HeadData(torch.cat(coarse), torch.cat(fine), rows.prompts, rows.targets)
+            parts.append(tuple(model.encode_images(model.transform.normalize(
+                rows.pixels[start : start + batch_size]))))
+    return HeadData(tuple(torch.cat(role) for role in zip(*parts, strict=True)), rows.prompts,
+                    rows.targets)
 
 
 def reference_stats(model: MSTClipIQA | BPCLIP, data: HeadData | LevelRows, name: str
@@ -272,7 +296,7 @@ def group_classifier(model: MSTClipIQA, train, settings: TrainSettings, seed: in
                          "(--group-column or --group-pattern)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 2)
-        return torch.nn.Linear(model.config.heads.embed_dim, int(train.groups.max()) + 1).to(
+        return torch.nn.Linear(model.config.embedding_dim, int(train.groups.max()) + 1).to(
             model.device)
 
 
@@ -287,8 +311,8 @@ def fit_heads(model: MSTClipIQA, train: HeadData, val: HeadData, settings: Train
                + _params(classifier), "lr": settings.lr}]
 
     def forward(batch: HeadData) -> dict[str, torch.Tensor]:
-        return model.forward_heads(batch.coarse, batch.fine, model.encode_prompts(batch.prompts),
-                                   group_classifier=classifier)
+        return forward_cached(model, batch.embeddings, batch.prompts,
+                              group_classifier=classifier)
 
     return _fit(model, train, val, settings, seed, params, forward,
                 lambda: validation_srcc(model, val), model.trainable_state_dict, on_epoch)
@@ -587,7 +611,7 @@ def _fit(model: MSTClipIQA | BPCLIP, train, val, settings: TrainSettings, seed: 
     steps_per_epoch = max(1, math.ceil(len(train) / settings.train_batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimiser, T_max=settings.epochs * steps_per_epoch)
-    weights = {"quality": settings.quality_weight, "alignment": settings.alignment_weight}
+    weights = head_weights(settings, model_heads(model))
     generator = torch.Generator().manual_seed(seed)
     average = (WeightAverage(model, set(state()), settings.ema_decay)
                if settings.ema_decay > 0 else None)
@@ -603,9 +627,9 @@ def _fit(model: MSTClipIQA | BPCLIP, train, val, settings: TrainSettings, seed: 
         for start in range(0, len(train), settings.train_batch_size):
             batch = train.subset(order[start : start + settings.train_batch_size])
             pred = forward(batch)
-            loss = sum(weights[h] * head_loss(pred[h], batch.targets[h].to(model.device),
+            loss = sum(weight * head_loss(pred[h], batch.targets[h].to(model.device),
                                               settings.margin, settings.rank_weight)
-                       for h in HEADS if weights[h] > 0 and h in pred)
+                       for h, weight in weights.items() if weight > 0 and h in pred)
             if "group_logits" in pred:
                 loss = loss + settings.group_weight * torch.nn.functional.cross_entropy(
                     pred["group_logits"], batch.groups.to(model.device), ignore_index=-1)

@@ -2,7 +2,10 @@
 
     ds = ray.data.read_parquet("s3://bucket/gen/")          # rows with image bytes + prompt
     ds = score_dataset(ds, "iqray-small-agiqa3k", image_column="jpg", prompt_column="caption")
-    ds.filter(lambda row: row["quality"] > 0.5).write_parquet("s3://bucket/kept/")
+    ds.filter(lambda row: row["status"] == "ok").write_parquet("s3://bucket/scored/")
+
+It appends one float32 column per model output (``model.score_range`` names them), then
+``prompt_truncated``, ``image_sha256``, ``status``, ``error`` and ``error_kind``.
 
 The same decode tasks and model actor pool as `iqray score` (:func:`execution.model_stages`),
 sized the same way from ``ray.cluster_resources()``, with the same in-flight bound, OOM
@@ -48,6 +51,7 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
     """
     import ray
 
+    from iqray.model.registry import architecture
     from iqray.pipeline.decode import decode_user_batch
     from iqray.pipeline.scoring import Scorer
     from iqray.pipeline.staging import stage_model
@@ -59,6 +63,7 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
                          "images by iqray score; score_dataset takes 'cpu' or 'device'")
     storage = storage or StorageConfig()
     spec = stage_model(model, storage, mode=mode)
+    architecture(spec.config).check_can_score(spec.config)
     references = reference_column is not None
     if spec.config.full_reference and not references:
         raise ValueError(f"{model} is full-reference: it needs reference_column")

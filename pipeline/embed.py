@@ -21,7 +21,8 @@ PROMPT_CHUNK = 256
 
 
 class Embedder(ModelStage):
-    """Coarse and fine tower embeddings for every decodable image not already cached."""
+    """The towers' embeddings (one per tower role, side by side in one row) for every
+    decodable image not already cached."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
                  prompt_cache_size: int = 4096, known: list | None = None,
@@ -37,29 +38,32 @@ class Embedder(ModelStage):
     def _embed(self, pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             normalised = self.model.transform.normalize(pixels.to(self.model.device))
-            coarse, fine = self.model.encode_images(normalised)
-        return {"coarse": coarse.cpu().numpy(), "fine": fine.cpu().numpy()}
+            vectors = self.model.encode_images(normalised)
+        return {role: v.cpu().numpy() for role, v in zip(self.roles, vectors, strict=True)}
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.model.config.tower_roles)
 
     def process(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
-        count, dim = len(ok), self.model.config.heads.embed_dim
-        coarse = np.zeros((count, dim), self.dtype)
-        fine = np.zeros((count, dim), self.dtype)
+        count, dim = len(ok), self.model.config.embedding_dim
+        embeddings = np.zeros((count, len(self.roles) * dim), self.dtype)
         error = np.zeros(count, np.float32)
         todo = np.array([bool(ok[i]) and batch[R.IMAGE_SHA256][i] not in self.known
                          for i in range(count)], dtype=bool)
         index = np.flatnonzero(todo)
         if index.size:
             out = split_on_oom(self._embed, self.pixels(batch, index), [None] * index.size)
-            for name, target in (("coarse", coarse), ("fine", fine)):
-                exact = out[name]
-                target[index] = exact.astype(self.dtype)
+            for number, role in enumerate(self.roles):
+                exact = out[role]
+                columns = slice(number * dim, (number + 1) * dim)
+                embeddings[index, columns] = exact.astype(self.dtype)
                 # Storage error on the unit sphere, which is what the heads consume.
                 unit = exact / np.linalg.norm(exact, axis=1, keepdims=True)
-                stored = target[index].astype(np.float32)
+                stored = embeddings[index, columns].astype(np.float32)
                 stored /= np.linalg.norm(stored, axis=1, keepdims=True)
                 error[index] = np.maximum(error[index], np.abs(unit - stored).max(axis=1))
-        batch[R.COARSE] = coarse
-        batch[R.FINE] = fine
+        batch[R.EMBEDDINGS] = embeddings
         batch[R.EMBEDDED] = todo
         batch[R.EMBED_ERROR] = error
 
@@ -83,8 +87,8 @@ class EmbedSink:
             shas = [shas[i] for i in keep]
             self.added.update(shas)
             self.embedded += len(shas)
-            self.cache.add_images(shas, _vectors(fresh[R.COARSE], self.dim),
-                                  _vectors(fresh[R.FINE], self.dim))
+            side_by_side = _vectors(fresh[R.EMBEDDINGS], self.dim * len(self.cache.roles))
+            self.cache.add_images(shas, *np.split(side_by_side, len(self.cache.roles), axis=1))
             self.max_error = max(self.max_error, pc.max(fresh[R.EMBED_ERROR]).as_py() or 0.0)
         self.writer.add(table)
 

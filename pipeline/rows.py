@@ -55,8 +55,7 @@ PUBLIC_ERROR_KIND = "error_kind"
 PROMPT_TRUNCATED = "prompt_truncated"
 MODEL_S = "_model_s"
 MODEL_NODE = "_model_node"
-COARSE = "_coarse"
-FINE = "_fine"
+EMBEDDINGS = "_embeddings"
 EMBEDDED = "_embedded"
 EMBED_ERROR = "_embed_error"
 
@@ -131,9 +130,8 @@ COLUMNS: dict[str, Column] = {c.name: c for c in (
            "than the text tower's context", "model", ("writer", "user")),
     Column(MODEL_S, "float", False, "model-stage seconds per row", "model", ("driver",)),
     Column(MODEL_NODE, "str", True, "Ray node of the model actor", "model", ("driver",)),
-    Column(COARSE, "vectors", False, "Embedder: coarse tower embedding (zeros if not "
-           "embedded)", "model", ("embed sink",)),
-    Column(FINE, "vectors", False, "Embedder: fine tower embedding", "model",
+    Column(EMBEDDINGS, "vectors", False, "Embedder: the towers' embeddings side by side, one "
+           "per tower role (MST-CLIPIQA: coarse then fine; zeros if not embedded)", "model",
            ("embed sink",)),
     Column(EMBEDDED, "bool", False, "Embedder: this row's embeddings are new to the cache",
            "model", ("embed sink",)),
@@ -152,7 +150,7 @@ STAGE_OUTPUT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "read": (_READ, (PIXELS, STATUS)),
     "decode": (_DECODED, (IMAGE, REFERENCE, STATUS)),
     "model": (_MODELLED, (PIXELS, ENCODED, IMAGE, ERROR, ERROR_KIND)),
-    "embed": (_MODELLED + (COARSE, FINE, EMBEDDED, EMBED_ERROR),
+    "embed": (_MODELLED + (EMBEDDINGS, EMBEDDED, EMBED_ERROR),
               (PIXELS, ENCODED, IMAGE, ERROR, ERROR_KIND)),
 }
 

@@ -129,7 +129,7 @@ def split_on_oom(score: Callable[[torch.Tensor, list], dict[str, np.ndarray]],
 
 # Columns restore_nulls leaves alone: numbers whose NaN means NaN, not an all-None column
 # (with the model's own outputs).
-SCORE_NUMBERS = {R.READ_S, R.DECODE_S, R.MODEL_S, R.COARSE, R.FINE,
+SCORE_NUMBERS = {R.READ_S, R.DECODE_S, R.MODEL_S, R.EMBEDDINGS,
                  R.EMBED_ERROR, R.DECODE_NODE, R.MODEL_NODE}
 
 

@@ -2,8 +2,9 @@
 
 Layout under the cache URL (local or object storage)::
 
-    manifest.json                 format, tower identity + names/tags, dtype, measured fp16 error
-    images/part-<uuid>.parquet    image_sha256, coarse[D], fine[D]    (per image, by content)
+    manifest.json                 format, tower identity + names/tags, roles, dtype, fp16 error
+    images/part-<uuid>.parquet    image_sha256, one [D] column per tower role (MST-CLIPIQA:
+                                  coarse, fine), per image, by content
     prompts/part-<uuid>.parquet   prompt, length, truncated, pooled[D], tokens[length*D]
     index/<shard>.parquet         per input shard: keys, source_file/row, prompt, image_sha256
 
@@ -32,6 +33,7 @@ from iqray.pipeline.io.writer import read_output_metadata
 FORMAT = "iqray-embedding-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LEGACY_ROLES = ("coarse", "fine")  # caches from before the manifest named its roles
 
 
 def index_written_for(meta: dict[str, Any] | None, fingerprint: str, tower_identity: str) -> bool:
@@ -72,7 +74,7 @@ class EmbeddingCache:
         self.storage = storage or StorageConfig()
         self.fs, self.root = self.storage.filesystem(self.url)
         self.root = self.root.rstrip("/")
-        self._pending: list[tuple[list[str], np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[list[str], tuple[np.ndarray, ...]]] = []
         self._manifest: dict[str, Any] | None = None
 
     # -- manifest -------------------------------------------------------------------------
@@ -86,8 +88,9 @@ class EmbeddingCache:
         return self._manifest
 
     def bind(self, tower_identity: str, towers: dict[str, Any], embed_dim: int,
-             dtype: str) -> None:
-        """Create the manifest, or check that an existing cache holds these towers' output."""
+             dtype: str, roles: tuple[str, ...] = LEGACY_ROLES) -> None:
+        """Create the manifest, or check that an existing cache holds these towers' output
+        (``roles``: one embedding per image and role, in the model's order)."""
         existing = self.manifest
         if existing is not None:
             if existing.get("format") != FORMAT:
@@ -100,7 +103,8 @@ class EmbeddingCache:
             return
         self._manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                           "tower_identity": tower_identity, "towers": towers,
-                          "embed_dim": embed_dim, "dtype": dtype, "fp16_max_abs_error": 0.0}
+                          "embed_dim": embed_dim, "dtype": dtype, "fp16_max_abs_error": 0.0,
+                          "roles": list(roles)}
         self._write_manifest()
 
     def record_error(self, max_abs_error: float) -> None:
@@ -121,6 +125,10 @@ class EmbeddingCache:
     def dtype(self) -> str:
         return str(self.manifest["dtype"])
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.manifest.get("roles", LEGACY_ROLES))
+
     # -- images ---------------------------------------------------------------------------
     def _parts(self, folder: str) -> list[str]:
         path = self._path(folder)
@@ -139,22 +147,25 @@ class EmbeddingCache:
             keys.update(self._read(part, ["image_sha256"])["image_sha256"].to_pylist())
         return keys
 
-    def add_images(self, shas: list[str], coarse: np.ndarray, fine: np.ndarray) -> None:
+    def add_images(self, shas: list[str], *vectors: np.ndarray) -> None:
+        """Buffer embeddings of ``shas``: one (n, D) array per role, in :attr:`roles` order."""
+        if len(vectors) != len(self.roles):
+            raise ValueError(f"{len(vectors)} embeddings per image; the cache holds "
+                             f"{len(self.roles)} ({', '.join(self.roles)})")
         if shas:
-            self._pending.append((list(shas), coarse, fine))
+            self._pending.append((list(shas), vectors))
 
     def flush(self) -> None:
         """Write buffered image embeddings as one new part (atomic)."""
         if not self._pending:
             return
         shas = [s for batch in self._pending for s in batch[0]]
-        coarse = np.concatenate([b[1] for b in self._pending])
-        fine = np.concatenate([b[2] for b in self._pending])
+        columns = {"image_sha256": pa.array(shas, pa.string())}
+        for number, role in enumerate(self.roles):
+            columns[role] = _vector_column(
+                np.concatenate([vectors[number] for _, vectors in self._pending]), self.dtype)
         self._pending = []
-        table = pa.table({"image_sha256": pa.array(shas, pa.string()),
-                          "coarse": _vector_column(coarse, self.dtype),
-                          "fine": _vector_column(fine, self.dtype)})
-        self._write_part("images", table)
+        self._write_part("images", pa.table(columns))
 
     def _write_part(self, folder: str, table: pa.Table) -> None:
         buffer = io.BytesIO()
@@ -186,11 +197,11 @@ class EmbeddingCache:
                              np.concatenate(rows)[order] if keys else np.zeros(0, np.int64))
         return self._index_cache
 
-    def load_images(self, shas: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (coarse, fine) embeddings for ``shas`` in that order."""
+    def load_images(self, shas: list[str]) -> tuple[np.ndarray, ...]:
+        """float32 embeddings for ``shas`` in that order, one (n, D) array per role
+        (MST-CLIPIQA: coarse, fine)."""
         parts, keys, part_numbers, rows = self._key_index()
-        coarse = np.empty((len(shas), self.dim), np.float32)
-        fine = np.empty((len(shas), self.dim), np.float32)
+        vectors = tuple(np.empty((len(shas), self.dim), np.float32) for _ in self.roles)
         found = np.zeros(len(shas), bool)
         if len(keys):
             wanted = _prefixes(shas)
@@ -205,14 +216,14 @@ class EmbeddingCache:
                 same = np.array(table["image_sha256"].to_pylist(), dtype=object) == \
                     np.array([shas[i] for i in mine], dtype=object)
                 mine, table = mine[same], table.filter(pa.array(same))
-                coarse[mine] = _matrix(table["coarse"], self.dim)
-                fine[mine] = _matrix(table["fine"], self.dim)
+                for role, target in zip(self.roles, vectors, strict=True):
+                    target[mine] = _matrix(table[role], self.dim)
                 found[mine] = True
         if not found.all():
             missing = [shas[i] for i in np.flatnonzero(~found)]
             raise KeyError(f"{len(missing)} images are not in the cache {self.url} "
                            f"(first: {missing[0]}); run `iqray embed` on them")
-        return coarse, fine
+        return vectors
 
     # -- prompts --------------------------------------------------------------------------
     def prompt_keys(self) -> set[str]:

@@ -50,7 +50,7 @@ def sample_head_data(model, sample, rows, seed=0):
     # A learnable synthetic target: a fixed direction of the coarse embedding.
     direction = torch.randn(coarse.shape[1], generator=torch.Generator().manual_seed(seed))
     score = torch.sigmoid(3 * torch.nn.functional.normalize(coarse, dim=-1) @ direction)
-    return HeadData(coarse.clone(), fine.clone(), [prompts[i] for i in rows],
+    return HeadData((coarse.clone(), fine.clone()), [prompts[i] for i in rows],
                     {"quality": score, "alignment": score.flip(0)})
 
 
