@@ -196,7 +196,58 @@ class BPCLIPConfig(_Strict):
         return None
 
 
-ModelConfig = MSTConfig | BPCLIPConfig
+class AestheticHeadConfig(_Strict):
+    """The LAION improved aesthetic predictor's MLP: Linear layers of these widths with
+    dropout between the first four and no activation (as published: the ReLUs are
+    commented out), so the whole head is affine in the normalised embedding."""
+
+    embed_dim: int = 768  # ViT-L-14's image embedding
+    hidden: list[int] = Field(default_factory=lambda: [1024, 128, 64, 16])
+    dropout: list[float] = Field(default_factory=lambda: [0.2, 0.2, 0.1])
+
+
+class LaionAestheticConfig(_Strict):
+    """The LAION improved aesthetic predictor: an MLP on the L2-normalised CLIP ViT-L-14
+    image embedding, predicting the mean aesthetic rating (about 1-10)."""
+
+    architecture: Literal["laion-aesthetic"] = "laion-aesthetic"
+    description: str = ""
+    tower: TowerConfig = Field(default_factory=lambda: TowerConfig(model_name="ViT-L-14",
+                                                                    pretrained="openai"))
+    image_size: int = 224
+    heads: AestheticHeadConfig = Field(default_factory=AestheticHeadConfig)
+    trained: bool = Field(default=False, description="False: the head is untrained (no "
+                          "zero-shot scores); a checkpoint with the predictor's weights, or "
+                          "one `iqray train` wrote, is trained")
+    score_reference: dict[str, dict[str, float | int | str]] | None = None
+    aesthetic_scale: ScoreScale = Field(default_factory=lambda: ScoreScale(low=1.0, high=10.0))
+
+    @property
+    def tower_roles(self) -> tuple[str, ...]:
+        return ("tower",)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.heads.embed_dim
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["aesthetic"]
+
+    @property
+    def full_reference(self) -> bool:
+        return False
+
+    @property
+    def prompt_aware(self) -> bool:
+        return False
+
+    @property
+    def fine_resize(self) -> None:  # one view
+        return None
+
+
+ModelConfig = MSTConfig | BPCLIPConfig | LaionAestheticConfig
 
 
 def parse_model_config(raw: dict[str, Any]) -> ModelConfig:

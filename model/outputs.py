@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from iqray.model.config import BPCLIPConfig, MSTConfig
+from iqray.model.config import BPCLIPConfig, LaionAestheticConfig, MSTConfig
 
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021: CLIPScore = 2.5 * max(cos, 0)
 
@@ -62,6 +62,16 @@ def bpclip_outputs(config: BPCLIPConfig) -> dict[str, ScoreSpec]:
         spec[name] = ScoreSpec(0.0, 1.0, True, zero_shot,
                                f"mean probability of the good side of {words}")
     return spec
+
+
+def laion_aesthetic_outputs(config: LaionAestheticConfig) -> dict[str, ScoreSpec]:
+    """What the aesthetic score means, from the config alone."""
+    scale = config.aesthetic_scale
+    return {"aesthetic": ScoreSpec(
+        scale.low, scale.high, True, False,
+        "LAION improved aesthetic predictor: MLP on the L2-normalised CLIP image embedding; "
+        "the mean rating people would give (about 1-10 with the published weights; the "
+        "training data's scale when trained with `iqray train`)")}
 
 
 # Runs written before footers listed their outputs were all MST-CLIPIQA runs.

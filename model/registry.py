@@ -94,6 +94,18 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
         score_range="iqray.model.outputs:bpclip_outputs",
         heads=("quality",), training="heads-on-level-features",
         embedding_cache=False, full_reference=True, finetune=False, int8=True, compile=False),
+    Architecture(
+        # The predictor labs filter training and generated images with (NeMo Curator's image
+        # pipeline uses it). Its head has no zero-shot meaning: scores need its weights.
+        name="laion-aesthetic",
+        paper="LAION improved aesthetic predictor (github.com/christophschuhmann/"
+              "improved-aesthetic-predictor)",
+        config_class="iqray.model.config:LaionAestheticConfig",
+        model_class="iqray.model.laion_aesthetic:LaionAesthetic",
+        score_range="iqray.model.outputs:laion_aesthetic_outputs",
+        heads=("aesthetic",), training="heads-on-cached-embeddings",
+        embedding_cache=True, full_reference=False, finetune=False, int8=False, compile=False,
+        zero_shot=False),
 )}
 DEFAULT_ARCHITECTURE = "mst-clipiqa"  # config files from before BPCLIP name none
 _plugins_loaded: set[str] = set()

@@ -8,12 +8,28 @@ import iqray.model
 from iqray.model.registry import ARCHITECTURES, architecture, resolve_name, unknown_model
 
 
+def _minimal_config(name: str) -> dict:
+    """The preset of each architecture (every built-in one ships one)."""
+    import json
+    from importlib import resources
+
+    folder = resources.files("iqray.model") / "configs" / "presets"
+    for path in sorted(folder.iterdir()):
+        if path.name.endswith(".json"):
+            raw = json.loads(path.read_text())
+            if raw.get("architecture") == name:
+                return raw
+    raise AssertionError(f"no preset of {name}")
+
+
 def test_every_architecture_builds_from_its_config_and_declares_its_heads():
     for name, arch in ARCHITECTURES.items():
         config_type = arch.config_type()
         assert config_type.model_fields["architecture"].default == name
         assert hasattr(arch.model_type(), "from_config")
-        assert arch.heads[0] == "quality"
+        # what a model learns from ratings is among what it outputs, in the same order
+        specs = arch.outputs(config_type.model_validate(_minimal_config(name)))
+        assert arch.heads and list(arch.heads) == [o for o in specs if o in arch.heads]
     model = iqray.model.load("mst-clipiqa-tiny-random")
     assert architecture(model) is ARCHITECTURES["mst-clipiqa"]
     assert architecture(model.config) is architecture({}) is ARCHITECTURES["mst-clipiqa"]
