@@ -23,6 +23,7 @@ from iqray.pipeline.io.embed_cache import INDEX_COLUMNS, EmbeddingCache, index_t
 from iqray.pipeline.io.shards import InputColumns
 from iqray.pipeline.io.storage import StorageConfig, check_separate
 from iqray.pipeline.io.writer import ShardWriter, plan_resume
+from iqray.pipeline.local import choose_executor
 from iqray.pipeline.options import (
     ClusterOptions,
     InputURL,
@@ -73,7 +74,7 @@ def run_embed(config: EmbedConfig, log=log) -> RunSummary:
     index_hash = config.index_hash(spec.tower_identity)
     todo, done, _ = plan_resume(shards, cache.index_url(), storage, index_hash, False)
     summary = RunSummary(shards_total=len(shards), shards_skipped=len(done))
-    ray = ensure_ray(config) if todo else None
+    ray = ensure_ray(config) if todo and choose_executor(config, todo) == "ray" else None
     if ray is not None:
         spec.put_files(ray.put)
     known = cache.image_keys()
@@ -88,7 +89,8 @@ def run_embed(config: EmbedConfig, log=log) -> RunSummary:
         f"{len(todo)} to embed; cache {config.cache} holds {len(known)} images")
     if todo:
         execute(config, ray, spec, Embedder, todo, key_columns, sink, summary,
-                stage_kwargs={"known": [ray.put(known)], "dtype": config.dtype})
+                stage_kwargs={"known": [ray.put(known) if ray is not None else known],
+                              "dtype": config.dtype})
     summary.shards_scored = len(todo)
     summary.account(writer)
     summary.outputs = sorted(writer.committed)  # commit order depends on timing

@@ -22,6 +22,7 @@ from iqray.pipeline.io.discovery import discover_shards, inspect_input
 from iqray.pipeline.io.shards import InputColumns, Sampling, Shard, wants_references
 from iqray.pipeline.io.storage import StorageConfig, check_separate
 from iqray.pipeline.io.writer import ShardWriter, plan_resume, score_schema
+from iqray.pipeline.local import choose_executor
 from iqray.pipeline.options import (
     ClusterOptions,
     InputURL,
@@ -143,7 +144,8 @@ def run_score(config: ScoreConfig, log=log, model_stage: type | None = None) -> 
                                            config.retry_failed)
     summary.shards_total, summary.shards_skipped = len(shards), len(done)
     summary.mark("planned")  # the fast-path gates and resume, after staging
-    ray = ensure_ray(config) if todo else None
+    executor = choose_executor(config, todo)
+    ray = ensure_ray(config) if todo and executor == "ray" else None
     if ray is not None:
         spec.put_files(ray.put)
         summary.mark("ray_started")
@@ -165,7 +167,8 @@ def run_score(config: ScoreConfig, log=log, model_stage: type | None = None) -> 
                          schema=score_schema(spec.config.output_names,
                                              spec.config.prompt_aware))
     log(f"iqray score: {len(shards)} shards in {config.input}; {len(done)} already committed, "
-        f"{len(todo)} to score; model {spec.name} ({metadata['score_mode']})")
+        f"{len(todo)} to score; model {spec.name} ({metadata['score_mode']})"
+        + ("; in this process (--executor local)" if todo and ray is None else ""))
     if not preview:  # an earlier run's _SUCCESS / _UNFINISHED says nothing of this one
         writer.clear_run_records()
     from_cache = []

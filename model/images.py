@@ -93,7 +93,12 @@ def _open_encoded(fp: Any, where: str, max_pixels: int,
         return image
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{where}: above the limit of PIL's bomb check: {exc}") from exc
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
+    except Image.UnidentifiedImageError as exc:
+        # PIL's message names the buffer object's address: the same file would give a
+        # different error row on every run.
+        raise ImageDecodeError(f"{where}: cannot decode image: not in a format PIL "
+                               "reads") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(f"{where}: cannot decode image: {exc}") from exc
 
 

@@ -30,9 +30,14 @@ class Embedder(ModelStage):
         # A cache is shared by every later run of the same towers: fp32 towers only
         # (compiled towers are fp32 too).
         super().__init__(spec, device, threads, prompt_cache_size, compile=compile)
-        import ray
+        self.known: set[str] = set()
+        if known:  # an object ref on Ray (one copy for every actor), the set in process
+            if isinstance(known[0], set | frozenset):
+                self.known = set(known[0])
+            else:
+                import ray
 
-        self.known: set[str] = ray.get(known[0]) if known else set()
+                self.known = ray.get(known[0])
         self.dtype = np.dtype(dtype)
 
     def _embed(self, pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:

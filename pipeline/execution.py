@@ -404,6 +404,15 @@ def configure_context(context, config: StageConfig, spec, plan: dict[str, Any],
         object_store_memory=in_flight)
 
 
+def decode_task_options(config: StageConfig, spec, references: bool,
+                        keep_image_bytes: bool) -> dict[str, Any]:
+    """What every decode call is given, whichever executor runs it."""
+    return {"image_size": spec.config.image_size, "references": references,
+            "fine_resize": spec.config.fine_resize, "max_pixels": config.max_pixels,
+            "timeout_s": config.decode_timeout_s, "keep_image_bytes": keep_image_bytes,
+            "jpeg_on_device": config.decode == "device", "reduced": config.decode == "fast"}
+
+
 def model_stages(ds, config: StageConfig, spec, plan: dict[str, Any], stage_cls: type,
                  references: bool, stage_kwargs: dict[str, Any] | None = None,
                  decode_fn=None, decode_kwargs: dict[str, Any] | None = None,
@@ -420,14 +429,8 @@ def model_stages(ds, config: StageConfig, spec, plan: dict[str, Any], stage_cls:
     ds = ds.map_batches(decode_fn or decode_batch, batch_size=config.decode_batch_size,
                         num_cpus=DECODE_TASK_CPUS, memory=DECODE_TASK_MEMORY,
                         batch_format="numpy",
-                        fn_kwargs={"image_size": spec.config.image_size,
-                                   "references": references,
-                                   "fine_resize": spec.config.fine_resize,
-                                   "max_pixels": config.max_pixels,
-                                   "timeout_s": config.decode_timeout_s,
-                                   "keep_image_bytes": keep_image_bytes,
-                                   "jpeg_on_device": config.decode == "device",
-                                   "reduced": config.decode == "fast",
+                        fn_kwargs={**decode_task_options(config, spec, references,
+                                                         keep_image_bytes),
                                    **(decode_kwargs or {})})
     return ds.map_batches(
         stage_cls, batch_size=config.batch_size, batch_format="numpy",
@@ -447,11 +450,16 @@ def execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
             key_columns: list[str], sink: Sink, summary: RunSummary,
             stage_kwargs: dict[str, Any] | None = None, keep_image_bytes: bool = False
             ) -> None:
-    """Run the stages over ``todo`` and stream every block into ``sink``; Ctrl-C ends it as
+    """Run the stages over ``todo`` and stream every block into ``sink``: on Ray Data, or
+    with ``ray`` None in this process (:mod:`iqray.pipeline.local`). Ctrl-C ends it as
     :class:`RunInterrupted`, counting the shards the sink's writer committed."""
     try:
-        _execute(config, ray, spec, stage_cls, todo, key_columns, sink, summary,
-                 stage_kwargs, keep_image_bytes)
+        if ray is None:
+            _execute_local(config, spec, stage_cls, todo, key_columns, sink, summary,
+                           stage_kwargs, keep_image_bytes)
+        else:
+            _execute(config, ray, spec, stage_cls, todo, key_columns, sink, summary,
+                     stage_kwargs, keep_image_bytes)
     except ErrorBudgetExceeded:
         raise
     except Exception as exc:  # a stage's bug arrives wrapped in Ray's task errors
@@ -495,6 +503,32 @@ def _execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
     ds = model_stages(ds, config, spec, plan, stage_cls, references, stage_kwargs,
                       keep_image_bytes=keep_image_bytes)
 
+    _drive(ds.iter_batches(batch_size=None, batch_format="pyarrow"), config, todo, sink,
+           summary)
+    summary.operators = re.findall(r"Operator \d+ (.+?):", ds.stats())
+    summary.spilled_bytes = _spilled_bytes(ds)
+    summary.stage_workers = {"read": plan["decode_workers"], "decode": plan["decode_workers"],
+                             "model": plan["actors"], "write": 1}
+    _finish(config, sink, summary)
+
+
+def _execute_local(config: PipelineJob, spec, stage_cls: type, todo: list[Shard],
+                   key_columns: list[str], sink: Sink, summary: RunSummary,
+                   stage_kwargs: dict[str, Any] | None, keep_image_bytes: bool) -> None:
+    from iqray.pipeline.local import decode_threads, local_batches
+
+    _drive(local_batches(config, spec, stage_cls, todo, key_columns, stage_kwargs,
+                         keep_image_bytes), config, todo, sink, summary)
+    summary.operators = ["in process: read", f"decode ({decode_threads()} threads)", "model"]
+    summary.stage_workers = {"read": 1, "decode": decode_threads(), "model": 1, "write": 1}
+    _finish(config, sink, summary)
+
+
+def _drive(tables, config: PipelineJob, todo: list[Shard], sink: Sink,
+           summary: RunSummary) -> None:
+    """The driver loop: every block of scored rows into the sink, with progress, per-stage
+    busy time, rows per node and the error budget checked as rows arrive."""
+    limit = getattr(config, "limit", None)  # previews only
     total = sum(s.estimated_rows or 0 for s in todo) or None
     if limit:
         total = min(total or limit, limit)
@@ -504,7 +538,7 @@ def _execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
     nodes: dict[str, Counter] = {"decode": Counter(), "model": Counter()}
     write_s = 0.0
     first_at, first_rows = None, 0
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for table in tables:
         # --commit actors: tally rows, each standing for TALLY_ROWS rows (stage sums)
         weights = (table[R.TALLY_ROWS].to_pylist() if R.TALLY_ROWS in table.column_names
                    else None)
@@ -529,8 +563,6 @@ def _execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
         progress.update(rows)
         check_error_budget(*sink.tally(), config.max_error_fraction, final=False)
     summary.mark("last_row")
-    summary.operators = re.findall(r"Operator \d+ (.+?):", ds.stats())
-    summary.spilled_bytes = _spilled_bytes(ds)
     if first_at is not None and seen > first_rows:
         summary.steady_rows_per_s = (seen - first_rows) / max(
             time.perf_counter() - first_at, 1e-9)
@@ -541,8 +573,9 @@ def _execute(config: PipelineJob, ray, spec, stage_cls: type, todo: list[Shard],
     summary.rows_per_node = {stage: dict(c) for stage, c in nodes.items() if c}
     summary.stage_busy_s = {**{k: round(v, 3) for k, v in busy.items()},
                             "write": round(write_s, 3)}
-    summary.stage_workers = {"read": plan["decode_workers"], "decode": plan["decode_workers"],
-                             "model": plan["actors"], "write": 1}
+
+
+def _finish(config: PipelineJob, sink: Sink, summary: RunSummary) -> None:
     summary.bottleneck = _bottleneck(summary)
     check_error_budget(*sink.tally(), config.max_error_fraction, final=True)
 

@@ -113,6 +113,11 @@ class StageConfig(OptionGroup):
 class ClusterOptions(OptionGroup):
     group_title: ClassVar[str] = "cluster"
 
+    executor: Literal["auto", "local", "ray"] = Field(
+        default="auto", description="where the stages run: ray (Ray Data tasks and an actor "
+        "pool), local (this process: threads read and decode, the model runs here; no Ray "
+        "start-up), auto (local for up to 2000 input rows on this machine unless a Ray "
+        "option or --commit actors is given, else ray)")
     ray_address: str | None = Field(default=None,
                                     description="'auto' to join a cluster; default: local Ray")
     ray_num_cpus: int | None = Field(default=None, gt=0, description="CPUs for local Ray")
@@ -182,6 +187,7 @@ class PipelineJob:
         "decode_check": "a gate that refuses a run, never changes one",
         "commit": "who writes the files: the same rows either way",
         "ray_address": "where the work runs", "ray_num_cpus": "where the work runs",
+        "executor": "where the work runs: the same stages either way",
         "object_store_memory": "where the work runs",
         "s3_endpoint": "how storage is reached", "s3_anonymous": "how storage is reached",
         "s3_max_attempts": "how storage is reached",

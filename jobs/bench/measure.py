@@ -274,7 +274,7 @@ def bench_pipeline(model_name: str, data: BenchData, half: BenchData, output: Pa
     from iqray.jobs.score import ScoreConfig, run_score
 
     def run(part: BenchData, name: str):
-        return run_score(ScoreConfig(
+        return run_score(ScoreConfig(executor="ray",
             input=str(part.folder), output=str(output / name), model=model_name,
             batch_size=batch_size, decode_batch_size=8, num_actors=actors,
             precision=precision, decode=decode, progress=False, keep_prompt=False,
@@ -545,7 +545,7 @@ def bench_image_scale(model_name: str, root: Path, rows: int, shard_rows: int,
 
     folder = synthetic_image_input(root, rows, shard_rows, distinct_prompts)
     with ClusterMemory() as memory:
-        summary = run_score(ScoreConfig(
+        summary = run_score(ScoreConfig(executor="ray",
             input=str(folder), output=str(root / "scores"), model=model_name,
             key_columns=["key"], batch_size=batch_size, progress=False, keep_prompt=False),
             log=lambda *a: None)
@@ -563,7 +563,7 @@ def bench_rescore(model_name: str, root: Path, rows: int) -> dict[str, Any]:
     from iqray.jobs.score import ScoreConfig, run_score
 
     with ClusterMemory() as memory:
-        summary = run_score(ScoreConfig(
+        summary = run_score(ScoreConfig(executor="ray",
             input=str(root / "input"), output=str(root / "scores"), model=model_name,
             cache=str(root / "cache"), key_columns=["key"], progress=False,
             keep_prompt=False), log=lambda *a: None)

@@ -172,7 +172,7 @@ def pipeline_overhead(model_name: str, folder: Path, output: Path, batch_size: i
 
     before = tree_cpu_s()
     wall = time.perf_counter()
-    summary = run_score(ScoreConfig(
+    summary = run_score(ScoreConfig(executor="ray",
         input=str(folder), output=str(output), model=model_name, key_columns=["key"],
         batch_size=batch_size, decode_batch_size=decode_batch_size, commit=commit,
         progress=False, keep_prompt=False),
@@ -226,7 +226,8 @@ def startup(model_name: str, root: Path, rows: int = 256) -> dict[str, Any]:
     cold = not ray.is_initialized()
     folder = synthetic_image_input(root / "startup", rows, max(1, rows // 4), rows // 4,
                                    size=32, distinct_images=64)
-    summary = run_score(ScoreConfig(input=str(folder), output=str(root / "startup-out"),
+    summary = run_score(ScoreConfig(executor="ray", input=str(folder),
+                                    output=str(root / "startup-out"),
                                     model=model_name, key_columns=["key"], progress=False),
                         log=lambda *a: None)
     shutil.rmtree(root / "startup", ignore_errors=True)
@@ -366,7 +367,7 @@ def bench_score_runs(model_name: str, data, workdir: Path, runs: list[str], log
     options = [parse_score_run(r) for r in runs]  # all checked before the first run
     out = []
     for number, option in enumerate(options):
-        summary = run_score(ScoreConfig(
+        summary = run_score(ScoreConfig(executor="ray",
             input=str(data.folder), output=str(workdir / f"score-run-{number}"),
             model=model_name, num_actors=1, progress=False, keep_prompt=False,
             decode_check=False, **option), log=lambda *a: None)
