@@ -54,9 +54,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    with open(DATA / "val.csv", newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = [row for _, row in zip(range(args.images), reader, strict=False)]
+    rows = []
+    for split in ("val.csv", "train.csv"):  # val first: the 200-image figure's rows
+        with open(DATA / split, newline="") as handle:
+            rows += list(csv.DictReader(handle))
+    rows = rows[:args.images]
     python = sys.executable
     iqray = [python, "-m", "iqray.jobs.cli", "score"]
     times: dict[str, list[float]] = {"hand loop": [], "iqray score --executor local": [],

@@ -519,7 +519,9 @@ def _execute_local(config: PipelineJob, spec, stage_cls: type, todo: list[Shard]
 
     _drive(local_batches(config, spec, stage_cls, todo, key_columns, stage_kwargs,
                          keep_image_bytes), config, todo, sink, summary)
-    summary.operators = ["in process: read", f"decode ({decode_threads()} threads)", "model"]
+    threads = decode_threads()
+    summary.operators = ["in process: read", f"decode ({threads} thread"
+                         f"{'' if threads == 1 else 's'})", "model"]
     summary.stage_workers = {"read": 1, "decode": decode_threads(), "model": 1, "write": 1}
     _finish(config, sink, summary)
 

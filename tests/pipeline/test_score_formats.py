@@ -27,6 +27,7 @@ from iqray.pipeline.execution import RAY_PROGRESS_LOGGER
 
 
 def score(**kwargs):
+    kwargs.setdefault("executor", "ray")  # this module is about the Ray graph
     kwargs.setdefault("progress", False)
     kwargs.setdefault("model", TEST_MODEL)
     return run_score(ScoreConfig(**kwargs), log=lambda *a: None)
