@@ -107,7 +107,7 @@ class Job:
     def run(self, config: BaseModel, name: str = "") -> int:
         """Run the job and turn its outcome into an exit code and at most one line on
         stderr (docs/operations.md has the table; each row is tested)."""
-        from iqray.pipeline.execution import ErrorBudgetExceeded, stop_local_ray
+        from iqray.pipeline.execution import ErrorBudgetExceeded
         from iqray.pipeline.exit_codes import (
             EXIT_BUG,
             EXIT_ERROR_BUDGET,
@@ -121,6 +121,7 @@ class Job:
             StorageUnavailable,
             files_written,
         )
+        from iqray.pipeline.runtime import stop_local_ray
 
         name = name or self.runner
         written_before = files_written()  # the count is per process; this run's part
@@ -319,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["IQRAY_VERBOSE"] = "1"
     if not job.uses_ray:
         return job.run(config, args.job)
-    from iqray.pipeline.execution import keep_native_stderr_off_console
+    from iqray.pipeline.runtime import keep_native_stderr_off_console
 
     keep_native_stderr_off_console(not args.verbose)
     try:

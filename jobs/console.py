@@ -21,7 +21,7 @@ def log(message: str) -> None:
 
 class CurrentStderr(logging.StreamHandler):
     """A handler writing to whatever ``sys.stderr`` is at each record: the CLI moves it off
-    file descriptor 2 once Ray runs (see :func:`iqray.pipeline.execution.ensure_ray`)."""
+    file descriptor 2 once Ray runs (see :func:`iqray.pipeline.runtime.ensure_ray`)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)

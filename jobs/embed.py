@@ -17,7 +17,7 @@ from iqray.jobs.console import log
 from iqray.model.registry import architecture
 from iqray.model.version import iqray_version
 from iqray.pipeline.embed import Embedder, EmbedSink, embed_prompts
-from iqray.pipeline.execution import RunSummary, ensure_ray, execute, warn_to
+from iqray.pipeline.execution import execute
 from iqray.pipeline.io.discovery import discover_shards, inspect_input
 from iqray.pipeline.io.embed_cache import INDEX_COLUMNS, EmbeddingCache, index_table
 from iqray.pipeline.io.shards import InputColumns
@@ -33,7 +33,9 @@ from iqray.pipeline.options import (
     RunOptions,
     StageConfig,
 )
+from iqray.pipeline.runtime import ensure_ray
 from iqray.pipeline.staging import stage_model
+from iqray.pipeline.summary import RunSummary, warn_to
 
 
 class CacheOptions(OptionGroup):

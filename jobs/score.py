@@ -1,8 +1,8 @@
 """`iqray score`: read -> decode (CPU tasks) -> score (actor pool) -> Parquet, resumable.
 
-The stages are :mod:`iqray.pipeline.execution`'s; here the model stage is
-:class:`~iqray.pipeline.scoring.Scorer` and the sink a :class:`ShardWriter` that commits each
-shard's Parquet when its last row arrives.
+The stages run on Ray (:mod:`iqray.pipeline.graph`) or in this process
+(:mod:`iqray.pipeline.local`); here the model stage is :class:`~iqray.pipeline.scoring.Scorer`
+and the sink a :class:`ShardWriter` that commits each shard's Parquet when its last row arrives.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from iqray.jobs.console import log
 from iqray.model.registry import architecture
 from iqray.model.version import iqray_version
-from iqray.pipeline.execution import RunSummary, ensure_ray, execute, warn_to
+from iqray.pipeline.execution import execute
 from iqray.pipeline.io.discovery import discover_shards, inspect_input
 from iqray.pipeline.io.shards import InputColumns, Sampling, Shard, wants_references
 from iqray.pipeline.io.storage import StorageConfig, check_separate
@@ -35,6 +35,8 @@ from iqray.pipeline.options import (
     RunOptions,
     StageConfig,
 )
+from iqray.pipeline.runtime import ensure_ray
+from iqray.pipeline.summary import RunSummary, warn_to
 
 
 class ScoreOutput(OptionGroup):
@@ -186,7 +188,7 @@ def run_score(config: ScoreConfig, log=log, model_stage: type | None = None) -> 
         sink, stage_kwargs = writer, None
         if config.commit == "actors":
             from iqray.pipeline.commit import CommitPool
-            from iqray.pipeline.execution import plan_resources
+            from iqray.pipeline.planning import plan_resources
 
             sink = CommitPool(writer, todo,
                               plan_resources(config, ray.cluster_resources())["actors"])

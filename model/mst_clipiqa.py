@@ -38,7 +38,7 @@ from torch import nn
 
 from iqray.model.config import MSTConfig
 from iqray.model.outputs import ScoreSpec, mst_clipiqa_outputs
-from iqray.model.preprocess import ImageSource, ImageTransform, image_batch, prompt_list
+from iqray.model.preprocess import ImageTransform
 from iqray.model.scoring_model import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoringModule
 from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
 
@@ -491,51 +491,16 @@ class MSTClipIQA(ScoringModule):
                     "prompt_truncated": np.zeros(0, bool)}
         return {k: np.concatenate(v) for k, v in out.items()}
 
-    # -- the public scoring call ----------------------------------------------------------
-    @torch.inference_mode()
-    def score(self, images: Sequence[ImageSource] | torch.Tensor,
-              prompts: Sequence[str | None] | None = None,
-              batch_size: int = 32) -> dict[str, np.ndarray]:
-        """Score one image or many: a path, bytes, PIL image, HxWx3 uint8 array or CHW
-        tensor (uint8, or floats in [0, 1]); a list of them; or an NCHW batch (at the
-        model's crop shape it is taken as crops: uint8 from :meth:`ImageTransform.crop`, or
-        floats already normalised). ``prompts``: None, one string for every image, or one
-        per image.
-
-        Returns float32 ``quality`` and ``alignment`` (NaN where there is no prompt) on the
-        scales in :attr:`score_range`, and bool ``prompt_truncated``. Scores do not depend on
-        batch size or on the other rows of a batch.
-        """
-        images = image_batch(images, self.transform.channels, self.transform.size)
-        count = len(images)
-        prompts = prompt_list(prompts, count)
-        was_training = self.training
-        self.eval()
-        parts: dict[str, list[np.ndarray]] = {"quality": [], "alignment": [],
-                                              "prompt_truncated": []}
-        try:
-            for start in range(0, count, batch_size):
-                chunk = images[start : start + batch_size]
-                if isinstance(chunk, torch.Tensor):
-                    # uint8 crops (the pipeline's decode output) are normalised here, on the
-                    # model's device; float tensors are taken as already normalised.
-                    pixels = chunk.to(self.device)
-                    if pixels.dtype == torch.uint8:
-                        pixels = self.transform.normalize(pixels)
-                else:
-                    pixels = torch.stack([self.transform.load(img) for img in chunk])
-                prompt_batch = self.encode_prompts(prompts[start : start + batch_size])
-                coarse, fine = self.encode_images(pixels)
-                scores = self.to_score_scale(self.forward_heads(coarse, fine, prompt_batch))
-                for key, value in scores.items():
-                    parts[key].append(value.float().cpu().numpy())
-                parts["prompt_truncated"].append(prompt_batch.truncated.cpu().numpy())
-        finally:
-            self.train(was_training)
-        if count == 0:
-            return {"quality": np.zeros(0, np.float32), "alignment": np.zeros(0, np.float32),
-                    "prompt_truncated": np.zeros(0, bool)}
-        return {k: np.concatenate(v) for k, v in parts.items()}
+    # -- the public scoring call: ScoringModule.score over this -----------------------------
+    def score_pixels(self, pixels: torch.Tensor, prompts: list[str | None]
+                     ) -> dict[str, torch.Tensor]:
+        """``quality`` and ``alignment`` (NaN where there is no prompt) on the scales in
+        :attr:`score_range`, and bool ``prompt_truncated``, for normalised crops. Scores do
+        not depend on batch size or on the other rows of a batch."""
+        prompt_batch = self.encode_prompts(prompts)
+        coarse, fine = self.encode_images(pixels)
+        scores = self.to_score_scale(self.forward_heads(coarse, fine, prompt_batch))
+        return {**scores, "prompt_truncated": prompt_batch.truncated}
 
 
 def _clean_prompt(prompt: str | None) -> str | None:

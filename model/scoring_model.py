@@ -104,9 +104,14 @@ class ScoringModule(nn.Module):
               prompts: Sequence[str | None] | None = None,
               batch_size: int = 32) -> dict[str, np.ndarray]:
         """Score one image or many: a path, bytes, PIL image, HxWx3 uint8 array or CHW
-        tensor; a list of them; or an NCHW batch at the model's crop shape (uint8 crops, or
-        floats already normalised). One float32 array per output (``output_names``); scores
-        do not depend on batch size or on the other rows of a batch."""
+        tensor (uint8, or floats in [0, 1]); a list of them; or an NCHW batch (at the
+        model's crop shape it is taken as crops: uint8 from :meth:`ImageTransform.crop`, or
+        floats already normalised). ``prompts``: None, one string for every image, or one
+        per image.
+
+        Returns one float32 array per output (``output_names``, on the scales in
+        :attr:`score_range`), and bool ``prompt_truncated`` for models that read prompts.
+        Scores do not depend on batch size or on the other rows of a batch."""
         from iqray.model.registry import architecture
 
         architecture(self.config).check_can_score(self.config)
@@ -120,6 +125,8 @@ class ScoringModule(nn.Module):
             for start in range(0, count, batch_size):
                 chunk = images[start : start + batch_size]
                 if isinstance(chunk, torch.Tensor):
+                    # uint8 crops (the pipeline's decode output) are normalised here, on the
+                    # model's device; float tensors are taken as already normalised.
                     pixels = chunk.to(self.device)
                     if pixels.dtype == torch.uint8:
                         pixels = self.transform.normalize(pixels)

@@ -7,7 +7,7 @@
 It appends one float32 column per model output (``model.score_range`` names them), then
 ``prompt_truncated``, ``image_sha256``, ``status``, ``error`` and ``error_kind``.
 
-The same decode tasks and model actor pool as `iqray score` (:func:`execution.model_stages`),
+The same decode tasks and model actor pool as `iqray score` (:func:`graph.model_stages`),
 sized the same way from ``ray.cluster_resources()``, with the same in-flight bound, OOM
 split and prompt cache; what `iqray score` adds around it (shard discovery, resume, one
 committed file per input shard, exit codes) is the CLI's.
@@ -19,9 +19,10 @@ from typing import Any
 
 import iqray.model
 from iqray.pipeline import rows as R
-from iqray.pipeline.execution import configure_context, model_stages, plan_resources
+from iqray.pipeline.graph import model_stages
 from iqray.pipeline.io.storage import StorageConfig
 from iqray.pipeline.options import StageConfig
+from iqray.pipeline.planning import configure_context, plan_resources
 
 
 def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: str = "image",

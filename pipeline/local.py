@@ -1,5 +1,5 @@
 """The in-process executor: the same read, decode and model stages as the Ray Data graph
-(:func:`iqray.pipeline.execution.model_stages`), run in the driver process. Reads happen in
+(:func:`iqray.pipeline.graph.model_stages`), run in the driver process. Reads happen in
 the calling thread, decodes in a few threads ahead of the model (each decodes in its own
 PIL-only child process, as a decode task does), and the model stage is built once here.
 
@@ -90,7 +90,7 @@ def local_batches(config, spec, stage_cls: type, todo: list[Shard], key_columns:
                   decode_options: dict[str, Any] | None = None) -> Iterator[pa.Table]:
     """Scored blocks of ``todo``'s rows, shard by shard, from stages run in this process."""
     from iqray.pipeline.decode import decode_batch
-    from iqray.pipeline.execution import decode_task_options
+    from iqray.pipeline.planning import decode_task_options
 
     read, storage = config.read_config(), config.storage_config()
     options = decode_task_options(config, spec, wants_references(read), keep_image_bytes)

@@ -13,12 +13,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from iqray.pipeline import rows as R
-from iqray.pipeline.execution import RunSummary
 from iqray.pipeline.io.embed_cache import EmbeddingCache, index_written_for
 from iqray.pipeline.io.shards import Shard
 from iqray.pipeline.io.storage import StorageConfig
 from iqray.pipeline.io.writer import ShardWriter, read_output_metadata
 from iqray.pipeline.staging import ModelSpec
+from iqray.pipeline.summary import RunSummary
 
 
 def cached_shards(shards: list[Shard], cache_url: str, storage: StorageConfig,

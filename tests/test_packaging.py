@@ -41,7 +41,7 @@ def test_the_model_package_never_imports_ray():
 def test_read_and_write_tasks_start_without_torch():
     # Ray runs read_shards and the writer in worker processes that import these modules; torch
     # and open_clip would add about 7 s to each worker's start on a 2-core machine.
-    code = ("import sys, iqray.model, iqray.pipeline.execution, iqray.pipeline.io.writer; "
+    code = ("import sys, iqray.model, iqray.pipeline.graph, iqray.pipeline.io.writer; "
             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")
     out = fresh_python(code)
     assert out.strip() == "[]"

@@ -127,7 +127,7 @@ def run_bench(config: BenchConfig, log=log) -> dict:
     from iqray.jobs.bench import measure as bench
     from iqray.jobs.score import ScoreConfig
     from iqray.model.fastpath import apply_precision
-    from iqray.pipeline.execution import ensure_ray
+    from iqray.pipeline.runtime import ensure_ray
 
     workdir = bench.scratch_dir()
     try:
@@ -256,7 +256,7 @@ def run_image_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
 
     from iqray.jobs.bench import measure as bench
     from iqray.jobs.score import ScoreConfig
-    from iqray.pipeline.execution import ensure_ray
+    from iqray.pipeline.runtime import ensure_ray
 
     ensure_ray(ScoreConfig(input=str(workdir), output=str(workdir / "x")))
     out = []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline_data import TEST_MODEL
 
-from iqray.pipeline.execution import LoggedProgress
+from iqray.pipeline.summary import LoggedProgress
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = "examples/sample"  # relative to REPO, as a user types it

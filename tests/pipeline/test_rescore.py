@@ -10,13 +10,13 @@ from pipeline_data import TEST_MODEL, img2dataset_table, write_parquet
 
 from iqray.pipeline import rows as R
 from iqray.pipeline.decode import decode_batch
-from iqray.pipeline.execution import RunSummary
 from iqray.pipeline.io.discovery import discover_shards
 from iqray.pipeline.io.embed_cache import INDEX_COLUMNS, EmbeddingCache, index_table
 from iqray.pipeline.io.read import read_shard
 from iqray.pipeline.io.shards import ReadConfig
 from iqray.pipeline.io.storage import StorageConfig
 from iqray.pipeline.io.writer import ShardWriter, score_schema
+from iqray.pipeline.summary import RunSummary
 
 STORAGE = StorageConfig()
 

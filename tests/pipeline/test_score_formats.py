@@ -23,7 +23,7 @@ from pipeline_data import (
 )
 
 from iqray.jobs.score import ScoreConfig, run_score
-from iqray.pipeline.execution import RAY_PROGRESS_LOGGER
+from iqray.pipeline.runtime import RAY_PROGRESS_LOGGER
 
 
 def score(**kwargs):

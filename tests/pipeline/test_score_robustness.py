@@ -19,7 +19,8 @@ from pipeline_data import (
 )
 
 from iqray.jobs.score import ScoreConfig, run_score
-from iqray.pipeline.execution import ErrorBudgetExceeded, plan_resources
+from iqray.pipeline.execution import ErrorBudgetExceeded
+from iqray.pipeline.planning import plan_resources
 from iqray.pipeline.scoring import split_on_oom
 
 

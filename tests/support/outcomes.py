@@ -45,8 +45,9 @@ def _write_one_output(output: str) -> None:
 
 
 def run_outcome(config: OutcomeConfig):
-    from iqray.pipeline.execution import ErrorBudgetExceeded, RunInterrupted, RunSummary
+    from iqray.pipeline.execution import ErrorBudgetExceeded, RunInterrupted
     from iqray.pipeline.io.storage import StorageUnavailable
+    from iqray.pipeline.summary import RunSummary
 
     match config.outcome:
         case "ok":
