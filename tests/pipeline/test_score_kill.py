@@ -1,5 +1,6 @@
-"""The kill tests: `kill -9` of the driver, or of the model actor, mid-run; then exactly what
-a clean run gives, and no process of the run left behind."""
+"""The kill tests: `kill -9` of the driver (either executor), or of the model actor (Ray),
+mid-run, and Ctrl-C (either executor); then exactly what a clean run gives, and no process
+of the run left behind."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from pipeline_data import TEST_MODEL, img2dataset_table, read_output, write_parq
 SHARDS, ROWS = 40, 8
 
 
-def cli(inputs: Path, output: Path) -> list[str]:
+def cli(inputs: Path, output: Path, executor: str = "ray") -> list[str]:
+    where = ["--ray-num-cpus", "2"] if executor == "ray" else ["--executor", executor]
     return [sys.executable, "-m", "iqray.jobs.cli", "score", str(inputs), str(output),
-            "--no-progress", "--batch-size", "4", "--decode-batch-size", "4",
-            "--ray-num-cpus", "2", "--model", TEST_MODEL]
+            "--no-progress", "--batch-size", "4", "--decode-batch-size", "4", *where,
+            "--model", TEST_MODEL]
 
 
 def committed(output: Path) -> dict[str, int]:
@@ -120,12 +122,13 @@ def assert_matches_clean(output: Path, clean_run) -> None:
                                    atol=1e-6)
 
 
-def test_kill_9_mid_run_then_rerun_matches_a_clean_run(tmp_path, clean_run):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_kill_9_mid_run_then_rerun_matches_a_clean_run(tmp_path, clean_run, executor):
     inputs = clean_run[0]
     killed = tmp_path / "killed"
-    with running(cli(inputs, killed), tmp_path / "killed.log") as proc:
+    with running(cli(inputs, killed, executor), tmp_path / "killed.log") as proc:
         wait_for_commits(proc, killed, 3, tmp_path / "killed.log")
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and what it started (Ray, decoders)
     before = committed(killed)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     assert 3 <= len(before) < SHARDS, f"{len(before)} shards committed before the kill"
@@ -133,7 +136,8 @@ def test_kill_9_mid_run_then_rerun_matches_a_clean_run(tmp_path, clean_run):
     for name in before:  # whatever is visible is whole
         assert pq.read_metadata(killed / name).num_rows == ROWS
 
-    rerun = subprocess.run(cli(inputs, killed), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cli(inputs, killed, executor), capture_output=True, text=True,
+                           timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((killed / "_SUCCESS").read_text())["summary"]
     assert summary["shards_skipped"] == len(before)
@@ -164,9 +168,10 @@ def test_kill_9_of_the_model_actor_is_survived_and_no_process_outlives_the_run(t
     assert session_processes(proc.pid) == []
 
 
-def test_ctrl_c_says_so_in_one_line_and_exits_130(tmp_path, clean_run):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_ctrl_c_says_so_in_one_line_and_exits_130(tmp_path, clean_run, executor):
     output = tmp_path / "out"
-    with running(cli(clean_run[0], output), tmp_path / "run.log") as proc:
+    with running(cli(clean_run[0], output, executor), tmp_path / "run.log") as proc:
         wait_for_commits(proc, output, 1, tmp_path / "run.log")
         os.kill(proc.pid, signal.SIGINT)  # the driver only, as a terminal's Ctrl-C reaches it
         proc.wait(timeout=120)
