@@ -51,7 +51,7 @@ from iqray.model.config import BPCLIPConfig
 from iqray.model.outputs import ScoreSpec, bpclip_outputs
 from iqray.model.preprocess import ImageSource, ImageTransform, image_batch, prompt_list
 from iqray.model.scoring_model import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoringModule
-from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
+from iqray.model.weights import check_input_size, create_tower, tower_preprocess_stats
 
 
 @dataclass
@@ -210,10 +210,7 @@ class BPCLIP(ScoringModule):
                  mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.config = config
-        size = tower_input_size(tower)
-        if size != config.image_size:
-            raise ValueError(f"backbone {config.backbone.model_name} takes {size} px input, "
-                             f"config says image_size={config.image_size}")
+        check_input_size(tower, config.image_size, f"backbone {config.backbone.model_name}")
         self.backbone = tower
         self.backbone.requires_grad_(False)
         self.tokenizer = tokenizer

@@ -24,9 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from iqray.model.config import LaionAestheticConfig
+from iqray.model.outputs import ScoreSpec, laion_aesthetic_outputs
 from iqray.model.preprocess import ImageTransform
 from iqray.model.scoring_model import HEAD_INIT_SEED, ScoringModule
-from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
+from iqray.model.weights import (
+    check_input_size,
+    create_tower,
+    tower_embed_dim,
+    tower_preprocess_stats,
+)
 
 
 def aesthetic_mlp(config: LaionAestheticConfig) -> nn.Sequential:
@@ -49,12 +55,9 @@ class LaionAesthetic(ScoringModule):
                  mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.config = config
-        size = tower_input_size(tower)
-        if size != config.image_size:
-            raise ValueError(f"tower {config.tower.model_name} takes {size} px input, config "
-                             f"says image_size={config.image_size}")
+        check_input_size(tower, config.image_size, f"tower {config.tower.model_name}")
+        out = tower_embed_dim(tower)
         self.tower = tower.visual  # the text side is never used
-        out = int(getattr(self.tower, "output_dim", 0) or tower.text_projection.shape[-1])
         if out != config.heads.embed_dim:
             raise ValueError(f"tower {config.tower.model_name} embeds to {out}-d, the head "
                              f"expects {config.heads.embed_dim}-d (heads.embed_dim)")
@@ -70,8 +73,8 @@ class LaionAesthetic(ScoringModule):
         return cls(config, tower, mean, std)
 
     @property
-    def device(self) -> torch.device:
-        return self.layers[0].weight.device
+    def score_range(self) -> dict[str, ScoreSpec]:
+        return laion_aesthetic_outputs(self.config)
 
     def train(self, mode: bool = True) -> LaionAesthetic:
         super().train(mode)
@@ -110,10 +113,6 @@ class LaionAesthetic(ScoringModule):
         if group_classifier is not None:
             out["group_logits"] = group_classifier(unit)
         return out
-
-    def to_score_scale(self, normalised: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        scale = self.config.aesthetic_scale
-        return {k: scale.low + v * (scale.high - scale.low) for k, v in normalised.items()}
 
     def score_pixels(self, pixels: torch.Tensor, prompts) -> dict[str, torch.Tensor]:
         return self.to_score_scale(self.forward_heads(*self.encode_images(pixels)))

@@ -40,7 +40,12 @@ from iqray.model.config import MSTConfig
 from iqray.model.outputs import ScoreSpec, mst_clipiqa_outputs
 from iqray.model.preprocess import ImageTransform
 from iqray.model.scoring_model import HEAD_INIT_SEED, MAX_LOGIT_SCALE, ScoringModule
-from iqray.model.weights import create_tower, tower_input_size, tower_preprocess_stats
+from iqray.model.weights import (
+    check_input_size,
+    create_tower,
+    tower_embed_dim,
+    tower_preprocess_stats,
+)
 
 
 @dataclass
@@ -161,10 +166,8 @@ class MSTClipIQA(ScoringModule):
         super().__init__()
         self.config = config
         for name, tower in (("coarse", coarse), ("fine", fine)):
-            size = tower_input_size(tower)
-            if size != config.image_size:
-                raise ValueError(f"{name} tower {getattr(config, name).model_name} takes "
-                                 f"{size} px input, config says image_size={config.image_size}")
+            check_input_size(tower, config.image_size,
+                             f"{name} tower {getattr(config, name).model_name}")
         self.coarse = coarse  # image + text tower; the text side embeds prompts and grades
         self.fine_visual = fine.visual  # the fine model's text tower is never used
         self.tokenizer = tokenizer
@@ -174,7 +177,7 @@ class MSTClipIQA(ScoringModule):
 
         dim = config.heads.embed_dim
         for name, tower in (("coarse", coarse), ("fine", fine)):
-            out = _tower_embed_dim(tower)
+            out = tower_embed_dim(tower)
             if out != dim:
                 raise ValueError(f"{name} tower embeds to {out}-d, heads expect {dim}-d "
                                  "(heads.embed_dim)")
@@ -430,10 +433,6 @@ class MSTClipIQA(ScoringModule):
             out["group_logits"] = group_classifier(coarse if self.zero_shot else fused)
         return out
 
-    def to_score_scale(self, normalised: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        spec = self.score_range
-        return {k: spec[k].low + v * (spec[k].high - spec[k].low) for k, v in normalised.items()}
-
     def forward(self, pixels: torch.Tensor, prompts: Sequence[str | None]
                 ) -> dict[str, torch.Tensor]:
         coarse, fine = self.encode_images(pixels)
@@ -510,6 +509,3 @@ def _clean_prompt(prompt: str | None) -> str | None:
         raise TypeError(f"prompts must be str or None, got {type(prompt).__name__}")
     return prompt if prompt.strip() else None
 
-
-def _tower_embed_dim(tower: nn.Module) -> int:
-    return int(getattr(tower.visual, "output_dim", 0) or tower.text_projection.shape[-1])

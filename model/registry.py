@@ -46,17 +46,22 @@ class Architecture:
                              "shows), not the untrained preset")
 
     def config_type(self) -> type:
-        return _resolve(self.config_class)
+        return resolve_function(self.config_class)
 
     def model_type(self) -> type:
-        return _resolve(self.model_class)
+        return resolve_function(self.model_class)
+
+    def score_specs(self, config) -> dict[str, Any]:
+        """{output: ScoreSpec} for a model with this config (the function ``score_range``
+        names)."""
+        return resolve_function(self.score_range)(config)
 
     def outputs(self, config) -> dict[str, dict[str, Any]]:
         """What each output of a model with this config means (range, direction, how it is
         made), as plain data: recorded in every output footer, shown by `iqray report`."""
         import dataclasses
 
-        specs = _resolve(self.score_range)(config)
+        specs = self.score_specs(config)
         return {name: dataclasses.asdict(spec) for name, spec in specs.items()}
 
     def require(self, capability: str, what: str) -> None:
@@ -72,8 +77,6 @@ def resolve_function(path: str) -> Any:
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
 
-
-_resolve = resolve_function
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (

@@ -82,9 +82,14 @@ class ScoringModule(nn.Module):
 
     @property
     def score_range(self) -> dict[str, ScoreSpec]:
-        from iqray.model.registry import architecture, resolve_function
+        from iqray.model.registry import architecture
 
-        return resolve_function(architecture(self.config).score_range)(self.config)
+        return architecture(self.config).score_specs(self.config)
+
+    def to_score_scale(self, normalised: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Heads' [0, 1] predictions on each output's scale (:attr:`score_range`)."""
+        spec = self.score_range
+        return {k: spec[k].low + v * (spec[k].high - spec[k].low) for k, v in normalised.items()}
 
     def score_pixels(self, pixels: torch.Tensor, prompts: list[str | None]
                      ) -> dict[str, torch.Tensor]:

@@ -218,6 +218,18 @@ def tower_input_size(tower: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
+def check_input_size(tower: torch.nn.Module, image_size: int, what: str) -> None:
+    """ValueError unless the tower takes the config's ``image_size`` (``what`` names it)."""
+    size = tower_input_size(tower)
+    if size != image_size:
+        raise ValueError(f"{what} takes {size} px input, config says image_size={image_size}")
+
+
+def tower_embed_dim(tower: torch.nn.Module) -> int:
+    """The width of an open_clip model's projected image embedding."""
+    return int(getattr(tower.visual, "output_dim", 0) or tower.text_projection.shape[-1])
+
+
 def create_tower(
     tower: TowerConfig,
     cache_dir: str | os.PathLike | None = None,

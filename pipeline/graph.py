@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,15 +36,21 @@ from iqray.pipeline.planning import (
 from iqray.pipeline.runtime import _disable_ray_progress_bars
 
 
+def read_stage(shard: Shard, read: ReadConfig, storage: StorageConfig,
+               key_columns: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """One shard's rows as column batches, whichever executor runs it."""
+    try:
+        for rows in read_shard(shard, read, storage, key_columns, on_failure="marker"):
+            yield {name: R.column(values) for name, values in rows.items()}
+    except Exception as exc:  # storage and bad bytes are handled inside: a bug
+        raise StageBug.of("read", f"shard {shard.url}", exc) from exc
+
+
 def read_shards(batch: dict[str, np.ndarray], read: ReadConfig, storage: StorageConfig,
-                 key_columns: list[str]):
+                key_columns: list[str]):
+    """The read tasks: shards travel to them as JSON."""
     for raw in batch["shard"]:
-        shard = Shard(**json.loads(raw))
-        try:
-            for rows in read_shard(shard, read, storage, key_columns, on_failure="marker"):
-                yield {name: R.column(values) for name, values in rows.items()}
-        except Exception as exc:  # storage and bad bytes are handled inside: a bug
-            raise StageBug.of("read", f"shard {shard.url}", exc) from exc
+        yield from read_stage(Shard(**json.loads(raw)), read, storage, key_columns)
 
 
 def model_stages(ds, config: StageConfig, spec, plan: dict[str, Any], stage_cls: type,

@@ -21,9 +21,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from iqray.pipeline import rows as R
-from iqray.pipeline.failures import StageBug
-from iqray.pipeline.io.read import read_shard
 from iqray.pipeline.io.shards import Shard, wants_references
 
 # Up to this many input rows `--executor auto` runs in process (where no cluster is joined).
@@ -90,6 +87,7 @@ def local_batches(config, spec, stage_cls: type, todo: list[Shard], key_columns:
                   decode_options: dict[str, Any] | None = None) -> Iterator[pa.Table]:
     """Scored blocks of ``todo``'s rows, shard by shard, from stages run in this process."""
     from iqray.pipeline.decode import decode_batch
+    from iqray.pipeline.graph import read_stage
     from iqray.pipeline.planning import decode_task_options
 
     read, storage = config.read_config(), config.storage_config()
@@ -105,19 +103,13 @@ def local_batches(config, spec, stage_cls: type, todo: list[Shard], key_columns:
     def read_batches() -> Iterator[dict[str, np.ndarray]]:
         left = limit
         for shard in todo:
-            try:
-                for rows in read_shard(shard, read, storage, key_columns, on_failure="marker"):
-                    batch = {n: R.column(v) for n, v in rows.items()}
-                    if left is not None:
-                        batch = next(_chunks(batch, left), {})
-                        left -= len(next(iter(batch.values()), ()))
-                    yield from _chunks(batch, config.decode_batch_size)
-                    if left is not None and left <= 0:
-                        return
-            except StageBug:
-                raise
-            except Exception as exc:  # storage and bad bytes are handled inside: a bug
-                raise StageBug.of("read", f"shard {shard.url}", exc) from exc
+            for batch in read_stage(shard, read, storage, key_columns):
+                if left is not None:
+                    batch = next(_chunks(batch, left), {})
+                    left -= len(next(iter(batch.values()), ()))
+                yield from _chunks(batch, config.decode_batch_size)
+                if left is not None and left <= 0:
+                    return
 
     threads = decode_threads()
     with ThreadPoolExecutor(threads, thread_name_prefix="iqray-decode") as pool:

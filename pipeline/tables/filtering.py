@@ -112,7 +112,7 @@ def check_rules(rules: FilterRules, schema: pa.Schema, outputs: RunOutputs | Non
                 ) -> None:
     """Every column a rule names exists and the expression is a condition: before any work."""
     columns = schema.names
-    by = rules.by or (outputs or run_outputs(None).within(columns)).primary
+    by, _ = ranking_column(rules, outputs or run_outputs(None).within(columns))
     for flag, column in (("--by", by), ("--per", rules.per)):
         if column is not None and column not in columns:
             raise ExpressionError(f"{flag} {column!r}: no such column; columns: "
