@@ -38,9 +38,6 @@ ERROR_KIND = "_error_kind"
 SHARD = "_shard"
 SHARD_END = "_shard_end"
 READ_S = "_read_s"
-# Reader-internal (a row's keys between a format's reader and read_shard; never in a batch):
-REFERENCE_REF = "_reference_ref"  # the reference column's value (bytes, path or HF struct)
-IMAGE_NAME = "_name"  # the image's name, for --reference-template
 # -- written by decode ---------------------------------------------------------------------
 PIXELS = "pixels"
 IMAGE_SHA256 = "image_sha256"

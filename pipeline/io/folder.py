@@ -10,13 +10,13 @@ import json
 import posixpath
 from collections.abc import Iterator
 
-from iqray.pipeline import rows as R
 from iqray.pipeline.io.shards import (
     AUTO_PROMPT_COLUMNS,
     AUTO_SIDECARS,
     IMAGE_EXTENSIONS,
     ReadConfig,
     Shard,
+    SourceRow,
     pick_column,
     read_bytes,
 )
@@ -94,7 +94,7 @@ def _load_sidecar(fs, paths: list[str], input_url: str, read: ReadConfig,
 
 
 def folder_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
-                 key_columns: list[str], start: int = 0) -> Iterator[tuple]:
+                 key_columns: list[str], start: int = 0) -> Iterator[SourceRow]:
     names = list(shard.prompts or {})
     for row, (url, name) in enumerate(zip(shard.members or [], names, strict=True)):
         if row < start:
@@ -102,12 +102,12 @@ def folder_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
         keys = {k: None for k in key_columns}
         if "key" in keys:
             keys["key"] = name
-        keys[R.IMAGE_NAME] = name
         prompt = (shard.prompts or {}).get(name)
         try:
             image = read_bytes(url, storage)
         except ROW_READ_FAILURES as exc:
-            yield (url, row, None, prompt, keys,
-                   f"{url}: cannot read: {type(exc).__name__}: {exc}", "read")
+            yield SourceRow(url, row, None, prompt, keys,
+                            f"{url}: cannot read: {type(exc).__name__}: {exc}", "read",
+                            name=name)
             continue
-        yield (url, row, image, prompt, keys, None, None)
+        yield SourceRow(url, row, image, prompt, keys, name=name)

@@ -33,6 +33,7 @@ from iqray.pipeline.io.shards import (
     ReadConfig,
     Shard,
     ShardSchemaError,
+    SourceRow,
     read_bytes,
     reference_path,
     resolve_ref,
@@ -65,12 +66,18 @@ class RowBuffer:
     def __len__(self) -> int:
         return len(self.columns[R.SOURCE_ROW])
 
-    def add(self, source_file: str, row: int, image: bytes | None, prompt: str | None,
-            keys: dict[str, Any], error: str | None = None, kind: str | None = None) -> None:
-        values = {R.SOURCE_FILE: source_file, R.SOURCE_ROW: row, R.PROMPT: prompt,
-                  R.IMAGE: image, R.ERROR: error, R.ERROR_KIND: kind, **keys}
-        for name, column in self.columns.items():
-            column.append(values.get(name))
+    def add(self, row: SourceRow) -> None:
+        columns = self.columns
+        columns[R.SOURCE_FILE].append(row.source_file)
+        columns[R.SOURCE_ROW].append(row.row)
+        columns[R.PROMPT].append(row.prompt)
+        columns[R.IMAGE].append(row.image)
+        columns[R.ERROR].append(row.error)
+        columns[R.ERROR_KIND].append(row.error_kind)
+        for name in self.key_columns:
+            columns[name].append(row.keys.get(name))
+        if self.references:
+            columns[R.REFERENCE].append(row.reference)
 
     def take(self) -> dict[str, list[Any]]:
         out = self.columns
@@ -107,15 +114,14 @@ def read_shard(shard: Shard, read: ReadConfig, storage: StorageConfig,
     clock = [time.perf_counter()]
     held: dict[str, list[Any]] | None = None  # one full batch held back for the end marker
     for row in _resilient_rows(shard, read, storage, key_columns, on_failure):
-        number, kind = row[1], row[6]
-        if kind != R.SHARD_UNFINISHED:
-            if wanted is not None and number not in wanted:
+        if row.error_kind != R.SHARD_UNFINISHED:
+            if wanted is not None and row.row not in wanted:
                 continue
-            if wanted is None and not keep_row(shard.url, number, read):
+            if wanted is None and not keep_row(shard.url, row.row, read):
                 continue
             if references:
                 row = with_reference(row, shard, read, storage)
-        buffer.add(*row)
+        buffer.add(row)
         emitted += 1
         if len(buffer) >= read.read_batch_rows:
             if held is not None:
@@ -131,7 +137,7 @@ def read_shard(shard: Shard, read: ReadConfig, storage: StorageConfig,
 
 
 def _resilient_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
-                    key_columns: list[str], on_failure: str) -> Iterator[tuple]:
+                    key_columns: list[str], on_failure: str) -> Iterator[SourceRow]:
     """The format's rows, read again from the first row not yet yielded after a storage
     error (bounded attempts, backoff), so a recovered shard has exactly a clean read's rows.
     """
@@ -142,7 +148,7 @@ def _resilient_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
         try:
             for row in produce(shard, read, storage, key_columns, start):
                 yield row
-                start, failures, last_broken = row[1] + 1, 0, None  # progress: a fresh budget
+                start, failures, last_broken = row.row + 1, 0, None  # progress: a fresh budget
             return
         except ShardSchemaError as exc:
             reason = str(exc)
@@ -166,56 +172,46 @@ def _resilient_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
                       if retry else f"cannot read: {signature}")
         if on_failure == "raise":
             raise ShardUnfinished(f"{shard.url}: {reason}")
-        yield (shard.url, start, None, None, {k: None for k in key_columns},
-               f"{shard.url}: {reason}", R.SHARD_UNFINISHED)
+        yield SourceRow(shard.url, start, None, None, dict.fromkeys(key_columns),
+                        f"{shard.url}: {reason}", R.SHARD_UNFINISHED)
         return
 
 
 def _corrupt_rows(shard: Shard, start: int, signature: str, key_columns: list[str]
-                  ) -> Iterator[tuple]:
+                  ) -> Iterator[SourceRow]:
     """Error rows for what a broken file holds from ``start`` on: one per row when its
     metadata gave the row count, else one."""
-    keys = {k: None for k in key_columns}
     end = shard.estimated_rows if shard.estimated_rows is not None else start + 1
     for row in range(start, max(end, start + 1)):
-        yield (shard.url, row, None, None, dict(keys),
-               f"{shard.url}: file unreadable from row {start} on: {signature}",
-               R.SHARD_CORRUPT)
+        yield SourceRow(shard.url, row, None, None, dict.fromkeys(key_columns),
+                        f"{shard.url}: file unreadable from row {start} on: {signature}",
+                        R.SHARD_CORRUPT)
 
 
-def with_reference(row: tuple, shard: Shard, read: ReadConfig, storage: StorageConfig
-                   ) -> tuple:
-    """The row with its reference image's bytes in ``keys['_reference']``, or an error row.
-
-    Producers leave ``_reference_ref`` (the reference column's value) and ``_name`` (the
-    image's name, for the template) in the row's keys."""
-    source_file, number, image, prompt, keys, error, kind = row
-    keys = dict(keys)
-    ref = keys.pop(R.REFERENCE_REF, None)
-    name = keys.pop(R.IMAGE_NAME, None)
-    if error is not None:
-        return (source_file, number, image, prompt, keys, error, kind)
+def with_reference(row: SourceRow, shard: Shard, read: ReadConfig, storage: StorageConfig
+                   ) -> SourceRow:
+    """The row with its reference image's bytes in ``reference``, or an error row."""
+    if row.error is not None:
+        return row
+    ref = row.reference_ref
     if isinstance(ref, dict):  # Hugging Face Image feature
         ref = ref.get("bytes") or ref.get("path")
-    if ref is None and read.reference_template is not None and name is not None:
-        ref = reference_path(read.reference_template, name, keys.get("key", name))
-    where = f"{source_file} row {number}"
+    if ref is None and read.reference_template is not None and row.name is not None:
+        ref = reference_path(read.reference_template, row.name, row.keys.get("key", row.name))
+    where = f"{row.source_file} row {row.row}"
     if ref is None or ref == "":
-        return (source_file, number, image, prompt, keys,
-                f"{where}: no reference image", "missing_reference")
+        return row.failed(f"{where}: no reference image", "missing_reference")
     if isinstance(ref, str):
         try:
             ref = read_bytes(resolve_ref(shard.url, ref, read.image_root), storage)
         except ROW_READ_FAILURES as exc:
-            return (source_file, number, image, prompt, keys,
-                    f"{where}: cannot read reference {ref}: {type(exc).__name__}: {exc}",
-                    "read_reference")
+            return row.failed(f"{where}: cannot read reference {ref}: "
+                              f"{type(exc).__name__}: {exc}", "read_reference")
     if not isinstance(ref, bytes | bytearray):
-        return (source_file, number, image, prompt, keys,
-                f"{where}: reference column holds {type(ref).__name__}, not bytes or a path",
-                "bad_type")
-    keys[R.REFERENCE] = bytes(ref)
-    return (source_file, number, image, prompt, keys, None, None)
+        return row.failed(f"{where}: reference column holds {type(ref).__name__}, not bytes "
+                          "or a path", "bad_type")
+    row.reference = bytes(ref)
+    return row
 
 
 def _finish(columns: dict[str, list[Any]], shard: Shard, end: int, clock: list[float]

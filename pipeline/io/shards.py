@@ -96,6 +96,32 @@ class Shard:
     estimated_rows: int | None = None
 
 
+@dataclass(slots=True)
+class SourceRow:
+    """One row as a format's reader produces it, before it joins a batch (see
+    :class:`iqray.pipeline.io.read.RowBuffer`): encoded bytes, never decoded.
+
+    ``reference_ref`` (the reference column's value: bytes, a path or a Hugging Face
+    ``Image`` struct) and ``name`` (the image's name, for ``--reference-template``) are for
+    full-reference reads; ``reference`` is the reference's bytes once read."""
+
+    source_file: str
+    row: int
+    image: bytes | None
+    prompt: str | None
+    keys: dict[str, Any]  # the user's --key-column values, nothing else
+    error: str | None = None
+    error_kind: str | None = None
+    reference_ref: Any = None
+    name: str | None = None
+    reference: bytes | None = None
+
+    def failed(self, error: str, kind: str) -> SourceRow:
+        """This row as an error row (no bytes travel on)."""
+        return SourceRow(self.source_file, self.row, self.image, self.prompt, self.keys,
+                         error, kind, name=self.name)
+
+
 def pick_column(columns: list[str], candidates: tuple[str, ...], explicit: str | None, where: str,
           what: str, required: bool = True) -> str | None:
     if explicit:

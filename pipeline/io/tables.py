@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from iqray.pipeline import rows as R
 from iqray.pipeline.io.shards import (
     ReadConfig,
     Shard,
     ShardSchemaError,
+    SourceRow,
     check_columns,
     column_roles,
     image_cell,
@@ -84,7 +84,7 @@ def _table_batches(handle, path: str, batch_rows: int, read: ReadConfig, where: 
 
 
 def table_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
-                key_columns: list[str], start: int = 0) -> Iterator[tuple]:
+                key_columns: list[str], start: int = 0) -> Iterator[SourceRow]:
     fs, path = storage.filesystem(shard.url)
     with fs.open(path, "rb") as handle:
         image_col, path_col, prompt_col, batches, row = _table_batches(
@@ -99,16 +99,15 @@ def table_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
 
 def _table_row(shard: Shard, row: int, record: dict, image_col: str | None,
                path_col: str | None, prompt_col: str | None, key_columns: list[str],
-               read: ReadConfig, storage: StorageConfig) -> tuple:
+               read: ReadConfig, storage: StorageConfig) -> SourceRow:
     keys = {k: record.get(k) for k in key_columns}
-    if read.reference_column is not None:
-        keys[R.REFERENCE_REF] = record.get(read.reference_column)
-    if path_col is not None:
-        keys[R.IMAGE_NAME] = record.get(path_col)
     prompt = record.get(prompt_col) if prompt_col else None
     prompt = prompt if isinstance(prompt, str) else None
     image, error, kind = image_cell(
         record.get(image_col or path_col), f"{shard.url} row {row}",
         lambda ref: read_bytes(resolve_ref(shard.url, ref, read.image_root), storage),
         paths=image_col is None)
-    return (shard.url, row, image, prompt, keys, error, kind)
+    return SourceRow(shard.url, row, image, prompt, keys, error, kind,
+                     reference_ref=(record.get(read.reference_column)
+                                    if read.reference_column is not None else None),
+                     name=record.get(path_col) if path_col is not None else None)

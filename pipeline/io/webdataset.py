@@ -8,12 +8,12 @@ import posixpath
 import tarfile
 from collections.abc import Iterator
 
-from iqray.pipeline import rows as R
 from iqray.pipeline.io.shards import (
     AUTO_PROMPT_COLUMNS,
     WDS_IMAGE_EXTENSIONS,
     ReadConfig,
     Shard,
+    SourceRow,
 )
 from iqray.pipeline.io.storage import StorageConfig
 
@@ -48,7 +48,7 @@ def iter_tar_samples(handle) -> Iterator[tuple[str, dict[str, bytes], list[tarfi
 
 
 def tar_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
-              key_columns: list[str], start: int = 0) -> Iterator[tuple]:
+              key_columns: list[str], start: int = 0) -> Iterator[SourceRow]:
     fs, path = storage.filesystem(shard.url)
     with fs.open(path, "rb") as handle:
         for row, (key, sample, _) in enumerate(iter_tar_samples(handle)):
@@ -57,11 +57,10 @@ def tar_rows(shard: Shard, read: ReadConfig, storage: StorageConfig,
 
 
 def _tar_sample(shard: Shard, row: int, key: str, sample: dict[str, bytes], read: ReadConfig,
-                key_columns: list[str]) -> tuple:
+                key_columns: list[str]) -> SourceRow:
     keys = {k: None for k in key_columns}
     if "key" in keys:
         keys["key"] = key
-    keys[R.IMAGE_NAME] = key
     prompt = None
     if read.prompt_column and read.prompt_column in sample:
         prompt = sample[read.prompt_column].decode("utf-8", "replace")
@@ -84,6 +83,7 @@ def _tar_sample(shard: Shard, row: int, key: str, sample: dict[str, bytes], read
                         break
     image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in sample), None)
     if image_ext is None:
-        return (shard.url, row, None, prompt, keys,
-                f"{shard.url} sample {key}: no image member (.jpg/.png/.webp)", "missing_image")
-    return (shard.url, row, sample[image_ext], prompt, keys, None, None)
+        return SourceRow(shard.url, row, None, prompt, keys,
+                         f"{shard.url} sample {key}: no image member (.jpg/.png/.webp)",
+                         "missing_image", name=key)
+    return SourceRow(shard.url, row, sample[image_ext], prompt, keys, name=key)
