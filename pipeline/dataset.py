@@ -53,7 +53,6 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
     import ray
 
     from iqray.model.registry import architecture
-    from iqray.pipeline.decode import decode_user_batch
     from iqray.pipeline.scoring import Scorer
     from iqray.pipeline.staging import stage_model
 
@@ -88,9 +87,8 @@ def score_dataset(ds, model: str = iqray.model.DEFAULT_MODEL, *, image_column: s
     return model_stages(
         ds, config, spec, plan, Scorer, references,
         stage_kwargs={"prompt_column": prompt_column, "public": True},
-        decode_fn=decode_user_batch,
-        decode_kwargs={"image_column": image_column, "reference_column": reference_column,
-                       "storage": storage, "image_root": image_root, "taken": added})
+        user={"image_column": image_column, "reference_column": reference_column,
+              "storage": storage, "image_root": image_root, "taken": added})
 
 
 

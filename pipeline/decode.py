@@ -29,22 +29,6 @@ if TYPE_CHECKING:
     from iqray.model.preprocess import ImageTransform
 
 
-def is_missing(value: Any) -> bool:
-    """None, or the float NaN Ray turns an all-null object column into between stages."""
-    return value is None or (isinstance(value, float | np.floating) and bool(np.isnan(value)))
-
-
-def restore_nulls(batch: dict[str, np.ndarray], skip: set[str]) -> None:
-    """Turn all-NaN float columns (what an all-None object column becomes between Ray Data
-    stages) back into object columns of None, so they stay null instead of 'nan'."""
-    for name, values in batch.items():
-        if name in skip or values.ndim != 1 or values.dtype.kind != "f" or len(values) == 0:
-            continue
-        if np.isnan(values).all():
-            nulls = np.empty(len(values), dtype=object)
-            batch[name] = nulls
-
-
 def crop_image(source: Any, crop: CropViews, max_pixels: int, min_short_side: int | None,
                timeout_s: float | None) -> np.ndarray:
     """``crop(open_image(source))``; with a time limit, done in this thread's decode child,
@@ -59,12 +43,12 @@ def row_label(batch: dict[str, Any], i: int) -> str:
     (:func:`~iqray.pipeline.score_dataset`), which have no input file, by image hash."""
     if R.SOURCE_FILE not in batch:
         sha = batch.get(R.IMAGE_SHA256)
-        known = sha is not None and not is_missing(sha[i])
+        known = sha is not None and sha[i] is not None
         return f"image sha256 {sha[i][:16]}" if known else f"row {i} of its batch"
     source, row = batch[R.SOURCE_FILE][i], int(batch[R.SOURCE_ROW][i])
     key = batch.get("key")
     label = f"{source} row {row}"
-    if key is not None and not is_missing(key[i]):
+    if key is not None and key[i] is not None:
         label += f" (key {key[i]})"
     return label
 
@@ -199,8 +183,8 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int
          array_sha256(a) if a is not None else None for b, a in zip(images, arrays,
                                                                      strict=True)],
         dtype=object)
-    errors = [None if is_missing(e) else e for e in batch[R.ERROR]]
-    kinds = [None if is_missing(k) else k for k in batch[R.ERROR_KIND]]
+    errors = list(batch[R.ERROR])
+    kinds = list(batch[R.ERROR_KIND])
     encoded = np.full(count, None, dtype=object)
     for i in range(count):
         if errors[i] is not None:

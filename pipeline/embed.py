@@ -30,6 +30,15 @@ class Embedder(ModelStage):
         # A cache is shared by every later run of the same towers: fp32 towers only
         # (compiled towers are fp32 too).
         super().__init__(spec, device, threads, prompt_cache_size, compile=compile)
+        self.known_ref = known
+        self.dtype = np.dtype(dtype)
+
+    name = "Embedder"
+    contract = "embed"
+
+    def setup(self) -> None:
+        super().setup()
+        known = self.known_ref
         self.known: set[str] = set()
         if known:  # an object ref on Ray (one copy for every actor), the set in process
             if isinstance(known[0], set | frozenset):
@@ -38,7 +47,6 @@ class Embedder(ModelStage):
                 import ray
 
                 self.known = ray.get(known[0])
-        self.dtype = np.dtype(dtype)
 
     def _embed(self, pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:
         with torch.inference_mode():
@@ -50,7 +58,7 @@ class Embedder(ModelStage):
     def roles(self) -> tuple[str, ...]:
         return tuple(self.model.config.tower_roles)
 
-    def process(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
+    def add_outputs(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
         count, dim = len(ok), self.model.config.embedding_dim
         embeddings = np.zeros((count, len(self.roles) * dim), self.dtype)
         error = np.zeros(count, np.float32)

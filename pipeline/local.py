@@ -1,5 +1,5 @@
-"""The in-process executor: the same read, decode and model stages as the Ray Data graph
-(:func:`iqray.pipeline.graph.model_stages`), run in the driver process. Reads happen in
+"""The in-process executor: the same read, decode and model stage objects as the Ray Data
+graph (:mod:`iqray.pipeline.stages`), run in the driver process. Reads happen in
 the calling thread, decodes in a few threads ahead of the model (each decodes in its own
 PIL-only child process, as a decode task does), and the model stage is built once here.
 
@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from iqray.pipeline.io.shards import Shard, wants_references
+from iqray.pipeline.stages import shard_table
 
 # Up to this many input rows `--executor auto` runs in process (where no cluster is joined).
 # Measured on 2 cores (benchmarks/cpu-2core/small_run*.json, fresh processes, start to
@@ -85,25 +86,25 @@ def _chunks(batch: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.nd
 def local_batches(config, spec, stage_cls: type, todo: list[Shard], key_columns: list[str],
                   stage_kwargs: dict[str, Any] | None = None, keep_image_bytes: bool = False,
                   decode_options: dict[str, Any] | None = None) -> Iterator[pa.Table]:
-    """Scored blocks of ``todo``'s rows, shard by shard, from stages run in this process."""
-    from iqray.pipeline.decode import decode_batch
-    from iqray.pipeline.graph import read_stage
+    """Scored blocks of ``todo``'s rows, shard by shard, from the same stage objects the Ray
+    graph runs (:mod:`iqray.pipeline.stages`), here in this process."""
+    from iqray.pipeline.graph import model_stage
     from iqray.pipeline.planning import decode_task_options
+    from iqray.pipeline.stages import Decode, ReadShards
 
     read, storage = config.read_config(), config.storage_config()
     options = decode_task_options(config, spec, wants_references(read), keep_image_bytes)
     options.update(decode_options or {})
-    stage = stage_cls(spec=spec, device=_device(config), threads=config.model_threads,
-                      prompt_cache_size=config.prompt_cache_size,
-                      precision=getattr(config, "precision", "fp32"), compile=config.compile,
-                      **(stage_kwargs or {}))
-
+    reader = ReadShards(read, storage, key_columns)
+    decode = Decode(options)
+    model = model_stage(config, spec, stage_cls, _device(config), config.model_threads,
+                        stage_kwargs)
     limit = getattr(config, "limit", None)  # previews only
 
     def read_batches() -> Iterator[dict[str, np.ndarray]]:
         left = limit
         for shard in todo:
-            for batch in read_stage(shard, read, storage, key_columns):
+            for batch in reader.run(shard_table([shard])):
                 if left is not None:
                     batch = next(_chunks(batch, left), {})
                     left -= len(next(iter(batch.values()), ()))
@@ -116,20 +117,20 @@ def local_batches(config, spec, stage_cls: type, todo: list[Shard], key_columns:
         ahead: deque = deque()
         try:
             for batch in read_batches():
-                ahead.append(pool.submit(decode_batch, batch, **options))
+                ahead.append(pool.submit(decode, batch))
                 while len(ahead) > 2 * threads:  # bounded: memory does not grow with input
-                    yield from _scored(stage, ahead.popleft().result(), config.batch_size)
+                    yield from _scored(model, ahead.popleft().result(), config.batch_size)
             while ahead:
-                yield from _scored(stage, ahead.popleft().result(), config.batch_size)
+                yield from _scored(model, ahead.popleft().result(), config.batch_size)
         finally:
             for future in ahead:  # Ctrl-C or a bug: nothing more is decoded
                 future.cancel()
 
 
-def _scored(stage, decoded: dict[str, np.ndarray], batch_size: int) -> Iterator[pa.Table]:
+def _scored(model, decoded: dict[str, np.ndarray], batch_size: int) -> Iterator[pa.Table]:
     for batch in _chunks(decoded, batch_size):
-        out = stage(batch)
-        yield out if isinstance(out, pa.Table) else to_table(out)
+        for out in model.run(batch):
+            yield out if isinstance(out, pa.Table) else to_table(out)
 
 
 def _device(config) -> str:

@@ -15,7 +15,7 @@ longer hold), and :func:`check_batch` checks a batch against both (the stage tes
               PUBLIC_ERROR_KIND MODEL_S MODEL_NODE and the model's outputs (Scorer) or
               its embeddings (Embedder)
 
-Imports nothing but numpy, so readers, decode tasks and actors can all use it.
+Imports nothing but numpy and pyarrow, so readers, decode tasks and actors can all use it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 
 Kind = Literal["str", "int", "float", "bool", "bytes", "crops", "vectors"]
 
@@ -176,19 +177,53 @@ def _fits(value: Any, kind: Kind) -> bool:
     return isinstance(value, bool | np.bool_)
 
 
+# Rows of a user's own dataset (score_dataset) come from no input file or shard.
+_READER_ONLY = frozenset((SOURCE_FILE, SOURCE_ROW, PROMPT, SHARD, SHARD_END, READ_S))
+
+# Arrow types of the contract's scalar kinds (crops and vectors are tensors).
+ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(),
+               "bool": pa.bool_(), "bytes": pa.binary()}
+
+
+def owned_columns(from_dataset: bool = False) -> frozenset[str]:
+    """The columns whose kind the contract fixes. In a user's dataset (score_dataset) the
+    reader-only names and ``image`` (--keep-image-bytes) are the user's own, whatever they
+    hold, and pass through untouched."""
+    if from_dataset:
+        return frozenset(COLUMNS) - _READER_ONLY - {IMAGE_BYTES}
+    return frozenset(COLUMNS)
+
+
+def arrow_type(name: str) -> pa.DataType | None:
+    """The Arrow type a contract column has between stages (None: not the contract's, or a
+    tensor): an all-None column keeps its type, so it stays null, never NaN."""
+    column = COLUMNS.get(name)
+    return None if column is None else ARROW_TYPES.get(column.kind)
+
+
+def boundary_schema(stage: str) -> list[tuple[str, str]]:
+    """(column, type) of what ``stage``'s output holds by contract, for the docs."""
+    kinds = {"crops": "uint8 (N, C, S, S)", "vectors": "float (N, D)"}
+    return [(name, kinds.get(COLUMNS[name].kind) or str(arrow_type(name)))
+            for name in STAGE_OUTPUT[stage][0]]
+
+
 def check_batch(batch: dict[str, np.ndarray], stage: str,
-                outputs: tuple[str, ...] = ()) -> list[str]:
+                outputs: tuple[str, ...] = (), from_dataset: bool = False) -> list[str]:
     """What is wrong with ``stage``'s output ``batch`` against the contract (empty: nothing).
 
-    ``outputs``: the model's score columns (quality first), float32, NaN on error rows."""
+    ``outputs``: the model's score columns (quality first), float32, NaN on error rows.
+    ``from_dataset``: rows of a user's dataset, which have no input file or shard."""
     wanted, removed = STAGE_OUTPUT[stage]
+    owned = owned_columns(from_dataset)
+    wanted = tuple(name for name in wanted if name in owned)
     problems = [f"missing {name}" for name in wanted if name not in batch]
     problems += [f"still holds {name}" for name in removed if name in batch]
     lengths = {name: len(values) for name, values in batch.items()}
     if len(set(lengths.values())) > 1:
         problems.append(f"columns of different lengths: {lengths}")
     for name, values in batch.items():
-        column = COLUMNS.get(name)
+        column = COLUMNS.get(name) if name in owned else None
         if column is None:
             continue
         if column.kind == "crops":

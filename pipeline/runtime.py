@@ -119,9 +119,13 @@ def ensure_ray(config: ClusterOptions):
         address = config.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
             from iqray.model.registry import PLUGINS_ENV
+            from iqray.pipeline.stages import CHECK_ROWS_ENV
 
-            if os.environ.get(PLUGINS_ENV):  # a local Ray's workers inherit it; a cluster's not
-                kwargs["runtime_env"] = {"env_vars": {PLUGINS_ENV: os.environ[PLUGINS_ENV]}}
+            # A local Ray's workers inherit these; a cluster's do not.
+            passed = {name: os.environ[name] for name in (PLUGINS_ENV, CHECK_ROWS_ENV)
+                      if os.environ.get(name)}
+            if passed:
+                kwargs["runtime_env"] = {"env_vars": passed}
             ray.init(address=address, **kwargs)
         else:
             # "local" starts a fresh Ray even when another one on this machine left its

@@ -1,5 +1,6 @@
-"""Model stage: a callable class per actor, built from the weights the driver staged once
-(:mod:`iqray.pipeline.staging`): scores (``Scorer``) or embeddings (``Embedder``)."""
+"""Model stage: a :class:`~iqray.pipeline.stages.Stage` per actor (or in the driver, run in
+process), built from the weights the driver staged once (:mod:`iqray.pipeline.staging`):
+scores (``Scorer``) or embeddings (``Embedder``)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ from iqray.pipeline import rows as R
 from iqray.pipeline.decode import (
     crop_transform,
     decode_jpegs,
-    is_missing,
     node_id,
-    restore_nulls,
     row_label,
 )
 from iqray.pipeline.io.storage import StorageConfig
+from iqray.pipeline.stages import Stage
 from iqray.pipeline.staging import ModelSpec
 
 
@@ -127,17 +127,15 @@ def split_on_oom(score: Callable[[torch.Tensor, list], dict[str, np.ndarray]],
         return {k: np.concatenate([first[k], second[k]]) for k in first}
 
 
-# Columns restore_nulls leaves alone: numbers whose NaN means NaN, not an all-None column
-# (with the model's own outputs).
-SCORE_NUMBERS = {R.READ_S, R.DECODE_S, R.MODEL_S, R.EMBEDDINGS,
-                 R.EMBED_ERROR, R.DECODE_NODE, R.MODEL_NODE}
+class ModelStage(Stage):
+    """The model stage (an actor pool on Ray, in process otherwise): one model per process,
+    loaded once in :meth:`setup` from the weights the driver staged.
 
+    Subclasses turn the decoded rows that have no error into model outputs
+    (:meth:`add_outputs`); this base class owns loading, device decode, the status/error
+    columns and per-row timing."""
 
-class ModelStage:
-    """Ray Data callable class: one model per actor, loaded once in ``__init__``.
-
-    Subclasses turn the decoded rows that have no error into model outputs; this base class
-    owns loading, the status/error columns and per-row timing."""
+    contract = "model"
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
                  prompt_cache_size: int = 4096, precision: str = "fp32",
@@ -146,33 +144,32 @@ class ModelStage:
         # public: the last stage of a user's pipeline (score_dataset): private columns are
         # dropped and the output is an Arrow table with the contract's types.
         # commit_to: --commit actors; rows go to these commit actors, tally rows to Ray Data.
+        self.spec, self.device, self.threads = spec, device, threads
+        self.prompt_cache_size, self.precision, self.compile = (prompt_cache_size, precision,
+                                                                compile)
+        self.prompt_column, self.public, self.commit_to = prompt_column, public, commit_to
+        self.from_dataset = public
+
+    def setup(self) -> None:
+        from iqray.model.fastpath import apply_precision, compile_towers
         from iqray.pipeline.commit import CommitRouter
 
-        self.router = CommitRouter(commit_to) if commit_to else None
-        self.prompt_column = prompt_column
-        self.public = public
-        if threads:
-            torch.set_num_threads(threads)
-        if device == "auto" and not torch.cuda.is_available():
+        self.router = CommitRouter(self.commit_to) if self.commit_to else None
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.device == "auto" and not torch.cuda.is_available():
             import sys
 
             print("iqray: this actor holds a GPU reservation but its process sees no CUDA "
                   "device; scoring on CPU (use --device cuda to fail instead)", file=sys.stderr)
-        self.model = self.load_model(spec, device, prompt_cache_size, precision, compile)
+        self.model = apply_precision(self.spec.load(self.device, self.prompt_cache_size),
+                                     self.precision)
+        if self.compile:
+            compile_towers(self.model)  # compiles on the first batch
         self.pin = self.model.device.type == "cuda"
-        self.crops = crop_transform(spec.config.image_size, spec.config.fine_resize)
+        self.crops = crop_transform(self.spec.config.image_size, self.spec.config.fine_resize)
         self.on_device: dict[int, torch.Tensor] = {}
         self.node = node_id()
-
-    def load_model(self, spec: ModelSpec, device: str, prompt_cache_size: int,
-                   precision: str, compile: bool):
-        """The actor's model (``iqray bench --measure overhead`` puts a constant one here)."""
-        from iqray.model.fastpath import apply_precision, compile_towers
-
-        model = apply_precision(spec.load(device, prompt_cache_size), precision)
-        if compile:
-            compile_towers(model)  # compiles on the first batch
-        return model
 
     def pixels(self, batch: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(batch[R.PIXELS][index]))
@@ -219,10 +216,10 @@ class ModelStage:
         for i, image in decoded.items():
             self.on_device[i] = self.crops.crop_tensor(image)
 
-    def process(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
+    def add_outputs(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
         raise NotImplementedError
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             return self._call(batch)
         except Exception as exc:  # nothing here is about bad data: a bug stops the run
@@ -235,8 +232,8 @@ class ModelStage:
         started = time.perf_counter()
         count = len(batch[R.PIXELS])
         self.decode_on_device(batch)
-        ok = np.array([is_missing(e) for e in batch[R.ERROR]], dtype=bool)
-        self.process(batch, ok)
+        ok = np.array([e is None for e in batch[R.ERROR]], dtype=bool)
+        self.add_outputs(batch, ok)
         self.on_device = {}
         del batch[R.PIXELS]
         batch[R.STATUS] = np.where(ok, R.STATUS_OK, R.STATUS_ERROR).astype(object)
@@ -244,7 +241,9 @@ class ModelStage:
         batch[R.PUBLIC_ERROR_KIND] = _strings(batch.pop(R.ERROR_KIND))
         batch[R.MODEL_S] = np.full(count, (time.perf_counter() - started) / max(count, 1))
         batch[R.MODEL_NODE] = np.full(count, self.node, dtype=object)
-        restore_nulls(batch, skip=SCORE_NUMBERS | set(getattr(self.model, "output_names", ())))
+        return batch
+
+    def emit(self, batch: dict[str, np.ndarray]):
         if self.router is not None:
             return self.router.route(batch)
         return self.public_table(batch) if self.public else batch
@@ -276,10 +275,15 @@ class ModelStage:
 class Scorer(ModelStage):
     """The model's outputs (``model.output_names``) for every decodable row."""
 
+    name = "Scorer"
+
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.spec.config.output_names)
+
     def _score(self, pixels: torch.Tensor, prompts: list) -> dict[str, np.ndarray]:
         return self.model.score(pixels, prompts, batch_size=max(len(prompts), 1))
 
-    def process(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
+    def add_outputs(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> None:
         count = len(ok)
         outputs = {name: np.full(count, np.nan, np.float32) for name in self.model.output_names}
         truncated = np.zeros(count, bool)
@@ -299,7 +303,7 @@ class Scorer(ModelStage):
 
 def _strings(values: np.ndarray) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
-    out[:] = [None if is_missing(v) else str(v) for v in values]
+    out[:] = [None if v is None else str(v) for v in values]
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 # Tests must never reach a model hub.
 os.environ.setdefault("IQRAY_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("IQRAY_CHECK_ROWS", "1")  # every stage output checked against rows.py
 # Credentials for the local S3 test server; set before Ray starts so its workers inherit them.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from iqray.pipeline.io.storage import ROW_READ_FAILURES, StorageConfig
@@ -94,6 +95,29 @@ class Shard:
     prompts: dict[str, str | None] | None = None  # folder chunks: name -> prompt
     only_rows: list[int] | None = None  # --retry-failed: rows to read again
     estimated_rows: int | None = None
+
+    # How a shard travels to the read tasks: one typed row each (a folder chunk's prompts as
+    # two lists, since Arrow has no dict of arbitrary keys).
+    ARROW_SCHEMA: ClassVar[pa.Schema] = pa.schema([
+        ("index", pa.int64()), ("url", pa.string()), ("format", pa.string()),
+        ("output_name", pa.string()), ("fingerprint", pa.string()),
+        ("members", pa.list_(pa.string())), ("names", pa.list_(pa.string())),
+        ("prompts", pa.list_(pa.string())), ("only_rows", pa.list_(pa.int64())),
+        ("estimated_rows", pa.int64())])
+
+    def record(self) -> dict[str, Any]:
+        record = {name: getattr(self, name) for name in self.ARROW_SCHEMA.names
+                  if name not in ("names", "prompts")}
+        record["names"] = None if self.prompts is None else list(self.prompts)
+        record["prompts"] = None if self.prompts is None else list(self.prompts.values())
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Shard:
+        record = dict(record)
+        names, prompts = record.pop("names"), record.pop("prompts")
+        return cls(**record, prompts=None if names is None else
+                   dict(zip(names, prompts, strict=True)))
 
 
 @dataclass(slots=True)

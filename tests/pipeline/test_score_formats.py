@@ -67,8 +67,8 @@ def test_folder_with_a_csv_sidecar(ray_local, tmp_path, sample, reference_model)
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["summary"]["rows"] == 32 and success["model"] == "mst-clipiqa-tiny-random"
     assert "bottleneck" in success["summary"]
-    assert summary.operators == ["FromItems", "MapBatches(read_shards)",
-                                 "MapBatches(decode_batch)", "MapBatches(Scorer)"]
+    assert summary.operators == ["FromArrow", "MapBatches(ReadShards)",
+                                 "MapBatches(Decode)", "MapBatches(Scorer)"]
 
 
 def test_img2dataset_parquet_shards_on_s3(ray_local, s3_bucket, s3_endpoint, sample,

@@ -26,7 +26,7 @@ class OutcomeConfig(BaseModel):
 class BuggyScorer(Scorer):
     """The real model stage, with a bug: a lookup of a column no batch has."""
 
-    def process(self, batch, ok):
+    def add_outputs(self, batch, ok):
         return batch["no_such_column"]
 
 
