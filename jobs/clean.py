@@ -164,7 +164,7 @@ def _write_record(fs, storage, config: CleanConfig, when: dt.datetime, started: 
 
 def _state(files: dict[str, list[str]], config: CleanConfig, storage) -> str:
     """What the manifests depend on: every score file's footer, the rules, the model."""
-    from iqray.pipeline.io.writer import footer_scoring_hash, read_output_metadata
+    from iqray.pipeline.io.resume import footer_scoring_hash, read_output_metadata
 
     digest = hashlib.sha256(json.dumps(
         {"rules": config.rules.model_dump(), "model": config.model}, sort_keys=True).encode())

@@ -20,9 +20,10 @@ from iqray.pipeline.embed import Embedder, EmbedSink, embed_prompts
 from iqray.pipeline.execution import execute
 from iqray.pipeline.io.discovery import discover_shards, inspect_input
 from iqray.pipeline.io.embed_cache import INDEX_COLUMNS, EmbeddingCache, index_table
+from iqray.pipeline.io.resume import plan_resume
 from iqray.pipeline.io.shards import InputColumns
 from iqray.pipeline.io.storage import StorageConfig, check_separate
-from iqray.pipeline.io.writer import ShardWriter, plan_resume
+from iqray.pipeline.io.writer import ShardWriter
 from iqray.pipeline.local import choose_executor
 from iqray.pipeline.options import (
     ClusterOptions,

@@ -19,9 +19,10 @@ from iqray.model.registry import architecture
 from iqray.model.version import iqray_version
 from iqray.pipeline.execution import execute
 from iqray.pipeline.io.discovery import discover_shards, inspect_input
+from iqray.pipeline.io.resume import plan_resume
 from iqray.pipeline.io.shards import InputColumns, Sampling, Shard, wants_references
 from iqray.pipeline.io.storage import StorageConfig, check_separate
-from iqray.pipeline.io.writer import ShardWriter, plan_resume, score_schema
+from iqray.pipeline.io.writer import ShardWriter, score_schema
 from iqray.pipeline.local import choose_executor
 from iqray.pipeline.options import (
     ClusterOptions,

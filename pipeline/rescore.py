@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 
 from iqray.pipeline import rows as R
 from iqray.pipeline.io.embed_cache import EmbeddingCache, index_written_for
+from iqray.pipeline.io.resume import read_output_metadata
 from iqray.pipeline.io.shards import Shard
 from iqray.pipeline.io.storage import StorageConfig
-from iqray.pipeline.io.writer import ShardWriter, read_output_metadata
+from iqray.pipeline.io.writer import ShardWriter
 from iqray.pipeline.staging import ModelSpec
 from iqray.pipeline.summary import RunSummary
 

@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from iqray.pipeline.io.resume import read_output_metadata
 from iqray.pipeline.io.shards import Shard
 from iqray.pipeline.io.storage import StorageConfig, write_atomic
-from iqray.pipeline.io.writer import read_output_metadata
 
 FORMAT = "iqray-embedding-cache"
 FORMAT_VERSION = 1

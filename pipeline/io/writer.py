@@ -1,12 +1,12 @@
-"""Writer and resume: one output Parquet per input shard, committed atomically, exactly once.
+"""Shard assembly: one output file per input shard, committed atomically, exactly once.
 
 Score rows are small (keys + a few numbers), so the driver gathers them per shard as they
 stream out of the actor pool and commits a shard's file the moment its last row arrives
 (the reader marks a shard's final batch with the shard's row count). A file is written in
-one go (temp + rename locally, a single PUT on object stores), so no partial output is ever
-visible, and its footer records the input's fingerprint and the scorer's identity. A rerun
-skips every shard whose committed output matches both: that is the whole resume protocol,
-and it decides before anything is read, so done shards cost one footer read each.
+one go (temp + rename locally, a single PUT on object stores) in an output format
+(:mod:`iqray.pipeline.io.formats`: Parquet), so no partial output is ever visible, and its
+footer records the input's fingerprint and the scorer's identity. A rerun skips every shard
+whose committed output matches both (:mod:`iqray.pipeline.io.resume`).
 
 The writer never replaces a file it did not write: a file at an output shard's name without
 an iqray footer stops the run before it starts. A shard the readers could not finish (their
@@ -18,7 +18,6 @@ not committed: it is listed in :attr:`ShardWriter.unfinished`, ``_SUCCESS`` is n
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import posixpath
 from collections import Counter, defaultdict
@@ -28,9 +27,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from iqray.pipeline import rows as R
+from iqray.pipeline.io.formats import PARQUET, OutputFormat
 from iqray.pipeline.io.shards import Shard
 from iqray.pipeline.io.storage import (
     StorageConfig,
@@ -41,11 +40,8 @@ from iqray.pipeline.io.storage import (
     write_atomic,
 )
 
-METADATA_KEY = b"iqray"
 SUCCESS_NAME = "_SUCCESS"
 UNFINISHED_NAME = "_UNFINISHED"
-# Error kinds of old outputs whose whole file has to be read again by --retry-failed.
-WHOLE_FILE_ERRORS = ("shard_read", R.SHARD_CORRUPT)
 # The columns of every score file, around the model's own outputs (from the registry).
 ROW_COLUMNS = {
     "source_file": pa.string(),
@@ -86,106 +82,24 @@ class ShardState:
     errors: Counter = field(default_factory=Counter)
 
 
-def read_output_metadata(fs, path: str) -> dict[str, Any] | None:
-    """An output's iqray footer; None for a file that is absent, unreadable or not iqray's."""
-    try:
-        return output_footer(fs, path)
-    except Exception:
-        return None
-
-
-def output_footer(fs, path: str) -> dict[str, Any] | None:
-    """The iqray footer of a Parquet file; None when the file is not iqray's (no footer, or
-    not Parquet at all). Storage errors propagate."""
-    try:
-        with fs.open(path, "rb") as handle:
-            metadata = pq.read_schema(handle).metadata or {}
-    except (pa.ArrowInvalid, IsADirectoryError):  # not Parquet, or a folder of that name
-        return None
-    raw = metadata.get(METADATA_KEY)
-    return json.loads(raw) if raw else None
-
-
-def _foreign(url: str, why: str) -> ValueError:
-    return ValueError(f"{url} exists and {why}: iqray never writes over a file it did not "
-                      "write; move it away or choose another output")
-
-
-def footer_scoring_hash(meta: dict) -> str | None:
-    """The scoring hash a shard was written under. Earlier runs wrote the same value twice,
-    as ``scoring_hash`` and ``config_hash``; a footer with either is read."""
-    return meta.get("scoring_hash") or meta.get("config_hash")
-
-
-def plan_resume(shards: list[Shard], output: str, storage: StorageConfig, scoring_hash: str,
-                retry_failed: bool) -> tuple[list[Shard], list[Shard], dict[int, pa.Table]]:
-    """Split shards into (to score, already done) and, for --retry-failed, the old tables
-    whose error rows are being rescored. Refuses (ValueError) when a file at an output's
-    name was not written by iqray; storage errors are retried, then StorageUnavailable."""
-    fs, root = storage.filesystem(output)
-
-    def retried(what: str, action, url: str = output):
-        return storage.retry(action, what, url)
-
-    existing = (set(retried("list", lambda: fs.find(root)))
-                if retried("look up", lambda: fs.exists(root)) else set())
-    for name in (SUCCESS_NAME, UNFINISHED_NAME):  # run records a new run replaces
-        path = posixpath.join(root, name)
-        if path not in existing:
-            continue
-        body = retried("read", lambda path=path: fs.cat_file(path), join_url(output, name))
-        try:
-            record = json.loads(body)
-        except ValueError:
-            record = None
-        ours = isinstance(record, dict) and "summary" in record
-        if not ours:
-            raise _foreign(join_url(output, name), "is not an iqray run summary")
-    todo, done, previous = [], [], {}
-    for shard in shards:
-        path = posixpath.join(root, shard.output_name)
-        url = join_url(output, shard.output_name)
-        meta = (retried("read the footer of", lambda path=path: output_footer(fs, path), url)
-                if path in existing else None)
-        if path in existing and meta is None:
-            raise _foreign(url, "has no iqray footer")
-        committed = (meta is not None and meta.get("input_fingerprint") == shard.fingerprint
-                     and footer_scoring_hash(meta) == scoring_hash and meta.get("complete"))
-        if not committed:
-            todo.append(shard)
-            continue
-        if not retry_failed or not meta.get("errors"):
-            done.append(shard)
-            continue
-
-        def read_old(path=path) -> pa.Table:
-            with fs.open(path, "rb") as handle:
-                return pq.read_table(handle)
-
-        old = retried("read", read_old, url)
-        errors = old.filter(pc.equal(old["status"], "error"))
-        whole_file = any(k in WHOLE_FILE_ERRORS for k in errors["error_kind"].to_pylist())
-        if whole_file:  # the file itself was unreadable: read all of it again
-            todo.append(shard)
-        else:
-            shard.only_rows = sorted(errors["source_row"].to_pylist())
-            previous[shard.index] = old
-            todo.append(shard)
-    return todo, done, previous
-
-
 class ShardWriter:
+    """Gathers a run's rows per input shard and commits each shard once its last row has
+    arrived; counts ok, error and unfinished rows (the error budget's tally); writes the
+    run record. Commit actors and re-scoring use it too."""
+
     def __init__(self, shards: list[Shard], output: str, storage: StorageConfig,
                  metadata: dict[str, Any], complete: bool, key_columns: list[str],
                  keep_prompt: bool, keep_image_bytes: bool,
                  previous: dict[int, pa.Table] | None = None, *,
                  schema: dict[str, pa.DataType],
-                 before_commit: Callable[[], None] | None = None):
+                 before_commit: Callable[[], None] | None = None,
+                 output_format: OutputFormat = PARQUET):
         self.shards = {s.index: s for s in shards}
+        self.format = output_format
         self._kwargs = {"output": output, "storage": storage, "metadata": metadata,
                         "complete": complete, "key_columns": key_columns,
                         "keep_prompt": keep_prompt, "keep_image_bytes": keep_image_bytes,
-                        "schema": schema}
+                        "schema": schema, "output_format": output_format}
         self.output = output
         self.storage = storage
         self.fs, self.root = storage.filesystem(output)
@@ -352,13 +266,11 @@ class ShardWriter:
                 "complete": self.complete, "rows": table.num_rows, "errors": errors,
                 "input_rows": input_rows,
                 "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        body = self.format.encode(table, meta)
         url = join_url(self.output, shard.output_name)
         try:
             self.storage.retry(lambda: write_atomic(self.fs, self._path(shard.output_name),
-                                                    buffer.getvalue()), "write", url)
+                                                    body), "write", url)
         except StorageUnavailable as exc:
             self.fail(shard_id, str(exc))
             return False

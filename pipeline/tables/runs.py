@@ -23,9 +23,9 @@ from iqray.model.outputs import RunOutputs, run_outputs
 from iqray.pipeline import rows as R
 from iqray.pipeline.io.discovery import discover_shards
 from iqray.pipeline.io.read import read_shard
+from iqray.pipeline.io.resume import read_output_metadata
 from iqray.pipeline.io.shards import ReadConfig, read_bytes, source_file_kind
 from iqray.pipeline.io.storage import StorageConfig, to_url
-from iqray.pipeline.io.writer import read_output_metadata
 
 
 class ExpressionError(ValueError):

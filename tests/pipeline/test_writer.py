@@ -12,14 +12,13 @@ import pytest
 from fault_proxy import Fault
 from pipeline_data import img2dataset_table, write_parquet
 
+from iqray.pipeline.io.resume import plan_resume, read_output_metadata
 from iqray.pipeline.io.shards import Shard
 from iqray.pipeline.io.storage import StorageConfig
 from iqray.pipeline.io.writer import (
     SUCCESS_NAME,
     UNFINISHED_NAME,
     ShardWriter,
-    plan_resume,
-    read_output_metadata,
     score_schema,
     shard_parts,
 )
@@ -195,3 +194,48 @@ def test_a_shard_written_under_either_footer_hash_name_is_recognised(tmp_path, f
     assert (left, len(done)) == ([], 1)
     left, _, _ = plan_resume(todo, str(tmp_path / "out"), StorageConfig(), "other", False)
     assert left == todo
+
+
+class JsonLinesFormat:
+    """Another output format in one class: the footer on the first line, then one JSON
+    object per row."""
+
+    name = "jsonl"
+
+    def encode(self, table: pa.Table, footer: dict) -> bytes:
+        lines = [json.dumps(footer)] + [json.dumps(r) for r in table.to_pylist()]
+        return "\n".join(lines).encode()
+
+    def read_footer(self, fs, path: str) -> dict | None:
+        with fs.open(path, "rb") as handle:
+            first = handle.readline()
+        try:
+            footer = json.loads(first)
+        except ValueError:
+            return None
+        return footer if isinstance(footer, dict) and "input_fingerprint" in footer else None
+
+    def read_table(self, fs, path: str) -> pa.Table:
+        with fs.open(path, "rb") as handle:
+            lines = handle.read().splitlines()[1:]
+        return pa.Table.from_pylist([json.loads(line) for line in lines])
+
+
+def test_another_output_format_is_one_class_and_resume_follows_it(tmp_path):
+    jsonl = JsonLinesFormat()
+    todo = shards(2)
+    out = ShardWriter(todo, str(tmp_path / "out"), StorageConfig(), {"scoring_hash": "h"},
+                      complete=True, key_columns=["key"], keep_prompt=False,
+                      keep_image_bytes=False, schema=SCHEMA, output_format=jsonl)
+    out.add(batch(0, range(3), end=3, kinds=[None, "decode", None]))
+    out.add(batch(1, range(2)))  # its last row never arrives: unfinished
+    out.finish()
+    lines = (tmp_path / "out" / "0.parquet").read_text().splitlines()
+    assert json.loads(lines[0])["rows"] == 3 and json.loads(lines[2])["error_kind"] == "decode"
+    again, done, _ = plan_resume(shards(2), str(tmp_path / "out"), StorageConfig(), "h",
+                                 retry_failed=False, output_format=jsonl)
+    assert [s.index for s in done] == [0] and [s.index for s in again] == [1]
+    # --retry-failed reads the old rows back through the same format
+    again, done, previous = plan_resume(shards(2), str(tmp_path / "out"), StorageConfig(),
+                                        "h", retry_failed=True, output_format=jsonl)
+    assert again[0].only_rows == [1] and previous[0].num_rows == 3
