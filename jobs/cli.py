@@ -102,7 +102,16 @@ class Job:
     uses_ray: bool = True
 
     def config_class(self) -> type[BaseModel]:
-        return getattr(importlib.import_module(self.module), self.config)
+        try:
+            module = importlib.import_module(self.module)
+        except ModuleNotFoundError as exc:
+            if exc.name != self.module.split(".")[0] or self.module.startswith("iqray."):
+                raise
+            print(f"iqray: this job lives in the {self.module.replace('_', '-')} package, "
+                  "which is not installed: pip install ./benchmarks (from iqray's source "
+                  "tree)", file=sys.stderr)
+            raise SystemExit(2) from None
+        return getattr(module, self.config)
 
     def run(self, config: BaseModel, name: str = "") -> int:
         """Run the job and turn its outcome into an exit code and at most one line on
@@ -231,7 +240,8 @@ JOBS: dict[str, Job] = {
                    "build a full-reference training set: graded synthetic distortions of clean "
                    "images (5 kinds x 5 levels), split by source image", ("input", "output"),
                    uses_ray=False),
-    "bench": Job("iqray.jobs.bench", "BenchConfig", "run_bench",
+    # Benchmarks are not part of iqray: the iqray-bench package beside it (benchmarks/).
+    "bench": Job("iqray_bench", "BenchConfig", "run_bench",
                  "images/s of the limit, a DataLoader and `iqray score` side by side, fast-path "
                  "fidelity; writes bench.json/png/md"),
     "info": Job("iqray.jobs.cli", "InfoConfig", "run_info",

@@ -87,13 +87,10 @@ class ScoreConfig(PipelineJob, InputURL, InputColumns, Sampling, PreviewOptions,
         return self.options_hash(model_identity, {"keep_prompt", "keep_image_bytes"})
 
 
-def run_score(config: ScoreConfig, log=log, model_stage: type | None = None) -> RunSummary:
+def run_score(config: ScoreConfig, log=log) -> RunSummary:
     """Everything that can be checked is checked before Ray starts (the output against the
     input, the first shard's columns, the model, resume): a mistake ends here with a
-    ValueError and nothing written, and a run with nothing left to do starts no Ray.
-
-    ``model_stage`` replaces the actor pool's :class:`~iqray.pipeline.scoring.Scorer` (the
-    overhead benchmark's constant-score stage)."""
+    ValueError and nothing written, and a run with nothing left to do starts no Ray."""
     summary = RunSummary()  # its clock starts here: the timeline is marked as the run goes
     read, storage = config.read_config(), config.storage_config()
     check_separate(config.input, config.output)
@@ -194,7 +191,7 @@ def run_score(config: ScoreConfig, log=log, model_stage: type | None = None) -> 
             sink = CommitPool(writer, todo,
                               plan_resources(config, ray.cluster_resources())["actors"])
             stage_kwargs = sink.stage_kwargs()
-        execute(config, ray, spec, model_stage or Scorer, todo, key_columns, sink, summary,
+        execute(config, ray, spec, Scorer, todo, key_columns, sink, summary,
                 stage_kwargs=stage_kwargs, keep_image_bytes=config.keep_image_bytes)
     todo = todo + from_cache
     summary.shards_scored = len(todo)

@@ -30,6 +30,8 @@ if [ -n "${IQRAY_PYTHON:-}" ]; then
     py=$IQRAY_PYTHON
     "$py" -c 'import iqray.jobs.cli' 2>/dev/null ||
         "$py" -m pip install --quiet --no-deps --no-build-isolation -e .
+    "$py" -c 'import iqray_bench' 2>/dev/null ||
+        "$py" -m pip install --quiet --no-deps --no-build-isolation -e ./benchmarks
 else
     IQRAY_SKIP_BROWSER=1 bash scripts/setup.sh
     py=.venv/bin/python

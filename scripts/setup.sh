@@ -23,9 +23,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Marker: skip the (slow) resolver when pyproject.toml has not changed since the last install.
 stamp=.venv/.iqray-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || \
+        [ benchmarks/pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e ".[test]"
+    # The benchmarks (`iqray bench`) are a package of their own, apart from the product.
+    .venv/bin/python -m pip install --quiet --no-deps -e ./benchmarks
     touch "$stamp"
 fi
 # The report test renders HTML in a real browser: Debian's chromium (about 20 s to install).

@@ -13,6 +13,9 @@ import pytest
 os.environ.setdefault("IQRAY_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("IQRAY_CHECK_ROWS", "1")  # every stage output checked against rows.py
+# Ray workers of this session can import the test support modules (test-only architectures).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [
+    str(Path(__file__).resolve().parent / "support"), os.environ.get("PYTHONPATH")]))
 # Credentials for the local S3 test server; set before Ray starts so its workers inherit them.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")

@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -63,6 +65,8 @@ def test_the_wheel_holds_the_packages_their_data_and_the_console_script(tmp_path
                      "iqray/model/shipped/iqray-small-agiqa3k/towers/fine.safetensors"):
         assert expected in names
     assert not any(n.startswith(("tests/", "iqray/tests")) for n in names)
+    # benchmarks are their own package (benchmarks/, iqray-bench), not the product's
+    assert not any("bench" in n for n in names), [n for n in names if "bench" in n]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "iqray = iqray.jobs.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -88,6 +92,18 @@ def test_iqray_help_and_a_jobs_help_import_no_torch_ray_or_other_jobs():
             "        try: main(argv)\n"
             "        except SystemExit: pass\n"
             "    print(sorted(m for m in ('torch', 'ray', 'open_clip', 'iqray.jobs.train',\n"
-            "                             'iqray.jobs.bench') if m in sys.modules))\n")
+            "                             'iqray_bench') if m in sys.modules))\n")
     out = fresh_python(code)
     assert out.split("\n")[:2] == ["[]", "[]"]
+
+
+def test_iqray_bench_without_its_package_says_how_to_get_it_in_one_line(monkeypatch, capsys):
+    from iqray.jobs.cli import main
+
+    monkeypatch.setitem(sys.modules, "iqray_bench", None)  # as on a machine without it
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--images", "4"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "iqray: this job lives in the iqray-bench package, which is not installed: "
+        "pip install ./benchmarks (from iqray's source tree)\n")

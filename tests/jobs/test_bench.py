@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from iqray_bench import BenchConfig, run_bench
 from PIL import Image
 from pipeline_data import SAMPLE, TEST_MODEL
-
-from iqray.jobs.bench import BenchConfig, run_bench
 
 
 def test_bench_measures_all_three_ways_and_writes_its_outputs(ray_local, tmp_path):
@@ -69,7 +68,7 @@ def test_bench_measures_all_three_ways_and_writes_its_outputs(ray_local, tmp_pat
     ("aten::native_layer_norm", "normalisation"), ("aten::gelu", "activation"),
     ("aten::copy_", "copies / layout"), ("aten::upsample_bilinear2d", "other")])
 def test_profile_groups_ops_by_the_work_they_do(op, kind):
-    from iqray.jobs.bench.measure import op_kind
+    from iqray_bench.measure import op_kind
 
     assert op_kind(op) == kind
 
@@ -81,9 +80,9 @@ def test_scale_rescoring_reads_the_right_embeddings_for_every_shard(ray_local, t
 
     import numpy as np
     import pyarrow.parquet as pq
+    from iqray_bench import measure as bench
 
     import iqray.model
-    from iqray.jobs.bench import measure as bench
     from iqray.pipeline.io.embed_cache import EmbeddingCache
 
     root = bench.synthetic_cached_input(tmp_path / "scale", TEST_MODEL, rows=2500,
@@ -131,7 +130,7 @@ def test_process_tree_finds_children_and_their_memory():
     import subprocess
     import sys
 
-    from iqray.jobs.bench.measure import _pss, process_tree
+    from iqray_bench.measure import _pss, process_tree
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -212,7 +211,8 @@ def test_score_runs_are_checked_before_anything_runs():
 
 def test_bench_without_the_source_tree_asks_for_a_source_in_one_line(monkeypatch, tmp_path,
                                                                      capsys):
-    import iqray.jobs.bench as bench_job
+    import iqray_bench as bench_job
+
     from iqray.jobs.cli import main
 
     assert bench_job.BenchConfig().source == str(bench_job.REPO_SAMPLE)  # from a checkout

@@ -5,11 +5,12 @@ its one last line. The CLI's own mapping (``Job.run``) over runners that end eac
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
 from outcomes import OutcomeConfig
-from pipeline_data import SAMPLE, TEST_MODEL
+from pipeline_data import SAMPLE
 
 from iqray.jobs.cli import Job
 from iqray.jobs.score import ScoreConfig
@@ -67,8 +68,16 @@ def test_a_bug_on_the_driver_is_exit_1_naming_where_with_its_traceback_in_a_file
 
 def test_a_bug_in_a_ray_stage_stops_the_run_at_once_exit_1_never_retried(
         ray_local, tmp_path, capsys, monkeypatch):
+    from iqray.model import registry
+
     monkeypatch.setenv("IQRAY_TRACEBACK_DIR", str(tmp_path / "tracebacks"))
-    score = ScoreConfig(input=str(SAMPLE), output=str(tmp_path / "out"), model=TEST_MODEL,
+    # The buggy architecture (tests/support/buggy_scorer.py) is known for this test only.
+    monkeypatch.setattr(registry, "ARCHITECTURES", dict(registry.ARCHITECTURES))
+    monkeypatch.delitem(sys.modules, "buggy_scorer", raising=False)
+    (tmp_path / "buggy").mkdir()
+    (tmp_path / "buggy" / "config.json").write_text('{"architecture": "buggy"}')
+    score = ScoreConfig(input=str(SAMPLE), output=str(tmp_path / "out"),
+                        model=str(tmp_path / "buggy" / "config.json"), executor="ray",
                         progress=False)
     code, err = end("stage_bug", tmp_path, capsys, score=score)
     assert code == 1, err
@@ -77,7 +86,7 @@ def test_a_bug_in_a_ray_stage_stops_the_run_at_once_exit_1_never_retried(
     assert "KeyError: 'no_such_column'" in last and "nothing was written" in last
     assert "storage" not in err and "rerun" not in last  # not dressed up as an outage
     text = bug_traceback(last)
-    assert 'return batch["no_such_column"]' in text and "outcomes.py" in text
+    assert 'return batch["no_such_column"]' in text and "buggy_scorer.py" in text
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
 
 

@@ -42,7 +42,8 @@ def test_in_flight_limit_keeps_the_object_store_far_below_the_decoded_input(ray_
     """--max-in-flight-bytes: reads and decodes may not run ahead of the model without
     bound. Ray Data treats the limit as soft (here it overshoots by about a dozen blocks),
     so the check is against the decoded input, which an unbounded run holds most of."""
-    from iqray.jobs.bench.measure import ClusterMemory, synthetic_image_input
+    from iqray_bench.measure import ClusterMemory, synthetic_image_input
+
     from iqray.jobs.score import ScoreConfig, run_score
 
     rows, limit = 3000, 48 * 2**20

@@ -1,7 +1,8 @@
 """`iqray bench --measure overhead`: the pipeline's own ceiling, with the model taken out.
 
-The model stage keeps its place in the graph but scores nothing (:class:`ConstantScorer`: the
-same actor, rows and columns, constant scores), so what is left is what iqray itself costs
+The model stage keeps its place in the graph but scores nothing (the ``constant``
+architecture of :mod:`iqray_bench.constant`: the same Scorer stage, rows and columns,
+constant scores), so what is left is what iqray itself costs
 per row: reading, decoding, moving crops through the object store, the model stage's
 bookkeeping, the driver loop and the shard commits. Measured two ways on the same input:
 
@@ -24,36 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from iqray.pipeline.scoring import Scorer
-
 # The projection the issue asks for: 64 GPUs at 5,000 img/s each.
 PROJECTED_GPUS = 64
 PROJECTED_ROWS_PER_GPU = 5000
-
-
-class ConstantModel:
-    """Stands in for a model in the actor: the real config's outputs, constant scores."""
-
-    def __init__(self, config):
-        import torch
-
-        self.config = config
-        self.output_names = list(config.output_names)
-        self.device = torch.device("cpu")
-
-    def score(self, pixels, prompts, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        count = len(prompts)
-        out = {name: np.full(count, 0.5, np.float32) for name in self.output_names}
-        if self.config.prompt_aware:
-            out["prompt_truncated"] = np.zeros(count, bool)
-        return out
-
-
-class ConstantScorer(Scorer):
-    """The model stage with the model taken out: everything around ``model.score`` runs."""
-
-    def load_model(self, spec, device, prompt_cache_size, precision, compile):
-        return ConstantModel(spec.config)
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -71,23 +45,28 @@ def process_cpu_s(pid: int) -> float:
 
 def tree_cpu_s() -> dict[int, float]:
     """CPU seconds of this process and every process below it (the local Ray cluster)."""
-    from iqray.jobs.bench.measure import process_tree
+    from iqray_bench.measure import process_tree
 
     return {pid: process_cpu_s(pid) for pid in process_tree(os.getpid())}
 
 
 def constant_model(base: str, crop: int, folder: Path) -> str:
-    """A checkpoint folder of ``base``'s config at ``crop`` px (no weights: the constant stage
-    builds no towers): small crops keep decode and object-store transfers cheap, so that rows
-    arrive fast enough to load the driver, whose cost per row does not depend on their size."""
+    """A checkpoint folder of the constant model standing in for ``base`` (its outputs, at
+    ``crop`` px; no weights): small crops keep decode and object-store transfers cheap, so
+    that rows arrive fast enough to load the driver, whose cost per row does not depend on
+    their size."""
     import json
 
+    import iqray_bench.constant  # noqa: F401  registers the architecture
     from iqray.model.config import load_preset
     from iqray.model.files import CONFIG_NAME, FORMAT, FORMAT_VERSION
 
-    config = load_preset(base).model_dump(mode="json")
-    config.update(image_size=crop, description=f"{base} at {crop} px: iqray bench's constant "
-                  "model stage only (it has no weights and scores nothing)")
+    stands_for = load_preset(base)
+    config = {"architecture": "constant", "image_size": crop,
+              "outputs": list(stands_for.output_names),
+              "prompt_aware": stands_for.prompt_aware,
+              "description": f"{base}'s outputs at {crop} px: iqray bench's constant model "
+                             "(no weights; scores nothing)"}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(
         {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config}))
@@ -106,6 +85,7 @@ def stage_costs(model_name: str, folder: Path, output: Path, batch_size: int,
     from iqray.pipeline.io.shards import ReadConfig
     from iqray.pipeline.io.storage import StorageConfig
     from iqray.pipeline.io.writer import ShardWriter, score_schema
+    from iqray.pipeline.scoring import Scorer
     from iqray.pipeline.staging import stage_model
 
     read, storage = ReadConfig(key_columns=["key"]), StorageConfig()
@@ -138,12 +118,12 @@ def stage_costs(model_name: str, folder: Path, output: Path, batch_size: int,
     merged = [{k: np.concatenate([b[k] for b in decoded[i:i + batch_size // decode_batch_size]])
                for k in decoded[0]}
               for i in range(0, len(decoded), max(1, batch_size // decode_batch_size))]
-    stage = ConstantScorer(spec, device="cpu")
+    stage = Scorer(spec, device="cpu")
     scored = timed("model stage (constant scores)", lambda: [stage(b) for b in merged])
-    from ray.data.block import BlockAccessor  # the conversion itself; no cluster
+    from iqray.pipeline.graph import to_block  # the conversion itself; no cluster
 
-    tables = timed("to Arrow (Ray Data's block conversion)",
-                   lambda: [BlockAccessor.batch_to_block(b) for b in scored])
+    tables = timed("to Arrow (the typed blocks between stages)",
+                   lambda: [to_block(b) for b in scored])
     writer = ShardWriter(shards, str(output), storage, {"bench": "overhead"}, complete=True,
                          key_columns=keys, keep_prompt=False, keep_image_bytes=False,
                          schema=score_schema(spec.config.output_names,
@@ -165,7 +145,7 @@ def stage_costs(model_name: str, folder: Path, output: Path, batch_size: int,
 
 def pipeline_overhead(model_name: str, folder: Path, output: Path, batch_size: int,
                       commit: str, decode_batch_size: int) -> dict[str, Any]:
-    """`iqray score` over ``folder`` with :class:`ConstantScorer`: rows/s, CPU seconds per
+    """`iqray score` over ``folder`` with the constant model: rows/s, CPU seconds per
     1,000 rows on the driver and in the rest of the cluster, the driver's share, its ceiling,
     and the run's timeline (where its first seconds went)."""
     from iqray.jobs.score import ScoreConfig, run_score
@@ -176,7 +156,7 @@ def pipeline_overhead(model_name: str, folder: Path, output: Path, batch_size: i
         input=str(folder), output=str(output), model=model_name, key_columns=["key"],
         batch_size=batch_size, decode_batch_size=decode_batch_size, commit=commit,
         progress=False, keep_prompt=False),
-        log=lambda *a: None, model_stage=ConstantScorer)
+        log=lambda *a: None)
     wall = time.perf_counter() - wall
     after = tree_cpu_s()
     if summary.ok != summary.rows or summary.unfinished or not summary.rows:
@@ -220,8 +200,8 @@ def startup(model_name: str, root: Path, rows: int = 256) -> dict[str, Any]:
     first scored row reaches the driver, and after. Starts Ray itself when none is up."""
     import ray
 
-    from iqray.jobs.bench.measure import synthetic_image_input
     from iqray.jobs.score import ScoreConfig, run_score
+    from iqray_bench.measure import synthetic_image_input
 
     cold = not ray.is_initialized()
     folder = synthetic_image_input(root / "startup", rows, max(1, rows // 4), rows // 4,
@@ -258,7 +238,7 @@ def bench_overhead(model_name: str, root: Path, rows: int, shard_rows: int,
                    crop: int, log) -> dict[str, Any]:
     """The whole measurement: a small real run's start-up, stage costs, one pipeline run per
     commit mode (``model_name``'s config at ``crop`` px), the projection."""
-    from iqray.jobs.bench.measure import synthetic_image_input
+    from iqray_bench.measure import synthetic_image_input
 
     started = startup(model_name, root)
     constant = constant_model(model_name, crop, root / "constant-model")

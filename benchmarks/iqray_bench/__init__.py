@@ -1,6 +1,6 @@
 """`iqray bench`: throughput of the limit, a hand-written DataLoader and `iqray score`, side by
 side in one run, plus fast-path fidelity; writes bench.json, bench.png and bench.md.
-Glue only: the measurements are :mod:`iqray.jobs.bench.measure`."""
+Glue only: the measurements are :mod:`iqray_bench.measure`."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class BenchConfig(JobConfig):
     @field_validator("score_runs")
     @classmethod
     def _runs_parse(cls, runs: list[str]) -> list[str]:
-        from iqray.jobs.bench.overhead import parse_score_run
+        from iqray_bench.overhead import parse_score_run
 
         for run in runs:
             parse_score_run(run)
@@ -124,10 +124,10 @@ def run_bench(config: BenchConfig, log=log) -> dict:
     import torch
 
     import iqray.model
-    from iqray.jobs.bench import measure as bench
     from iqray.jobs.score import ScoreConfig
     from iqray.model.fastpath import apply_precision
     from iqray.pipeline.runtime import ensure_ray
+    from iqray_bench import measure as bench
 
     workdir = bench.scratch_dir()
     try:
@@ -155,7 +155,7 @@ def run_bench(config: BenchConfig, log=log) -> dict:
                     + ("" if r["spearman_vs_full"] is None
                        else f", Spearman vs full >= {r['spearman_vs_full']:.4f}"))
         if "overhead" in config.measure:
-            from iqray.jobs.bench.overhead import bench_overhead
+            from iqray_bench.overhead import bench_overhead
 
             results["overhead"] = bench_overhead(
                 config.scale_image_model, workdir / "overhead", config.overhead_rows,
@@ -163,7 +163,7 @@ def run_bench(config: BenchConfig, log=log) -> dict:
                 config.overhead_decode_batch_sizes, config.overhead_commits,
                 config.overhead_crop, log)
         if "score-runs" in config.measure:
-            from iqray.jobs.bench.overhead import bench_score_runs
+            from iqray_bench.overhead import bench_score_runs
 
             results["score_runs"] = bench_score_runs(config.model, data, workdir,
                                                      config.score_runs, log)
@@ -227,7 +227,7 @@ def run_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
     """Re-score synthetic cached inputs of growing size; each is deleted after its run."""
     import shutil
 
-    from iqray.jobs.bench import measure as bench
+    from iqray_bench import measure as bench
 
     out = []
     for rows in config.scale_rows:
@@ -254,9 +254,9 @@ def run_image_scale(config: BenchConfig, workdir: Path, log) -> list[dict]:
     """`iqray score` over synthetic image inputs of growing size; each is deleted after."""
     import shutil
 
-    from iqray.jobs.bench import measure as bench
     from iqray.jobs.score import ScoreConfig
     from iqray.pipeline.runtime import ensure_ray
+    from iqray_bench import measure as bench
 
     ensure_ray(ScoreConfig(input=str(workdir), output=str(workdir / "x")))
     out = []
@@ -291,7 +291,7 @@ def _write(results: dict, config: BenchConfig, log) -> dict:
         (output / "decode.json").write_text(json.dumps(results["decode"], indent=2) + "\n")
         (output / "decode.md").write_text(decode_table(results["decode"]))
     if results.get("score_runs"):
-        from iqray.jobs.bench.overhead import score_runs_table
+        from iqray_bench.overhead import score_runs_table
 
         (output / "score_runs.json").write_text(json.dumps(
             {"machine": results["machine"], "model": config.model, "images": config.images,
@@ -299,7 +299,7 @@ def _write(results: dict, config: BenchConfig, log) -> dict:
         (output / "score_runs.md").write_text(score_runs_table(results["score_runs"],
                                                                config.model, config.images))
     if results.get("overhead"):
-        from iqray.jobs.bench.overhead import overhead_table
+        from iqray_bench.overhead import overhead_table
 
         (output / "overhead.json").write_text(json.dumps(results["overhead"], indent=2) + "\n")
         (output / "overhead.md").write_text(overhead_table(results["overhead"]))
