@@ -5,7 +5,9 @@ columns, anything a Ray Data pipeline brings) pass through untouched; the column
 iqray's. Those starting with ``_`` are private: they exist only between stages and never
 reach an output file. Each is written by one stage and read by later ones; :data:`COLUMNS`
 says which, :data:`STAGE_OUTPUT` says what each stage's output holds (and what it must no
-longer hold), and :func:`check_batch` checks a batch against both (the stage tests use it).
+longer hold), and :func:`check_batch` checks a batch against both: every stage output does,
+as it leaves its stage, when ``IQRAY_CHECK_ROWS=1`` (:mod:`iqray.pipeline.stages`; the
+tests set it). Between stages on Ray the columns keep their :func:`arrow_type`.
 
     read   -> SOURCE_FILE SOURCE_ROW PROMPT IMAGE [REFERENCE] ERROR ERROR_KIND
               SHARD SHARD_END READ_S
